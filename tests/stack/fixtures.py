@@ -1,0 +1,124 @@
+"""pytest fixtures for the local stack; tests/conftest.py registers this module.
+
+Session scope for the servers (the apiserver is ready in about 5 s;
+Prometheus in 0.1 s, with its first scrape about 6 s after start), function
+scope for what a test creates in them. A test that uses any of these fixtures
+is marked `stack`, so `-m "not stack"` leaves the stack out. A missing binary
+fails the test with the fix; it never skips it, because CI must run these tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kubernetes import client
+
+from .apiserver import KubeAPIServer, start_kube_apiserver
+from .kube import ServingPod, create_namespace, create_serving_pod, unique_name
+from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
+from .tools import StackError, helm_path, kubectl_path
+
+STACK_FIXTURES = frozenset(
+    {"kube_api", "k8s_client", "namespace", "make_serving_pod", "prometheus", "kubectl", "helm"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
+
+
+_Result = TypeVar("_Result")
+
+
+def _or_fail(call: Callable[[], _Result]) -> _Result:
+    # StackError's message already says what to do; its traceback says nothing more.
+    try:
+        return call()
+    except StackError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIServer]:
+    """The session's apiserver: .server, .token (admin), .ca_file, .kubeconfig,
+    .kubeconfig_for(token, user), .api_client(token=None). Its log is
+    kube-apiserver.log in the session's pytest temp dir."""
+    server = _or_fail(lambda: start_kube_apiserver(tmp_path_factory.mktemp("kube-apiserver")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def k8s_client(kube_api: KubeAPIServer) -> Iterator[client.ApiClient]:
+    """The admin's ApiClient, loaded from kube_api.kubeconfig."""
+    with kube_api.api_client() as api:
+        yield api
+
+
+@pytest.fixture
+def namespace(k8s_client: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test, with its `default` ServiceAccount.
+
+    Deleted afterwards; without a namespace controller it then stays Terminating,
+    which is why every test gets a unique name.
+    """
+    name = unique_name(request.node.name)
+    create_namespace(k8s_client, name)
+    yield name
+    client.CoreV1Api(k8s_client).delete_namespace(name)
+
+
+@pytest.fixture
+def make_serving_pod(k8s_client: client.ApiClient) -> Callable[..., ServingPod]:
+    """make_serving_pod(namespace, name, *, pod_ip, ports, labels=None,
+    annotations=None, ready=True) -> ServingPod (.read(), .set_ready(bool)).
+
+    The pod is Running on pod_ip (127.0.0.x) with Ready as asked; it goes with
+    the test's namespace."""
+
+    def make(namespace: str, name: str, **kwargs: Any) -> ServingPod:
+        return create_serving_pod(k8s_client, namespace, name, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prometheus(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., PrometheusServer]]:
+    """prometheus(targets, *, scrape_interval_s=1.0, metrics_path="/metrics")
+    -> PrometheusServer (.url, .stop()), returned once every target is up.
+
+    Each call starts its own Prometheus; all still running stop at session end,
+    so stop one early when a test is done with it."""
+    started: list[PrometheusServer] = []
+
+    def start(targets: Sequence[str | ScrapeTarget], **kwargs: Any) -> PrometheusServer:
+        server = _or_fail(
+            lambda: start_prometheus(
+                targets, workdir=tmp_path_factory.mktemp("prometheus"), **kwargs
+            )
+        )
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> Path:
+    """Path of the kubectl that scripts/dev-setup installed (v1.33)."""
+    return _or_fail(kubectl_path)
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    """Path of the helm that scripts/dev-setup installed (v4)."""
+    return _or_fail(helm_path)

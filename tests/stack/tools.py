@@ -1,0 +1,72 @@
+"""Where the stack's binaries live, and the error raised when one is missing.
+
+scripts/dev-setup installs every binary. The stack runs them by absolute path,
+never by a PATH lookup, so plain `pytest` works without scripts/test and a system
+kubectl (this image has Google Cloud SDK's 1.32 dispatcher at /usr/bin/kubectl)
+is never picked up by mistake. Only Debian's prometheus is looked up on PATH,
+where its package puts it.
+
+    $BATCHPILOT_CACHE_DIR/bin/kube-apiserver-etcd    scripts/build-kube-apiserver
+    $BATCHPILOT_CACHE_DIR/tools/bin/{kubectl,helm}   scripts/dev-setup
+    prometheus (on PATH, /usr/bin from Debian)       scripts/dev-setup
+
+BATCHPILOT_CACHE_DIR defaults to $XDG_CACHE_HOME/batchpilot, i.e.
+~/.cache/batchpilot, the same rule as the scripts. Paths are resolved on every
+call, so a changed environment takes effect at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+SETUP_FIX = "run scripts/dev-setup"
+
+
+class StackError(RuntimeError):
+    """The local stack could not be set up or started; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    # An empty variable counts as unset, as in the scripts' ${VAR:-default}.
+    explicit = os.environ.get("BATCHPILOT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg_cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg_cache) if xdg_cache else Path.home() / ".cache") / "batchpilot"
+
+
+def _require_executable(path: Path, what: str) -> Path:
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise StackError(f"{what} not found at {path}: {SETUP_FIX}")
+    return path
+
+
+def kube_apiserver_path() -> Path:
+    """The kube-apiserver binary with etcd embedded (hack/kube-apiserver)."""
+    return _require_executable(cache_dir() / "bin" / "kube-apiserver-etcd", "kube-apiserver")
+
+
+def kubectl_path() -> Path:
+    return _require_executable(cache_dir() / "tools" / "bin" / "kubectl", "kubectl")
+
+
+def helm_path() -> Path:
+    return _require_executable(cache_dir() / "tools" / "bin" / "helm", "helm")
+
+
+def prometheus_path() -> Path:
+    found = shutil.which("prometheus")
+    if found is None:
+        raise StackError(
+            f"prometheus not found on PATH: {SETUP_FIX} (installs Debian's prometheus)"
+        )
+    return Path(found)
+
+
+def openssl_path() -> Path:
+    found = shutil.which("openssl")
+    if found is None:
+        raise StackError(f"openssl not found on PATH: {SETUP_FIX} (installs Debian's openssl)")
+    return Path(found)
