@@ -8,7 +8,7 @@ Every queue discipline is expressed as a *static* sort key, which keeps the
 queue a plain heap:
 
 - `fcfs`: arrival time.
-- `priority`: arrival time minus `priority × aging`; a request of priority p
+- `priority`: arrival time minus `priority * aging`; a request of priority p
   is treated as if it had arrived p agings earlier, so a low-priority request
   is overtaken only by higher ones that arrive within that window: it cannot
   starve.
@@ -124,6 +124,7 @@ class AdmissionQueue:
             self.in_flight += 1
             self.inflight_tokens += ticket.tokens
             admitted.append(ticket)
+        self._forget_departed()
         return admitted
 
     def expire(self, now: float) -> list[Ticket]:
@@ -149,6 +150,7 @@ class AdmissionQueue:
         if ticket.state is TicketState.QUEUED:
             ticket.state = TicketState.CANCELLED
             self.queued -= 1
+            self._forget_departed()
 
     def release(self, ticket: Ticket) -> None:
         """Return an admitted request's place; call exactly once when it ends."""
@@ -164,6 +166,13 @@ class AdmissionQueue:
             if ticket.state is TicketState.QUEUED:
                 return now - ticket.arrival_s
         return 0.0
+
+    def _forget_departed(self) -> None:
+        # Without a queue deadline nothing else trims the arrival list, and a
+        # gate that runs for weeks would keep every request it ever saw.
+        arrivals = self._by_arrival
+        while arrivals and arrivals[0].state is not TicketState.QUEUED:
+            arrivals.popleft()
 
     def _key(self, ticket: Ticket) -> float:
         discipline = self._knobs.discipline

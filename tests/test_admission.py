@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from batchpilot.controller.knobs import Knobs, KnobError
+from batchpilot.controller.knobs import KnobError, Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
 
 
@@ -174,3 +174,14 @@ def test_invalid_knobs_name_the_field(data, field):
 def test_knobs_round_trip_through_a_mapping():
     knobs = Knobs(max_concurrency=64, discipline="priority", queue_deadline_ms=2000)
     assert Knobs.from_mapping(knobs.to_mapping()) == knobs
+
+
+def test_requests_that_left_are_forgotten_without_a_deadline():
+    queue = AdmissionQueue(Knobs(max_concurrency=4))
+    for step in range(10_000):
+        queue.push(_ticket(float(step)))
+        for ticket in queue.admit(float(step)):
+            queue.release(ticket)
+    # Bounded memory over a long life: only waiting requests are remembered.
+    assert queue.queued == 0
+    assert len(queue._by_arrival) == 0

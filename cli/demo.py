@@ -1,0 +1,611 @@
+"""`batchpilot demo`: adaptive vs static batching on a local fleet, live, in about two minutes.
+
+What runs (no cluster, no Prometheus):
+
+- two identical fleets (cli/demo_fleet.py), each replica a simulated engine
+  (`sim serve`) behind a real gate, on 127.0.0.1; both start at the static
+  default (vLLM's batch cap of 256, FCFS, no queue deadline);
+- the same load on both (sim/load.py `replay`: the scenario's requests, same
+  arrivals, same lengths), a traffic mix that shifts half-way;
+- on the *adaptive* fleet only, the controller in Auto mode through the
+  operator's code path: the fleet's /metrics scraped into the controller's
+  snapshot metrics source (controller/observe.py `SnapshotSource`), one
+  control iteration per interval (controller/loop.py), and the decision sent
+  to every gate through the operator's gate admin client
+  (operator/gates.py `GateClient`).
+
+Time. The engines run `--time-scale` simulated seconds per wall second
+(default 0.25: a 6 ms H100 step takes 25 ms of wall time, so the HTTP traffic
+stays within what two shared cores carry). Everything the user reads is in
+simulated (scenario) time, like the benchmark: the load generator converts
+its measurements, and the plot's axis is scenario seconds. The gate and the
+controller live on the wall clock, so the controller's policy states the SLOs
+in wall time (SLO / time-scale) and reads the engine's seconds histograms with
+a metric-override scale of 1 / time-scale.
+
+The scenario's phases are scaled to fill `--duration` wall seconds, keeping
+their proportions; the control interval scales with them.
+
+The load is sent one control window at a time (one `replay` per window,
+each started on time), so a window's client-side records are complete as
+soon as its requests finish: the live view shows measured latency and
+goodput per replica, not estimates from histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from batchpilot.cli.demo_fleet import ReplicaAddress
+    from batchpilot.controller.explain import Decision
+    from batchpilot.controller.knobs import Knobs
+    from batchpilot.controller.observe import Observation
+    from batchpilot.controller.policy import Policy
+    from batchpilot.sim.load import RequestRecord
+    from batchpilot.sim.scenario import Scenario
+    from batchpilot.sim.workload import Workload
+
+BUILTIN_SCENARIO_NAME = "demo-shift.yaml"
+DEFAULT_TIME_SCALE = 0.25
+DEFAULT_DURATION_S = 90.0
+# Below 2 s of wall time per control interval a window holds too few
+# requests (about 10 at the demo's rates) for a p99 to mean anything.
+MIN_INTERVAL_S = 2.0
+# Scrapes per control interval: rate() over a window of two intervals then
+# has four to five samples instead of two or three.
+SCRAPES_PER_INTERVAL = 2
+# Live per-replica latency and goodput cover this many completed windows.
+RECENT_WINDOWS = 2
+# A request still streaming this long (wall) after it was sent is abandoned:
+# it missed its SLO long ago, and the demo must end.
+REQUEST_TIMEOUT_S = 60.0
+FLEETS = ("adaptive", "static")
+# A fresh token per run: the gates listen on 127.0.0.1 only, but nothing else
+# on the machine should be able to steer them.
+ADMIN_TOKEN = secrets.token_urlsafe(24)
+PLOT_FILE = "demo.png"
+SUMMARY_FILE = "demo-summary.json"
+TERMINAL_FILE = "demo-terminal.txt"
+
+
+class DemoError(RuntimeError):
+    """The demo cannot run; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """The scenario as the demo plays it, and the clocks that relate wall and scenario time."""
+
+    scenario: Scenario  # phases scaled to the run, control interval in scenario seconds
+    workload: Workload
+    time_scale: float  # scenario seconds per wall second
+    duration_wall_s: float
+    interval_wall_s: float
+    phase_starts_s: tuple[float, ...]  # scenario seconds
+
+    @property
+    def interval_s(self) -> float:
+        """The control interval in scenario seconds."""
+        return self.interval_wall_s * self.time_scale
+
+    @property
+    def shift_s(self) -> float:
+        """Scenario time of the first change of traffic phase (the end, with one phase)."""
+        return self.phase_starts_s[1] if len(self.phase_starts_s) > 1 else self.scenario.duration_s
+
+    @property
+    def windows(self) -> int:
+        return max(1, math.ceil(self.scenario.duration_s / self.interval_s - 1e-9))
+
+
+def builtin_scenario_path() -> Path:
+    import batchpilot.sim
+
+    return Path(batchpilot.sim.__file__).resolve().parent / BUILTIN_SCENARIO_NAME
+
+
+def plan_demo(scenario: Scenario, *, time_scale: float, duration_s: float) -> DemoPlan:
+    """Scale the scenario's phases to `duration_s` wall seconds at `time_scale`."""
+    from batchpilot.sim.workload import build_workload
+
+    if not (math.isfinite(time_scale) and time_scale > 0):
+        raise DemoError(f"--time-scale: must be a positive number, got {time_scale:g}")
+    if not (math.isfinite(duration_s) and duration_s >= 10 * MIN_INTERVAL_S):
+        raise DemoError(
+            f"--duration: must be at least {10 * MIN_INTERVAL_S:g} s (ten control intervals), got {duration_s:g}"
+        )
+    stretch = duration_s * time_scale / scenario.duration_s
+    phases = tuple(
+        replace(phase, duration_s=phase.duration_s * stretch) for phase in scenario.workload
+    )
+    interval_wall = max(MIN_INTERVAL_S, scenario.control_interval_s * stretch / time_scale)
+    scaled = replace(scenario, workload=phases, control_interval_s=interval_wall * time_scale)
+    starts = [0.0]
+    for phase in phases[:-1]:
+        starts.append(starts[-1] + phase.duration_s)
+    return DemoPlan(
+        scenario=scaled,
+        workload=build_workload(scaled),
+        time_scale=time_scale,
+        duration_wall_s=duration_s,
+        interval_wall_s=interval_wall,
+        phase_starts_s=tuple(starts),
+    )
+
+
+def demo_policy(plan: DemoPlan) -> Policy:
+    """The benchmark adapter's policy (controller/bench_adapter.py), in wall-clock units."""
+    from batchpilot.controller.bench_adapter import policy_for
+    from batchpilot.controller.policy import MetricOverride
+    from batchpilot.controller.signals import ENGINE_PRESETS, Signal
+    from batchpilot.sim.controllers import ControllerContext
+
+    scenario, scale = plan.scenario, plan.time_scale
+    engine = scenario.engine
+    policy = policy_for(
+        ControllerContext(
+            slo_ttft_ms=scenario.slo.ttft_ms / scale,
+            slo_tpot_ms=scenario.slo.tpot_ms / scale,
+            control_interval_s=plan.interval_wall_s,
+            replica_names=scenario.replica_names,
+            max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            # The demo's gates have no engine-native adapter: the prefill
+            # budget stays at the engine's startup value.
+            runtime_tunable=False,
+        )
+    )
+    preset = ENGINE_PRESETS[policy.engine.kind]
+    # The engine's seconds are scenario seconds: divide by the time scale to
+    # get the wall seconds that the gate's histograms and the SLOs above use.
+    overrides = {
+        signal.value: MetricOverride(
+            preset[signal].metric, preset[signal].labels, preset[signal].scale / scale
+        )
+        for signal in (Signal.TTFT, Signal.ITL, Signal.TPOT, Signal.E2E)
+    }
+    return replace(policy, name="demo", metrics=replace(policy.metrics, overrides=overrides))
+
+
+def snapshot_from_text(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {`name{label="v",...}`: value}, the snapshot format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    snapshot: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels:
+                labels = ",".join(
+                    f'{key}="{_escape(value)}"' for key, value in sample.labels.items()
+                )
+                snapshot[f"{sample.name}{{{labels}}}"] = float(sample.value)
+            else:
+                snapshot[sample.name] = float(sample.value)
+    return snapshot
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- the run --------------------------------------------------------------------
+
+
+@dataclass
+class FleetState:
+    name: str
+    replicas: tuple[ReplicaAddress, ...]
+    source: Any  # SnapshotSource
+    # Completed load windows: index -> records (arrival_s in scenario seconds).
+    windows: dict[int, list[RequestRecord]] = field(default_factory=dict)
+    observation: Observation | None = None
+    # (scenario time, replica, applied knobs) from every scrape.
+    applied_log: list[tuple[float, str, Knobs]] = field(default_factory=list)
+    scrape_failures: int = 0
+
+    @property
+    def replica_of_url(self) -> dict[str, str]:
+        return {replica.proxy_url: replica.name for replica in self.replicas}
+
+    def records(self) -> list[RequestRecord]:
+        return [record for index in sorted(self.windows) for record in self.windows[index]]
+
+
+@dataclass
+class DemoState:
+    plan: DemoPlan
+    policy: Policy
+    fleets: dict[str, FleetState]
+    started_wall: float = 0.0
+    now_wall_s: float = 0.0
+    decisions: list[Decision] = field(default_factory=list)
+    actuation_errors: list[str] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def now_s(self) -> float:
+        """Scenario seconds since the load started."""
+        return self.now_wall_s * self.plan.time_scale
+
+
+async def run_demo(state: DemoState, on_tick: Any) -> None:
+    """Play the load on both fleets while scraping, steering the adaptive one, and calling on_tick."""
+    import aiohttp
+
+    from batchpilot.controller.loop import PolicyController
+    from batchpilot.operator.gates import GateClient
+
+    plan = state.plan
+    adaptive = state.fleets["adaptive"]
+    controller = PolicyController(state.policy, adaptive.source)
+    loop = asyncio.get_running_loop()
+    state.started_wall = loop.time()
+    loads = [
+        asyncio.create_task(_play_window(state, fleet, index))
+        for fleet in state.fleets.values()
+        for index in range(plan.windows)
+    ]
+    scrape_every = plan.interval_wall_s / SCRAPES_PER_INTERVAL
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as session:
+        gates = GateClient(session, timeout_s=2.0)
+        tick = 0
+        while not all(task.done() for task in loads):
+            await asyncio.sleep(max(0.0, state.started_wall + tick * scrape_every - loop.time()))
+            state.now_wall_s = loop.time() - state.started_wall
+            await asyncio.gather(
+                *(_scrape(session, state, fleet) for fleet in state.fleets.values())
+            )
+            # Control on whole intervals after the first (rate() needs two samples).
+            if (
+                tick % SCRAPES_PER_INTERVAL == 0
+                and tick > 0
+                and state.now_wall_s <= plan.duration_wall_s + 1e-6
+            ):
+                names = [replica.name for replica in adaptive.replicas]
+                # CPU work (scikit-learn fits): off the event loop, as the operator does.
+                decision = await asyncio.to_thread(controller.run_once, state.now_wall_s, names)
+                state.decisions.append(decision)
+                await _actuate(gates, state, adaptive, decision)
+            for fleet in state.fleets.values():
+                fleet.observation = _observe(state, fleet)
+            on_tick(state)
+            tick += 1
+        await asyncio.gather(*loads)
+    state.finished = True
+    on_tick(state)
+
+
+async def _play_window(state: DemoState, fleet: FleetState, index: int) -> None:
+    """Replay the requests arriving in control window `index`, starting on time."""
+    from batchpilot.sim.load import replay
+
+    plan = state.plan
+    start_s = index * plan.interval_s
+    window = _window_workload(
+        plan.workload, start_s, min(start_s + plan.interval_s, plan.scenario.duration_s)
+    )
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, state.started_wall + start_s / plan.time_scale - loop.time()))
+    if len(window) == 0:
+        fleet.windows[index] = []
+        return
+    records = await replay(
+        window,
+        [replica.proxy_url for replica in fleet.replicas],
+        time_scale=plan.time_scale,
+        model=plan.scenario.engine.model,
+        request_timeout_s=REQUEST_TIMEOUT_S,
+    )
+    for record in records:
+        record.arrival_s += start_s
+    fleet.windows[index] = records
+
+
+def _window_workload(workload: Workload, start_s: float, end_s: float) -> Workload:
+    import numpy as np
+
+    from batchpilot.sim.workload import Workload
+
+    first, last = np.searchsorted(workload.arrival_s, [start_s, end_s])
+    return Workload(
+        arrival_s=workload.arrival_s[first:last] - start_s,
+        prompt_tokens=workload.prompt_tokens[first:last],
+        output_tokens=workload.output_tokens[first:last],
+        phase=workload.phase[first:last],
+        duration_s=end_s - start_s,
+    )
+
+
+async def _scrape(session: Any, state: DemoState, fleet: FleetState) -> None:
+    import aiohttp
+
+    async def one(replica: ReplicaAddress) -> tuple[str, dict[str, float]] | None:
+        snapshot: dict[str, float] = {}
+        try:
+            for url in replica.metrics_urls:
+                async with session.get(url) as response:
+                    response.raise_for_status()
+                    snapshot.update(snapshot_from_text(await response.text()))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            # A replica that misses a scrape is simply stale for the
+            # controller, as with Prometheus: count it and go on.
+            fleet.scrape_failures += 1
+            return None
+        return replica.name, snapshot
+
+    results = await asyncio.gather(*(one(replica) for replica in fleet.replicas))
+    snapshots = dict(result for result in results if result is not None)
+    fleet.source.ingest(state.now_wall_s, snapshots)
+
+
+async def _actuate(gates: Any, state: DemoState, fleet: FleetState, decision: Decision) -> None:
+    """Send each gate its target through the admin API, as the operator does in Auto mode."""
+    from batchpilot.cli.demo_fleet import HOST
+    from batchpilot.operator.gates import GateError
+
+    if not decision.actuate:
+        return
+
+    async def one(replica: ReplicaAddress) -> None:
+        target = decision.per_pod.get(replica.name, decision.target)
+        try:
+            await gates.write(HOST, replica.admin_port, ADMIN_TOKEN, target)
+        except GateError as err:
+            state.actuation_errors.append(f"t={state.now_s:.1f}s {replica.name}: {err}")
+
+    await asyncio.gather(*(one(replica) for replica in fleet.replicas))
+
+
+def _observe(state: DemoState, fleet: FleetState) -> Observation | None:
+    from batchpilot.controller.observe import observe
+
+    observation = observe(
+        fleet.source, state.policy, state.now_wall_s, [r.name for r in fleet.replicas]
+    )
+    for name, pod in observation.pods.items():
+        if pod.applied is not None:
+            fleet.applied_log.append((state.now_s, name, pod.applied))
+    return observation
+
+
+# -- the command ------------------------------------------------------------------
+
+
+def demo(
+    scenario_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--scenario",
+            help="Scenario YAML to play (default: the built-in demo-shift, chat traffic then long-prompt code traffic).",
+        ),
+    ] = None,
+    time_scale: Annotated[
+        float,
+        typer.Option(
+            "--time-scale", help="Simulated seconds per wall second (lower: lighter on the CPU)."
+        ),
+    ] = DEFAULT_TIME_SCALE,
+    duration: Annotated[
+        float, typer.Option("--duration", help="Wall seconds of load.")
+    ] = DEFAULT_DURATION_S,
+    headless: Annotated[
+        bool, typer.Option("--headless", help="No live view: one line per control interval.")
+    ] = False,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Directory for the plot, summary JSON and terminal capture."),
+    ] = Path("out/demo"),
+) -> None:
+    """Run a local fleet twice, adaptive vs static batching settings, through a traffic shift.
+
+    Starts two identical simulated fleets (engine + real gate per replica, on
+    127.0.0.1), replays the same shifting traffic on both, and lets the
+    controller steer only one of them. Shows a live view, then writes
+    demo.png, demo-summary.json and demo-terminal.txt to --out.
+
+    Examples:
+
+      batchpilot demo
+
+      batchpilot demo --headless --out docs/img --duration 90
+
+      batchpilot demo --scenario ../shared/scenarios/conv-to-code-shift.yaml --duration 120
+    """
+    from rich.console import Console
+
+    from batchpilot.cli import demo_view
+
+    try:
+        plan = plan_demo(
+            load_demo_scenario(scenario_path), time_scale=time_scale, duration_s=duration
+        )
+    except DemoError as err:
+        _fail(str(err))
+    if len(plan.scenario.replica_names) > 4:
+        _fail(
+            f"--scenario: the demo runs at most 4 replicas per fleet on one machine, the scenario has {len(plan.scenario.replica_names)}"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"--out: cannot create {out} ({err.strerror})")
+    # A pipe or a file gets 150 columns, not rich's 80: the live table has nine.
+    console = Console(width=None if Console().is_terminal else 150)
+    console.print(demo_view.intro(plan))
+    try:
+        state = _run(plan, console, headless)
+    except DemoError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    except KeyboardInterrupt:
+        # The fleets are already stopped (_run's finally); 130 = 128 + SIGINT.
+        typer.echo("interrupted: no report written", err=True)
+        raise typer.Exit(130) from None
+    summary = demo_view.summarize(state)
+    written = demo_view.write_outputs(state, summary, out, console)
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+def load_demo_scenario(path: Path | None) -> Scenario:
+    """The scenario file, or the built-in one (with the built-in calibration when ../shared is absent)."""
+    from batchpilot.sim.scenario import ScenarioError, load_scenario
+
+    chosen = path or builtin_scenario_path()
+    try:
+        return load_scenario(chosen)
+    except ScenarioError as err:
+        if path is None and err.field == "engine.calibration":
+            return _builtin_without_shared(chosen)
+        raise DemoError(f"--scenario {chosen}: {err}") from err
+
+
+def _builtin_without_shared(path: Path) -> Scenario:
+    """The built-in scenario on the step-cost model fitted to the shared calibration CSV.
+
+    The built-in scenario names the shared H100 calibration file; without
+    ../shared the demo uses the coefficients `batchpilot sim calibrate` fitted
+    to it (below), so it still runs on a bare checkout.
+    """
+    import tempfile
+
+    import yaml
+
+    from batchpilot.sim.scenario import parse_scenario
+
+    data = yaml.safe_load(path.read_text())
+    directory = Path(tempfile.mkdtemp(prefix="batchpilot-demo-"))
+    data["engine"]["calibration"] = str(
+        _write_builtin_calibration(directory / "h100-step-cost.csv", data["engine"])
+    )
+    return parse_scenario(data, base_dir=path.parent, source=path)
+
+
+# `batchpilot sim calibrate llama3.1-8b_vllm_step_latency.csv --model
+# meta-llama/Meta-Llama-3.1-8B --system h100_sxm` (../shared/data/calibration),
+# milliseconds per engine step.
+BUILTIN_STEP_COST = {
+    "decode_base_ms": 6.34081040756466,
+    "decode_per_seq_ms": 0.012813882541553885,
+    "decode_per_context_token_ms": 4.105361508693374e-05,
+    "prefill_floor_ms": 7.614852609980007,
+    "prefill_base_ms": 4.012474906948813,
+    "prefill_per_token_ms": 0.016757793369903615,
+    "prefill_attention_ms": 9.21350142929489e-07,
+    "mixed_base_ms": 0.5481134374166436,
+    "mixed_decode_scale": 1.0279712315336944,
+}
+
+
+def _write_builtin_calibration(path: Path, engine: Mapping[str, Any]) -> Path:
+    """Rows of the calibration format computed from BUILTIN_STEP_COST, so that
+    the scenario loader's own fit reproduces it (the model is linear in its
+    coefficients and the rows span every term)."""
+    from batchpilot.sim.calibration import StepCostModel
+
+    cost = StepCostModel.from_dict(BUILTIN_STEP_COST)
+    prefix = f"{engine['model']},{engine['system']},vllm,1"
+    rows = ["model,system,backend,tp,kind,batch_or_chunk,context_len,latency_ms"]
+    for tokens in (128, 256, 512, 1024, 2048, 4096, 8192):
+        rows.append(
+            f"{prefix},prefill_bs1,1,{tokens},{cost.prefill_ms(tokens, tokens * tokens):.6f}"
+        )
+    for batch in (1, 8, 32, 128, 512):
+        for context in (128, 1024, 4096):
+            rows.append(
+                f"{prefix},decode_step,{batch},{context},{cost.decode_ms(batch, batch * context):.6f}"
+            )
+    for chunk in (256, 1024):
+        for batch in (4, 32, 128):
+            latency = cost.step_ms(batch, batch * 2048, chunk, chunk * chunk)
+            rows.append(f"{prefix},mixed_chunk{chunk}_isl2048,{batch},2048,{latency:.6f}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _run(plan: DemoPlan, console: Any, headless: bool) -> DemoState:
+    from batchpilot.cli import demo_view
+    from batchpilot.cli.demo_fleet import Fleet, FleetError, FleetSpec
+    from batchpilot.controller.observe import SnapshotSource
+    from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS
+
+    scenario = plan.scenario
+    policy = demo_policy(plan)
+    engine = scenario.engine.config()
+    startup = _static_default(VLLM_DEFAULT_MAX_NUM_SEQS, scenario.engine.max_num_seqs)
+    fleets = {
+        name: Fleet(
+            FleetSpec(
+                name,
+                scenario.replica_names,
+                engine,
+                plan.time_scale,
+                scenario.engine.model,
+                ADMIN_TOKEN,
+                startup,
+            )
+        )
+        for name in FLEETS
+    }
+    try:
+        with console.status("starting two fleets (engine + gate per replica)..."):
+            for fleet in fleets.values():
+                fleet.start()
+        state = DemoState(
+            plan,
+            policy,
+            {
+                name: FleetState(name, fleet.replicas, SnapshotSource(policy))
+                for name, fleet in fleets.items()
+            },
+        )
+        started = time.monotonic()
+        if headless:
+            asyncio.run(run_demo(state, demo_view.HeadlessLog(console)))
+        else:
+            from rich.live import Live
+
+            with Live(
+                demo_view.render(state), console=console, auto_refresh=False, transient=False
+            ) as live:
+                asyncio.run(
+                    run_demo(state, lambda s: live.update(demo_view.render(s), refresh=True))
+                )
+        state.now_wall_s = time.monotonic() - started
+        return state
+    except FleetError as err:
+        raise DemoError(str(err)) from err
+    finally:
+        for fleet in fleets.values():
+            fleet.stop()
+
+
+def _static_default(default_cap: int, ceiling: int) -> Knobs:
+    from batchpilot.controller.knobs import Knobs
+
+    return Knobs(max_concurrency=min(default_cap, ceiling))
+
+
+def window_of(arrival_s: float, interval_s: float, windows: int) -> int:
+    return min(int(arrival_s // interval_s), windows - 1)
+
+
+def records_between(
+    records: Sequence[RequestRecord], start_s: float, end_s: float
+) -> list[RequestRecord]:
+    return [record for record in records if start_s <= record.arrival_s < end_s]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)

@@ -1,0 +1,460 @@
+"""Decide: the knob setting that serves the most requests within the SLOs.
+
+The decision, every interval, from the pooled observation (one average
+replica) and the fitted model:
+
+- **Admission limit** (the in-flight token budget, and the batch cap as its
+  backstop; the cap alone when the budget is not steered). Under overload
+  every finishing request admits the next, so the step time grows with the
+  limit (model.StepModel) and so does throughput. The limit is therefore the
+  largest one whose predicted per-request TPOT quantile still meets the TPOT
+  objective with a margin: mean + `CONFIDENCE_Z` EPISTEMIC standard
+  deviations of the quantile model must stay below the objective (the
+  model's uncertainty grows with the distance from the limits it has seen
+  binding, so an unexplored limit needs more evidence). Below capacity the
+  limit does not bind; it is what protects TPOT when a burst arrives.
+  A token budget rather than a count: a 5,000-token prompt costs the steps
+  it shares ~100x what a 50-token one does, and a budget charges it so.
+- **Queue deadline**: the TTFT objective minus the time a p90-long prompt
+  needs once admitted (the engine's p90 TTFT, or the step model's prefill
+  time where that is smaller: the engine's TTFT also counts queueing inside
+  the engine, which the limit, not the deadline, must fix). A request that
+  has waited longer is unlikely to meet its TTFT, and shedding it frees the
+  capacity it would waste. 0.5-0.95 of the objective, so neither a noisy
+  estimate nor a tiny one makes it extreme.
+- **Discipline**: shortest-prompt-first where allowed: with a queue it
+  serves more requests per second of prefill, which is what goodput counts;
+  its aging keeps long prompts from starving. Without a queue it changes
+  nothing.
+- **Prefill budget per step** (runtime-tunable engines only): the chunk whose
+  prefill costs half the TPOT objective, so that no single step can spend
+  a short answer's whole budget, but never below the p90 prompt: a typical
+  prompt still prefills in one step (its TTFT unchanged), and every chunk
+  pays a fixed per-step cost that the step model does not see, which
+  smaller chunks multiply.
+
+Before there is a step model, a feedback rule sets the limit: scaled by the
+TPOT headroom (objective / measured quantile), at most 30% down and x2 up
+per interval. While the model is fitted but not yet trusted (held-out
+error), its limit uses the prior tail and may exceed the current limit, or
+the largest seen binding, by at most `PROBE_FACTOR` per interval: a bounded
+probe rather than a leap. A TPOT quantile above the objective by more than
+one window's scatter cuts the limit 30% whatever the model says. A shift in
+the length mix (mean prompt or output length off by `MIX_SHIFT` from the
+recent reference) is acted on in the same interval and marked urgent, so
+the stabilization window does not delay it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from batchpilot.controller.explain import Reason, Recommendation
+from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.model import (
+    LengthMix,
+    Prediction,
+    WorkloadModel,
+    running_limit,
+)
+from batchpilot.controller.observe import Observation, PodObservation
+from batchpilot.controller.policy import Policy
+
+# The TPOT quantile is aimed 5% under the objective: histograms resolve
+# latencies to a bucket, and a setting sitting exactly on the objective
+# misses it half the time.
+TPOT_MARGIN = 0.05
+# Where the engine exports only per-token ITL, the per-request quantile is
+# estimated (model.estimate_tpot_quantile) as if a request's gaps were
+# independent; bursts correlate them, and on the simulator the estimate read
+# ~10% under the true p99 (median over 30 s windows of two traces). Aim that
+# much lower too.
+ITL_ESTIMATE_MARGIN = 0.10
+# One standard deviation of the quantile model: ~84% confidence that the
+# chosen limit meets the objective, the rest is what the feedback catches.
+CONFIDENCE_Z = 1.0
+# Candidate limits are a geometric grid, 32 points per decade of range.
+GRID_POINTS = 48
+# A mean length 2x off the reference is a new mix, not noise: bursty
+# traffic (the Azure code trace) moves a 30 s window's mean prompt by up to
+# ~1.7x between windows, while real mix changes move the mean output length
+# 5-20x (chat -> code completion, summaries -> reports).
+MIX_SHIFT = math.log(2.0)
+# Weight of the newest window in the reference mix.
+MIX_EMA = 0.3
+# A probe may go this far past the current limit, or past the largest limit
+# seen binding if that is higher: where the model has no data, about one
+# interval per 1.5x.
+PROBE_FACTOR = 1.5
+# Feedback rule: scale the limit by the TPOT headroom, at most 30% down and
+# x2 up per interval (x1.3 when TPOT cannot be read); a breach always cuts 30%.
+FEEDBACK_DOWN = 0.7
+FEEDBACK_UP = 1.3
+FEEDBACK_MAX_UP = 2.0
+# A TPOT quantile below this share of the objective leaves room to grow.
+FEEDBACK_ROOM = 0.8
+# A window's TPOT quantile 10% over the objective is noise, not a breach,
+# even where the model has not measured the scatter yet.
+MIN_BREACH_SCATTER = 0.1
+# Deadline bounds as shares of the TTFT objective.
+DEADLINE_MIN_SHARE = 0.5
+DEADLINE_MAX_SHARE = 0.95
+# Share of the KV cache the token budget may promise: the gate charges
+# prompt + full output up front, so this never preempts.
+KV_SHARE = 0.95
+# The batch cap behind a token budget: twice the sequences the budget
+# admits at the current mix, so it only stops a flood of tiny requests.
+CAP_OVER_BUDGET = 2.0
+# Half the TPOT objective per prefill chunk (see the module docstring).
+CHUNK_SHARE_OF_TPOT = 0.5
+
+
+@dataclass(slots=True)
+class DecideMemory:
+    """What the decision keeps between intervals (owned by the loop)."""
+
+    reference_mix: LengthMix | None = None
+    kv_capacity_tokens: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Estimates:
+    """The pooled window, reduced to the numbers the decision uses."""
+
+    arrival_rps: float
+    mix: LengthMix
+    tpot_q_s: float | None
+    # True when tpot_q_s comes from the ITL histogram, not a per-request one.
+    tpot_estimated: bool
+    step_s: float | None
+    engine_ttft_p90_s: float | None
+    queueing: bool
+    preempting: bool
+    inflight_tokens: float | None
+    running: float | None
+
+
+def initial_knobs(policy: Policy) -> Knobs:
+    """Before any observation: no limits, the SLO-derived deadline, and the discipline choice."""
+    knobs = Knobs()
+    if policy.steers("discipline"):
+        knobs = knobs.with_changes(discipline=_preferred_discipline(policy))
+    if policy.steers("queue_deadline_ms"):
+        knobs = knobs.with_changes(queue_deadline_ms=round(policy.slo.ttft_ms * 0.9))
+    return policy.clamp(knobs)
+
+
+def recommend(
+    policy: Policy,
+    observation: Observation,
+    model: WorkloadModel,
+    current: Knobs,
+    memory: DecideMemory,
+    tpot_q_s: float | None,
+) -> Recommendation:
+    """The raw recommendation for this interval (before the guards)."""
+    pooled = observation.pooled
+    mix = LengthMix.from_histograms(pooled.prompt_tokens, pooled.output_tokens)
+    if mix is None or pooled.arrival_rps is None:
+        return Recommendation(current).because(
+            Reason("decide", "no completed requests with lengths in the window: keeping the current setting")
+        )
+    est = _estimates(pooled, mix, tpot_q_s)
+    reasons: list[Reason] = []
+    urgent = False
+    reference = memory.reference_mix
+    if reference is not None and mix.shift(reference) > MIX_SHIFT:
+        urgent = True
+        reasons.append(
+            Reason(
+                "decide",
+                "length mix shifted: re-deciding now",
+                data={
+                    "promptMean": mix.prompt_mean,
+                    "promptMeanBefore": reference.prompt_mean,
+                    "outputMean": mix.output_mean,
+                    "outputMeanBefore": reference.output_mean,
+                },
+            )
+        )
+        memory.reference_mix = mix
+    else:
+        memory.reference_mix = mix if reference is None else mix.blend(reference, MIX_EMA)
+    _update_memory(memory, pooled, mix, est)
+
+    # A breach is a TPOT quantile above the objective by more than one
+    # window's scatter around the model's expectation: aiming the expected
+    # quantile at the objective means half the windows land a little above.
+    scatter = max(model.noise_std("tpot") or 0.0, MIN_BREACH_SCATTER)
+    breach = est.tpot_q_s is not None and est.tpot_q_s > policy.slo.tpot_ms / 1000.0 * math.exp(scatter)
+    if breach:
+        urgent = True
+    target, limit_reasons = _admission_limit(policy, model, current, est, memory, breach)
+    reasons.extend(limit_reasons)
+    target, other_reasons = _queue_settings(policy, target, est, model)
+    reasons.extend(other_reasons)
+    return Recommendation(policy.clamp(target), urgent=urgent, reasons=tuple(reasons))
+
+
+def _estimates(pooled: PodObservation, mix: LengthMix, tpot_q_s: float | None) -> Estimates:
+    step_s = None
+    for hist in (pooled.itl, pooled.tpot):
+        if hist is not None and hist.mean:
+            step_s = hist.mean
+            break
+    queue = (pooled.gate_queue or 0.0) + (pooled.waiting or 0.0)
+    return Estimates(
+        arrival_rps=pooled.arrival_rps or 0.0,
+        mix=mix,
+        tpot_q_s=tpot_q_s,
+        tpot_estimated=pooled.tpot is None,
+        step_s=step_s,
+        engine_ttft_p90_s=_engine_ttft_p90(pooled),
+        # Half a request waiting on average, or any shed: demand exceeds the limit.
+        queueing=queue >= 0.5 or (pooled.shed_rps or 0.0) > 0.0,
+        preempting=(pooled.preemptions_rps or 0.0) > 0.0,
+        inflight_tokens=pooled.gate_inflight_tokens,
+        running=_running(pooled, step_s),
+    )
+
+
+def _running(pooled: PodObservation, step_s: float | None) -> float | None:
+    """Sequences that ran: the larger of the window average (Little's law on
+    the token counter: tokens/s x s/step) and the sampled gauge. A cut from
+    "no limit" must start below the concurrency that caused the breach, and
+    a window's average understates a burst inside it."""
+    averaged = pooled.generation_tps * step_s if pooled.generation_tps and step_s else None
+    values = [v for v in (averaged, pooled.running) if v is not None]
+    return max(values) if values else None
+
+
+def _engine_ttft_p90(pooled: PodObservation) -> float | None:
+    # The gate's TTFT includes its queue; the engine's own TTFT is the prefill
+    # a request still needs once admitted. With only the gate's, subtract its
+    # queue wait at the same quantile.
+    if pooled.ttft is None:
+        return None
+    if not pooled.ttft_from_gate:
+        return pooled.ttft.quantile(0.9)
+    if pooled.queue_wait is None:
+        return None
+    ttft, wait = pooled.ttft.quantile(0.9), pooled.queue_wait.quantile(0.9)
+    if ttft is None or wait is None:
+        return None
+    return max(ttft - wait, 0.0)
+
+
+def _update_memory(memory: DecideMemory, pooled: PodObservation, mix: LengthMix, est: Estimates) -> None:
+    # KV capacity: the cache holds the running sequences' contexts; usage
+    # below 10% is too coarse a gauge to divide by.
+    if pooled.kv_usage is not None and pooled.kv_usage > 0.1 and pooled.running:
+        capacity = pooled.running * mix.context_per_seq / pooled.kv_usage
+        previous = memory.kv_capacity_tokens
+        memory.kv_capacity_tokens = capacity if previous is None else 0.7 * previous + 0.3 * capacity
+
+
+def _admission_limit(
+    policy: Policy,
+    model: WorkloadModel,
+    current: Knobs,
+    est: Estimates,
+    memory: DecideMemory,
+    breach: bool,
+) -> tuple[Knobs, list[Reason]]:
+    knob = _limit_knob(policy)
+    if knob is None:
+        return current, []
+    margin = TPOT_MARGIN + (ITL_ESTIMATE_MARGIN if est.tpot_estimated else 0.0)
+    objective_s = policy.slo.tpot_ms / 1000.0 * (1.0 - margin)
+    mix = est.mix
+    quality = model.quality
+    limit_now = running_limit(policy, current, mix)
+    # A cut starts from the limit, or from what ran where no limit was set.
+    unlimited = limit_now >= policy.engine.max_num_seqs
+    cut_base = max(est.running or limit_now, 1.0) if unlimited else limit_now
+    reasons: list[Reason] = []
+    if model.step is not None:
+        limit, why = _model_limit(policy, model, current, est, objective_s, trusted=quality.trusted)
+        reasons.append(why)
+        probe = max(model.largest_limit_seen(mix), limit_now) * PROBE_FACTOR
+        if not quality.trusted and limit > probe:
+            reasons.append(
+                Reason(
+                    "decide",
+                    "model not trusted yet and its limit lies beyond the current one and any seen "
+                    "binding: probing a bounded step",
+                    data={"modelLimit": limit, "probe": probe},
+                )
+            )
+            limit = probe
+    else:
+        limit, why = _feedback_limit(limit_now, cut_base, policy.engine.max_num_seqs, est, objective_s)
+        reasons.append(why)
+    if breach and limit >= cut_base:
+        limit = cut_base * FEEDBACK_DOWN
+        reasons.append(
+            Reason(
+                "decide",
+                "TPOT objective missed this window: cutting the admission limit",
+                data={"tpotQuantileMs": (est.tpot_q_s or 0) * 1e3, "objectiveMs": policy.slo.tpot_ms},
+            )
+        )
+    if est.preempting and est.inflight_tokens:
+        limit = min(limit, est.inflight_tokens * 0.9 / mix.budget_per_seq)
+        reasons.append(Reason("decide", "engine preempting: budget below the tokens in flight"))
+    return _apply_limit(policy, current, knob, limit, mix, memory), reasons
+
+
+def _limit_knob(policy: Policy) -> str | None:
+    if policy.steers("max_inflight_tokens"):
+        return "max_inflight_tokens"
+    if policy.steers("max_concurrency"):
+        return "max_concurrency"
+    return None
+
+
+def _model_limit(
+    policy: Policy, model: WorkloadModel, current: Knobs, est: Estimates, objective_s: float, *, trusted: bool
+) -> tuple[float, Reason]:
+    mix = est.mix
+    top = float(policy.engine.max_num_seqs)
+    limits = np.geomspace(1.0, top, GRID_POINTS)
+    candidates = [_with_limit(policy, current, float(n), mix) for n in limits]
+    prediction = model.predict(candidates, est.arrival_rps, mix, learned=trusted)
+    assert prediction is not None  # called with a fitted step model
+    upper = prediction.log_tpot + (CONFIDENCE_Z * prediction.log_tpot_std if trusted else 0.0)
+    feasible = upper <= math.log(objective_s)
+    index = int(np.flatnonzero(feasible)[-1]) if feasible.any() else 0
+    chosen = float(limits[index])
+    return chosen, _prediction_reason(prediction, index, chosen, bool(feasible.any()), trusted)
+
+
+def _prediction_reason(
+    prediction: Prediction, index: int, chosen: float, any_feasible: bool, trusted: bool
+) -> Reason:
+    physics = prediction.physics[index]
+    message = (
+        "largest admission limit whose predicted TPOT quantile (at that limit, under overload) meets the objective"
+        if any_feasible
+        else "no limit meets the TPOT objective by prediction: smallest limit"
+    )
+    return Reason(
+        "decide",
+        message,
+        data={
+            "limitSeqs": chosen,
+            "predTpotMs": math.exp(prediction.log_tpot[index]) * 1e3,
+            "predTpotStd": float(prediction.log_tpot_std[index]),
+            "predTtftMs": math.exp(prediction.log_ttft[index]) * 1e3 if np.isfinite(prediction.log_ttft[index]) else None,
+            "predThroughputRps": float(prediction.throughput[index]) if np.isfinite(prediction.throughput[index]) else None,
+            "physicsStepMs": physics.step_s * 1e3,
+            "modelTrusted": trusted,
+        },
+    )
+
+
+def _feedback_limit(
+    limit_now: float, cut_base: float, ceiling: int, est: Estimates, objective_s: float
+) -> tuple[float, Reason]:
+    # Step time grows about linearly with the running sequences (a fixed
+    # ~6 ms on a 40-50 ms objective), so the limit is scaled by the TPOT
+    # headroom, within [FEEDBACK_DOWN, FEEDBACK_MAX_UP] per interval.
+    if est.tpot_q_s is not None and est.tpot_q_s > objective_s:
+        return cut_base * max(FEEDBACK_DOWN, objective_s / est.tpot_q_s), Reason(
+            "decide", "no model yet: TPOT above the objective, shrinking the limit",
+            data={"tpotQuantileMs": est.tpot_q_s * 1e3},
+        )
+    if limit_now < ceiling and est.queueing and (est.tpot_q_s is None or est.tpot_q_s < FEEDBACK_ROOM * objective_s):
+        room = FEEDBACK_UP if est.tpot_q_s is None else min(FEEDBACK_MAX_UP, objective_s / est.tpot_q_s)
+        return limit_now * max(room, 1.0), Reason(
+            "decide", "no model yet: requests queue and TPOT has room, growing the limit",
+            data={"tpotQuantileMs": None if est.tpot_q_s is None else est.tpot_q_s * 1e3},
+        )
+    return limit_now, Reason("decide", "no model yet: holding the limit")
+
+
+def _with_limit(policy: Policy, knobs: Knobs, sequences: float, mix: LengthMix) -> Knobs:
+    if policy.steers("max_inflight_tokens"):
+        budget = max(1, round(sequences * mix.budget_per_seq))
+        cap = knobs.max_concurrency
+        if policy.steers("max_concurrency"):
+            cap = max(1, math.ceil(sequences * CAP_OVER_BUDGET))
+        return policy.clamp(knobs.with_changes(max_inflight_tokens=budget, max_concurrency=cap))
+    return policy.clamp(knobs.with_changes(max_concurrency=max(1, round(sequences))))
+
+
+def _apply_limit(
+    policy: Policy, current: Knobs, knob: str, sequences: float, mix: LengthMix, memory: DecideMemory
+) -> Knobs:
+    target = _with_limit(policy, current, max(sequences, 1.0), mix)
+    if knob == "max_inflight_tokens" and memory.kv_capacity_tokens and target.max_inflight_tokens:
+        kv_budget = int(memory.kv_capacity_tokens * KV_SHARE)
+        if target.max_inflight_tokens > kv_budget:
+            target = policy.clamp(target.with_changes(max_inflight_tokens=kv_budget))
+    return target
+
+
+def _queue_settings(
+    policy: Policy, target: Knobs, est: Estimates, model: WorkloadModel
+) -> tuple[Knobs, list[Reason]]:
+    reasons: list[Reason] = []
+    changes: dict[str, Any] = {}
+    slo_ttft_ms = policy.slo.ttft_ms
+    if policy.steers("queue_deadline_ms"):
+        engine_ms = _prefill_ms(est, model, slo_ttft_ms)
+        deadline = min(max(slo_ttft_ms - engine_ms, DEADLINE_MIN_SHARE * slo_ttft_ms), DEADLINE_MAX_SHARE * slo_ttft_ms)
+        changes["queue_deadline_ms"] = max(1, round(deadline))
+        reasons.append(
+            Reason(
+                "decide",
+                "deadline: TTFT objective minus the p90 prompt's time to first token once admitted",
+                data={"prefillP90Ms": engine_ms, "deadlineMs": round(deadline)},
+            )
+        )
+    if policy.steers("discipline"):
+        changes["discipline"] = _preferred_discipline(policy)
+    if policy.steers("max_num_batched_tokens") and model.step is not None:
+        per_token = model.step.prefill_cost(est.mix)
+        if per_token > 0:
+            chunk = max(CHUNK_SHARE_OF_TPOT * policy.slo.tpot_ms / 1000.0 / per_token, est.mix.prompt_p90)
+            changes["max_num_batched_tokens"] = max(16, round(chunk))
+            reasons.append(
+                Reason(
+                    "decide",
+                    "prefill chunk costing half the TPOT objective, at least the p90 prompt",
+                    data={
+                        "prefillUsPerToken": per_token * 1e6,
+                        "promptP90": est.mix.prompt_p90,
+                        "chunkTokens": round(chunk),
+                    },
+                )
+            )
+    return target.with_changes(**changes), reasons
+
+
+def _prefill_ms(est: Estimates, model: WorkloadModel, slo_ttft_ms: int) -> float:
+    """Time to first token of a p90-long prompt once admitted.
+
+    The engine's TTFT histogram measures it, but also any queue inside the
+    engine, which is the admission limit's business, not the deadline's; the
+    step model gives the prefill alone (the prompt plus one decode step). The
+    smaller of the two; 10% of the objective when neither is known.
+    """
+    candidates = []
+    if est.engine_ttft_p90_s is not None:
+        candidates.append(est.engine_ttft_p90_s * 1e3)
+    if model.step is not None:
+        step = model.step
+        prefill_s = step.d0 + step.prefill_cost(est.mix) * est.mix.prompt_p90 + (est.step_s or step.d0)
+        candidates.append(prefill_s * 1e3)
+    return min(candidates) if candidates else 0.1 * slo_ttft_ms
+
+
+def _preferred_discipline(policy: Policy) -> str:
+    if "shortest-prompt-first" in policy.disciplines:
+        return "shortest-prompt-first"
+    return policy.disciplines[0]

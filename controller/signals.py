@@ -1,0 +1,194 @@
+"""The signals the controller reads, and where each engine exposes them.
+
+A signal is one quantity (arrivals, prompt lengths, TTFT, ...) of one kind
+(a counter read as a rate, a gauge averaged over the window, a histogram
+read as bucket rates, or a labelled gauge read at its latest value). Each
+engine preset names the metric(s) that carry it; a policy may override any
+of them (`MetricOverride`). Both metric sources, Prometheus and the
+simulator's snapshots, read exactly these series, so they agree.
+
+Metric names were checked against each engine's metrics reference:
+vLLM (V1 engine names), SGLang (`sglang:` collector), TGI (`tgi_` router
+metrics), Triton with the TensorRT-LLM backend (`nv_trt_llm_*` gauges,
+`nv_llm_*_token_len` histograms, and `nv_inference_first_response_histogram_ms`
+when histogram latencies are enabled). An engine that lacks a signal simply
+reports it missing; the gate's own metrics fill the most important gaps
+(arrivals, queueing, TTFT including queueing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from batchpilot.controller.policy import EngineKind, MetricOverride
+
+
+class Kind(Enum):
+    # sum by (pod) (rate(m[w])): events per second.
+    COUNTER = "counter"
+    # sum by (pod) (avg_over_time(m[w])): a count averaged over the window.
+    GAUGE_SUM = "gauge_sum"
+    # max by (pod) (avg_over_time(m[w])): a fraction (KV usage) that must not add up.
+    GAUGE_MAX = "gauge_max"
+    # sum by (pod, le) (rate(m_bucket[w])) plus the rate of m_sum.
+    HISTOGRAM = "histogram"
+    # max by (pod, <label>) (last_over_time(m[w])): the gate's applied settings.
+    LABELLED = "labelled"
+
+
+class Signal(StrEnum):
+    """Signal names, as used in `spec.metrics.overrides`."""
+
+    ADMITTED = "admitted"
+    SHED = "shed"
+    COMPLETED = "completed"
+    PROMPT_TOKENS = "promptTokens"
+    OUTPUT_TOKENS = "outputTokens"
+    PROMPT_TOKENS_PROCESSED = "promptTokensProcessed"
+    GENERATION_TOKENS = "generationTokens"
+    RUNNING = "running"
+    WAITING = "waiting"
+    KV_USAGE = "kvUsage"
+    PREEMPTIONS = "preemptions"
+    TTFT = "ttft"
+    ITL = "itl"
+    TPOT = "tpot"
+    E2E = "e2e"
+    GATE_TTFT = "gateTtft"
+    GATE_QUEUE_WAIT = "gateQueueWait"
+    GATE_QUEUE = "gateQueue"
+    GATE_INFLIGHT = "gateInflight"
+    GATE_INFLIGHT_TOKENS = "gateInflightTokens"
+    GATE_KNOB = "gateKnob"
+    GATE_DISCIPLINE = "gateDiscipline"
+
+
+SIGNAL_NAMES = frozenset(s.value for s in Signal)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSpec:
+    signal: Signal
+    kind: Kind
+    # Every series of this metric that carries the matchers is summed (e.g.
+    # all `reason`s of the shed counter).
+    metric: MetricOverride
+    # The label that splits a LABELLED signal (knob, discipline).
+    by_label: str | None = None
+
+
+KINDS: Mapping[Signal, Kind] = {
+    Signal.ADMITTED: Kind.COUNTER,
+    Signal.SHED: Kind.COUNTER,
+    Signal.COMPLETED: Kind.COUNTER,
+    Signal.PROMPT_TOKENS: Kind.HISTOGRAM,
+    Signal.OUTPUT_TOKENS: Kind.HISTOGRAM,
+    Signal.PROMPT_TOKENS_PROCESSED: Kind.COUNTER,
+    Signal.GENERATION_TOKENS: Kind.COUNTER,
+    Signal.RUNNING: Kind.GAUGE_SUM,
+    Signal.WAITING: Kind.GAUGE_SUM,
+    Signal.KV_USAGE: Kind.GAUGE_MAX,
+    Signal.PREEMPTIONS: Kind.COUNTER,
+    Signal.TTFT: Kind.HISTOGRAM,
+    Signal.ITL: Kind.HISTOGRAM,
+    Signal.TPOT: Kind.HISTOGRAM,
+    Signal.E2E: Kind.HISTOGRAM,
+    Signal.GATE_TTFT: Kind.HISTOGRAM,
+    Signal.GATE_QUEUE_WAIT: Kind.HISTOGRAM,
+    Signal.GATE_QUEUE: Kind.GAUGE_SUM,
+    Signal.GATE_INFLIGHT: Kind.GAUGE_SUM,
+    Signal.GATE_INFLIGHT_TOKENS: Kind.GAUGE_SUM,
+    Signal.GATE_KNOB: Kind.LABELLED,
+    Signal.GATE_DISCIPLINE: Kind.LABELLED,
+}
+
+BY_LABEL: Mapping[Signal, str] = {Signal.GATE_KNOB: "knob", Signal.GATE_DISCIPLINE: "discipline"}
+
+# The gate's metric names: a binding contract with gate/metrics.py and the
+# simulator's gate model (a test pins them to the gate's constants).
+GATE_METRICS: Mapping[Signal, str] = {
+    Signal.ADMITTED: "batchpilot_gate_admitted_total",
+    Signal.SHED: "batchpilot_gate_shed_total",
+    Signal.GATE_TTFT: "batchpilot_gate_time_to_first_token_seconds",
+    Signal.GATE_QUEUE_WAIT: "batchpilot_gate_queue_wait_seconds",
+    Signal.GATE_QUEUE: "batchpilot_gate_queue_length",
+    Signal.GATE_INFLIGHT: "batchpilot_gate_inflight_requests",
+    Signal.GATE_INFLIGHT_TOKENS: "batchpilot_gate_inflight_tokens",
+    Signal.GATE_KNOB: "batchpilot_gate_knob",
+    Signal.GATE_DISCIPLINE: "batchpilot_gate_discipline",
+}
+
+
+def _m(name: str, scale: float = 1.0, **labels: str) -> MetricOverride:
+    return MetricOverride(name, tuple(sorted(labels.items())), scale)
+
+
+ENGINE_PRESETS: Mapping[EngineKind, Mapping[Signal, MetricOverride]] = {
+    EngineKind.VLLM: {
+        Signal.COMPLETED: _m("vllm:request_success_total"),
+        Signal.PROMPT_TOKENS: _m("vllm:request_prompt_tokens"),
+        Signal.OUTPUT_TOKENS: _m("vllm:request_generation_tokens"),
+        Signal.PROMPT_TOKENS_PROCESSED: _m("vllm:prompt_tokens_total"),
+        Signal.GENERATION_TOKENS: _m("vllm:generation_tokens_total"),
+        Signal.RUNNING: _m("vllm:num_requests_running"),
+        Signal.WAITING: _m("vllm:num_requests_waiting"),
+        # V1 name; V0 engines export vllm:gpu_cache_usage_perc (override it).
+        Signal.KV_USAGE: _m("vllm:kv_cache_usage_perc"),
+        Signal.PREEMPTIONS: _m("vllm:num_preemptions_total"),
+        Signal.TTFT: _m("vllm:time_to_first_token_seconds"),
+        Signal.ITL: _m("vllm:inter_token_latency_seconds"),
+        # Per request: mean time per output token, what the TPOT SLO is about.
+        Signal.TPOT: _m("vllm:request_time_per_output_token_seconds"),
+        Signal.E2E: _m("vllm:e2e_request_latency_seconds"),
+    },
+    EngineKind.SGLANG: {
+        Signal.COMPLETED: _m("sglang:num_requests_total"),
+        Signal.PROMPT_TOKENS: _m("sglang:prompt_tokens_histogram"),
+        Signal.OUTPUT_TOKENS: _m("sglang:generation_tokens_histogram"),
+        Signal.PROMPT_TOKENS_PROCESSED: _m("sglang:prompt_tokens_total"),
+        Signal.GENERATION_TOKENS: _m("sglang:generation_tokens_total"),
+        Signal.RUNNING: _m("sglang:num_running_reqs"),
+        Signal.WAITING: _m("sglang:num_queue_reqs"),
+        Signal.KV_USAGE: _m("sglang:token_usage"),
+        # SGLang "retracts" a running request when its KV pool runs out.
+        Signal.PREEMPTIONS: _m("sglang:num_retracted_reqs_total"),
+        Signal.TTFT: _m("sglang:time_to_first_token_seconds"),
+        Signal.ITL: _m("sglang:inter_token_latency_seconds"),
+        Signal.E2E: _m("sglang:e2e_request_latency_seconds"),
+    },
+    EngineKind.TGI: {
+        Signal.COMPLETED: _m("tgi_request_success"),
+        Signal.PROMPT_TOKENS: _m("tgi_request_input_length"),
+        Signal.OUTPUT_TOKENS: _m("tgi_request_generated_tokens"),
+        Signal.RUNNING: _m("tgi_batch_current_size"),
+        Signal.WAITING: _m("tgi_queue_size"),
+        # Per request inference time / generated tokens: includes prefill, so
+        # it reads higher than vLLM's TPOT; the gate's TTFT covers the start.
+        Signal.TPOT: _m("tgi_request_mean_time_per_token_duration"),
+        Signal.E2E: _m("tgi_request_duration"),
+    },
+    EngineKind.TRITON: {
+        Signal.COMPLETED: _m("nv_inference_request_success"),
+        Signal.PROMPT_TOKENS: _m("nv_llm_input_token_len", response_metric_type="total_input_tokens"),
+        Signal.OUTPUT_TOKENS: _m("nv_llm_output_token_len", response_metric_type="total_output_tokens"),
+        Signal.RUNNING: _m("nv_trt_llm_request_metrics", request_type="scheduled"),
+        Signal.WAITING: _m("nv_trt_llm_request_metrics", request_type="waiting"),
+        Signal.KV_USAGE: _m("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="fraction"),
+        # Only with --metrics-config histogram_latencies=true; milliseconds.
+        Signal.TTFT: _m("nv_inference_first_response_histogram_ms", scale=0.001),
+    },
+    EngineKind.GENERIC: {},
+}
+
+
+def signal_specs(engine: EngineKind, overrides: Mapping[str, MetricOverride]) -> dict[Signal, SignalSpec]:
+    """Every signal this engine (plus the gate, plus overrides) provides."""
+    sources: dict[Signal, MetricOverride] = {signal: _m(name) for signal, name in GATE_METRICS.items()}
+    sources.update(ENGINE_PRESETS[engine])
+    sources.update({Signal(name): metric for name, metric in overrides.items()})
+    return {
+        signal: SignalSpec(signal, KINDS[signal], metric, BY_LABEL.get(signal))
+        for signal, metric in sources.items()
+    }

@@ -1,0 +1,200 @@
+"""The gate's Prometheus metrics: binding names, shared with the simulator's gate model.
+
+The controller reads the same series from a real gate and from the
+simulator, so the names, types and labels here are a contract: change them
+only together with the controller's queries.
+
+`reason` values: shed_total{reason="queue_deadline"} (429 at the queue
+deadline); failed_total{reason=...}: upstream_4xx / upstream_5xx (the
+engine's error status, passed through), upstream_unreachable (502 from the
+gate), upstream_stream_broken (the engine cut a stream; the gate cuts the
+client's too), client_disconnect (the client left after admission, or its
+stream was still open when the shutdown grace period ended), native_apply (an
+engine-native knob change was rejected or failed; not a request).
+
+State gauges (queue length, in-flight, knobs, version) are read from the
+gate at scrape time instead of being set on every request, so the request
+path pays only for a few integer increments.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from batchpilot.controller.knobs import DISCIPLINES, Knobs
+from batchpilot.gate.admission import AdmissionQueue
+
+QUEUE_LENGTH = "batchpilot_gate_queue_length"
+INFLIGHT_REQUESTS = "batchpilot_gate_inflight_requests"
+INFLIGHT_TOKENS = "batchpilot_gate_inflight_tokens"
+QUEUE_WAIT_SECONDS = "batchpilot_gate_queue_wait_seconds"
+TIME_TO_FIRST_TOKEN_SECONDS = "batchpilot_gate_time_to_first_token_seconds"
+ADMITTED_TOTAL = "batchpilot_gate_admitted_total"
+SHED_TOTAL = "batchpilot_gate_shed_total"
+FAILED_TOTAL = "batchpilot_gate_failed_total"
+KNOB = "batchpilot_gate_knob"
+DISCIPLINE = "batchpilot_gate_discipline"
+CONFIG_VERSION = "batchpilot_gate_config_version"
+
+# vLLM's own buckets for vllm:time_to_first_token_seconds, so gate and engine
+# quantiles computed with histogram_quantile() share their resolution.
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+
+# `reason` label values, pre-created at zero so rate() works from the first
+# scrape and a dashboard shows every reason even before it happens.
+SHED_QUEUE_DEADLINE = "queue_deadline"
+SHED_REASONS = (SHED_QUEUE_DEADLINE,)
+FAILED_UPSTREAM_4XX = "upstream_4xx"
+FAILED_UPSTREAM_5XX = "upstream_5xx"
+FAILED_UPSTREAM_UNREACHABLE = "upstream_unreachable"
+FAILED_UPSTREAM_STREAM_BROKEN = "upstream_stream_broken"
+FAILED_CLIENT_DISCONNECT = "client_disconnect"
+# Not a request: a native engine adapter failed to apply a knob change.
+FAILED_NATIVE_APPLY = "native_apply"
+FAILED_REASONS = (
+    FAILED_UPSTREAM_4XX,
+    FAILED_UPSTREAM_5XX,
+    FAILED_UPSTREAM_UNREACHABLE,
+    FAILED_UPSTREAM_STREAM_BROKEN,
+    FAILED_CLIENT_DISCONNECT,
+    FAILED_NATIVE_APPLY,
+)
+
+# Numeric Knobs fields, exported as batchpilot_gate_knob{knob=...}.
+NUMERIC_KNOBS = tuple(f.name for f in fields(Knobs) if f.name != "discipline")
+
+
+class Histogram:
+    """Cumulative-bucket histogram kept as plain numbers (one event loop, no lock needed)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative = list(itertools.accumulate(self.counts))
+        buckets = [
+            (floatToGoString(bound), count)  # type: ignore[no-untyped-call]
+            for bound, count in zip((*self.bounds, math.inf), cumulative, strict=True)
+        ]
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
+class GateMetrics(Collector):
+    """Everything the gate exports, collected at scrape time.
+
+    Counters and histograms are plain numbers updated on the event loop;
+    prometheus_client's own metric objects would add a lock per update and
+    `_created` series that are not part of the contract.
+    """
+
+    def __init__(
+        self,
+        queue: Callable[[], AdmissionQueue],
+        config_version: Callable[[], int],
+    ) -> None:
+        self._queue = queue
+        self._config_version = config_version
+        self.queue_wait = Histogram(TTFT_BUCKETS_S)
+        self.time_to_first_token = Histogram(TTFT_BUCKETS_S)
+        self.admitted = 0
+        self.shed = dict.fromkeys(SHED_REASONS, 0)
+        self.failed = dict.fromkeys(FAILED_REASONS, 0)
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        queue = self._queue()
+        knobs = queue.knobs
+        yield GaugeMetricFamily(QUEUE_LENGTH, "Requests waiting in the gate.", value=queue.queued)
+        yield GaugeMetricFamily(
+            INFLIGHT_REQUESTS, "Requests admitted and not finished.", value=queue.in_flight
+        )
+        yield GaugeMetricFamily(
+            INFLIGHT_TOKENS,
+            "Prompt + requested output tokens of the admitted requests.",
+            value=queue.inflight_tokens,
+        )
+        yield self.queue_wait.family(
+            QUEUE_WAIT_SECONDS, "Time a request waited in the gate's queue before admission."
+        )
+        yield self.time_to_first_token.family(
+            TIME_TO_FIRST_TOKEN_SECONDS,
+            "Arrival at the gate to the first streamed chunk (TTFT including gate queueing).",
+        )
+        yield CounterMetricFamily(
+            ADMITTED_TOTAL, "Requests admitted to the engine.", value=self.admitted
+        )
+        yield _by_reason(SHED_TOTAL, "Requests refused by the gate.", self.shed)
+        yield _by_reason(
+            FAILED_TOTAL, "Requests that failed after admission, by reason.", self.failed
+        )
+        knob_family = GaugeMetricFamily(
+            KNOB, "Applied knob value (+Inf: no limit from batchpilot).", labels=["knob"]
+        )
+        for name in NUMERIC_KNOBS:
+            value = getattr(knobs, name)
+            knob_family.add_metric([name], math.inf if value is None else float(value))
+        yield knob_family
+        discipline_family = GaugeMetricFamily(
+            DISCIPLINE,
+            "1 for the applied queue discipline, 0 for the others.",
+            labels=["discipline"],
+        )
+        for discipline in DISCIPLINES:
+            discipline_family.add_metric(
+                [discipline], 1.0 if discipline == knobs.discipline else 0.0
+            )
+        yield discipline_family
+        yield GaugeMetricFamily(
+            CONFIG_VERSION, "Version of the applied configuration.", value=self._config_version()
+        )
+
+
+def _by_reason(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in counts.items():
+        family.add_metric([reason], count)
+    return family

@@ -1,0 +1,171 @@
+"""The gate's waiting room and applied configuration, on one asyncio event loop.
+
+`AdmissionQueue` decides who goes next; this module turns its decisions into
+awakened requests. Each queued request awaits a future that the queue's
+"pump" resolves: True when admitted, False when shed at its deadline. The
+pump runs whenever something changes (arrival, release, reconfiguration) and
+at the next queue deadline, via one timer, so a request is shed on time even
+when nothing else happens.
+
+Reconfiguration is one synchronous step on the event loop (queue reconfigure
++ version bump), so no request ever sees half a configuration, and no
+request is dropped: queued ones are re-ranked, admitted ones keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from batchpilot.controller.knobs import Knobs
+from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
+from batchpilot.gate.estimate import RequestSize
+from batchpilot.gate.metrics import FAILED_NATIVE_APPLY, SHED_QUEUE_DEADLINE, GateMetrics
+from batchpilot.gate.native import FAILURE_STATUSES, NativeAdapter, NativeResult
+
+log = logging.getLogger("batchpilot.gate")
+
+SOURCE_STARTUP = "startup"
+SOURCE_API = "api"
+SOURCE_FILE = "file"
+
+# Fire the deadline timer this long after a deadline passes: expiry uses a
+# strict "waited longer than", and asyncio timers may fire ~1 ms early.
+_DEADLINE_SLACK_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedConfig:
+    knobs: Knobs
+    version: int
+    source: str
+    applied_unix_s: float
+
+
+class Gate:
+    """Admission and configuration state of one gate process."""
+
+    def __init__(self, knobs: Knobs, native: NativeAdapter | None = None) -> None:
+        self.queue = AdmissionQueue(knobs)
+        # Reported by GET /config so that whoever steers the gate can always
+        # put back what it started with, even after losing its own record.
+        self.startup_knobs = knobs
+        self.config = AppliedConfig(knobs, 1, SOURCE_STARTUP, time.time())
+        self.native = native
+        self.native_result: NativeResult | None = None
+        self.metrics = GateMetrics(lambda: self.queue, lambda: self.config.version)
+        self._apply_lock = asyncio.Lock()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+
+    async def acquire(self, size: RequestSize, arrival_s: float) -> Ticket | None:
+        """Wait for a place in the engine: the admitted ticket, or None when shed.
+
+        `arrival_s` is on the event loop's clock. If the caller is cancelled
+        (its client went away) the request leaves the queue, or gives its
+        place back if it was admitted in the meantime.
+        """
+        loop = asyncio.get_running_loop()
+        decision: asyncio.Future[bool] = loop.create_future()
+        ticket = Ticket(
+            size.prompt_tokens, size.max_output_tokens, arrival_s, size.priority, payload=decision
+        )
+        self.queue.push(ticket)
+        self._pump()
+        try:
+            admitted = await decision
+        except asyncio.CancelledError:
+            if ticket.state is TicketState.QUEUED:
+                self.queue.cancel(ticket)
+            elif ticket.state is TicketState.ADMITTED:
+                self.release(ticket)
+            raise
+        return ticket if admitted else None
+
+    def release(self, ticket: Ticket) -> None:
+        """Give an admitted request's place back and admit whoever fits now."""
+        self.queue.release(ticket)
+        self._pump()
+
+    def reconfigure(self, knobs: Knobs, source: str) -> bool:
+        """Apply `knobs` atomically; False (and no version bump) when nothing changes."""
+        if knobs == self.queue.knobs:
+            return False
+        self.queue.reconfigure(knobs)
+        self.config = AppliedConfig(knobs, self.config.version + 1, source, time.time())
+        log.info("applied knobs version %d from %s: %s", self.config.version, source, knobs)
+        self._pump()
+        return True
+
+    async def apply(self, knobs: Knobs, source: str) -> bool:
+        """Reconfigure, then pass the engine-native part on; returns whether the gate changed.
+
+        The native call is made even when the gate's own knobs are unchanged,
+        so that repeating a write retries an engine that refused it before.
+        Calls are serialized so the engine sees changes in the order applied.
+        """
+        async with self._apply_lock:
+            changed = self.reconfigure(knobs, source)
+            await self._send_native()
+            return changed
+
+    async def resend_native(self) -> None:
+        """Send the applied knobs to the engine again (after it restarted)."""
+        async with self._apply_lock:
+            await self._send_native()
+
+    async def _send_native(self) -> None:
+        if self.native is None:
+            return
+        result = await self.native.apply(self.queue.knobs)
+        self.native_result = result
+        if result.status in FAILURE_STATUSES:
+            self.metrics.failed[FAILED_NATIVE_APPLY] += 1
+            log.warning("native %s adapter: %s: %s", result.adapter, result.status, result.detail)
+
+    def describe(self) -> dict[str, Any]:
+        """The document `GET /config` returns."""
+        return {
+            "knobs": self.config.knobs.to_mapping(),
+            "startup_knobs": self.startup_knobs.to_mapping(),
+            "version": self.config.version,
+            "source": self.config.source,
+            "applied_unix_s": self.config.applied_unix_s,
+            "native": None if self.native_result is None else self.native_result.to_mapping(),
+        }
+
+    def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for ticket in self.queue.expire(now):
+            self.metrics.shed[SHED_QUEUE_DEADLINE] += 1
+            _resolve(ticket, False)
+        for ticket in self.queue.admit(now):
+            self.metrics.admitted += 1
+            self.metrics.queue_wait.observe(now - ticket.arrival_s)
+            _resolve(ticket, True)
+        self._arm_deadline_timer(loop, now)
+
+    def _arm_deadline_timer(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        deadline_ms = self.queue.knobs.queue_deadline_ms
+        if deadline_ms is None or self.queue.queued == 0:
+            due = None
+        else:
+            oldest_arrival = now - self.queue.oldest_wait_s(now)
+            due = oldest_arrival + deadline_ms / 1000.0 + _DEADLINE_SLACK_S
+        timer = self._deadline_timer
+        if timer is not None and due is not None and timer.when() == due:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._deadline_timer = None if due is None else loop.call_at(due, self._pump)
+
+
+def _resolve(ticket: Ticket, admitted: bool) -> None:
+    decision: asyncio.Future[bool] = ticket.payload
+    # Already cancelled: the waiter is unwinding and will release or
+    # withdraw the ticket itself (see Gate.acquire).
+    if not decision.done():
+        decision.set_result(admitted)

@@ -1,0 +1,182 @@
+"""Talking to the pods' gates: the admin API client and the applied-settings record.
+
+The gate's admin API (gate/admin.py): `GET /config` returns the applied knobs
+with their `version` and `source` (startup | api | file); `PUT /config` with
+`Authorization: Bearer <token>` replaces them (fields left out take their
+`Knobs()` defaults) and answers the new document plus `changed`. A PUT of
+the same knobs changes nothing and keeps the version, which is what makes
+re-sending the target every interval safe.
+
+What the operator applied is recorded on the pod as the annotation
+`batchpilot.dev/applied` (`AppliedRecord`, JSON), including the settings the
+gate ran before batchpilot first changed it (`startup`), so that deleting the
+policy or switching it Off can put exactly those back. The same write keeps
+`batchpilot.dev/knobs` (the bare knobs, gate/annotations.py) in step: a gate
+that mounts its pod's annotations through the Downward API starts from it
+after a restart instead of waiting for the operator's next step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from batchpilot.controller.knobs import KnobError, Knobs
+from batchpilot.gate.annotations import KNOBS_ANNOTATION
+
+APPLIED_ANNOTATION = "batchpilot.dev/applied"
+# The annotation patch that removes batchpilot's record from a pod.
+CLEARED_ANNOTATIONS: Mapping[str, str | None] = {APPLIED_ANNOTATION: None, KNOBS_ANNOTATION: None}
+
+
+class GateError(Exception):
+    """A gate did not take a request; the message says why, for status and Events."""
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    """A gate's answer to GET or PUT /config."""
+
+    knobs: Knobs
+    version: int
+    source: str
+    changed: bool = False
+    # What the gate started with; None from a gate too old to say.
+    startup: Knobs | None = None
+    # The engine-native adapter's last outcome ("applied", "rejected", ...), if any.
+    native_status: str | None = None
+    native_detail: str = ""
+
+
+class GateClient:
+    """Admin-API calls with one shared aiohttp session and a per-request timeout."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def read(self, address: str, port: int) -> GateConfig:
+        return await self._call("GET", address, port, None, None)
+
+    async def write(self, address: str, port: int, token: str, knobs: Knobs) -> GateConfig:
+        return await self._call("PUT", address, port, token, knobs.to_mapping())
+
+    async def _call(
+        self,
+        method: str,
+        address: str,
+        port: int,
+        token: str | None,
+        body: Mapping[str, Any] | None,
+    ) -> GateConfig:
+        url = f"http://{_host(address)}:{port}/config"
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        try:
+            async with self._session.request(
+                method, url, json=body, headers=headers, timeout=self._timeout
+            ) as response:
+                text = await response.text()
+                status = response.status
+        except TimeoutError as err:
+            raise GateError(
+                f"gate admin API at {url} did not answer within {self._timeout.total:g} s"
+            ) from err
+        except aiohttp.ClientError as err:
+            raise GateError(f"gate admin API at {url} unreachable: {err}") from err
+        if status in (401, 403):
+            raise GateError(
+                f"gate at {url} refused the admin token ({status}): {_error_message(text)}"
+            )
+        if status != 200:
+            raise GateError(f"gate at {url} answered {status}: {_error_message(text)}")
+        return parse_gate_config(text, url)
+
+
+def parse_gate_config(text: str, where: str) -> GateConfig:
+    try:
+        data = json.loads(text)
+        knobs = Knobs.from_mapping(data["knobs"])
+        version = int(data["version"])
+        native = data.get("native") or {}
+        startup = data.get("startup_knobs")
+        return GateConfig(
+            knobs=knobs,
+            startup=None if startup is None else Knobs.from_mapping(startup),
+            version=version,
+            source=str(data.get("source", "")),
+            changed=bool(data.get("changed", False)),
+            native_status=native.get("status") if isinstance(native, Mapping) else None,
+            native_detail=str(native.get("detail", "")) if isinstance(native, Mapping) else "",
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, KnobError) as err:
+        raise GateError(
+            f"gate at {where} answered a document batchpilot cannot read: {err}"
+        ) from err
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedRecord:
+    """The `batchpilot.dev/applied` pod annotation."""
+
+    policy: str
+    knobs: Knobs
+    version: int
+    time: str
+    # What the gate ran before batchpilot changed it; restored on delete / Off.
+    startup: Knobs | None = None
+
+    def to_json(self) -> str:
+        document: dict[str, Any] = {
+            "policy": self.policy,
+            "knobs": self.knobs.to_mapping(),
+            "version": self.version,
+            "time": self.time,
+        }
+        if self.startup is not None:
+            document["startup"] = self.startup.to_mapping()
+        # Compact and key-sorted: the same record is the same bytes, so an
+        # unchanged record is never patched again.
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+    def annotations(self) -> dict[str, str | None]:
+        """The pod annotations that carry this record."""
+        knobs = json.dumps(self.knobs.to_mapping(), sort_keys=True, separators=(",", ":"))
+        return {APPLIED_ANNOTATION: self.to_json(), KNOBS_ANNOTATION: knobs}
+
+    @classmethod
+    def from_json(cls, text: str | None) -> AppliedRecord | None:
+        """The record, or None when absent or unreadable (then it is simply rewritten)."""
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            startup = data.get("startup")
+            version = data["version"]
+            if isinstance(version, bool) or not isinstance(version, int):
+                return None
+            return cls(
+                policy=str(data["policy"]),
+                knobs=Knobs.from_mapping(data["knobs"]),
+                version=version,
+                time=str(data["time"]),
+                startup=None if startup is None else Knobs.from_mapping(startup),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, KnobError):
+            return None
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _error_message(text: str) -> str:
+    """The gate's `{"error": {"message": ...}}`, or the start of whatever it sent."""
+    try:
+        data = json.loads(text)
+        return str(data["error"]["message"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return text.strip()[:200]

@@ -1,0 +1,147 @@
+"""`batchpilot bench`: the benchmark command of ../shared/contracts/bench.md.
+
+Exit 0 on success; exit 2 with one line on a bad scenario file or an unknown
+or unavailable controller (all are checked before any simulation starts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+DEFAULT_CONTROLLERS = "static-default,static-best,aimd,oracle"
+
+
+def bench(
+    scenarios: Annotated[
+        list[Path], typer.Argument(metavar="SCENARIO.yaml...", help="Scenario files.")
+    ],
+    controllers: Annotated[
+        str, typer.Option("--controllers", help="Comma-separated controller names.")
+    ] = DEFAULT_CONTROLLERS,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results document here.")
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=1, help="Processes for the hindsight grid searches (1 = serial)."
+        ),
+    ] = 2,
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--report", help="Also plot the results into this directory (batchpilot report)."
+        ),
+    ] = None,
+) -> None:
+    """Replay scenarios against each controller and report goodput and SLO attainment."""
+    from batchpilot.sim.controllers import ControllerError, ensure_available
+    from batchpilot.sim.scenario import ScenarioError, load_scenario
+
+    names = [name.strip() for name in controllers.split(",") if name.strip()]
+    if not names:
+        _fail("--controllers: give at least one controller name")
+    try:
+        ensure_available(names)
+    except ControllerError as err:
+        _fail(f"--controllers: {err}")
+    loaded = []
+    for path in scenarios:
+        try:
+            loaded.append(load_scenario(path))
+        except ScenarioError as err:
+            _fail(f"{path}: {err}")
+    document = _run(loaded, names, workers)
+    _print_table(document)
+    if json_out is not None:
+        json_out.write_text(json.dumps(document, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+    if report_dir is not None:
+        from batchpilot.cli.report import write_report
+
+        for path in write_report(document, report_dir):
+            typer.echo(f"wrote {path}")
+
+
+def _run(scenarios: list[Any], names: list[str], workers: int) -> dict[str, Any]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from batchpilot.sim.bench import run_benchmark
+
+    console = Console(stderr=True)
+    # spawn, not fork: the progress bar runs a thread, and forking a process
+    # with threads can copy a held lock into the child.
+    executor = (
+        ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        if workers > 1
+        else None
+    )
+    try:
+        if not console.is_terminal:
+            return run_benchmark(scenarios, names, executor=executor)
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("benchmark", total=len(scenarios) * len(names))
+
+            def report(label: str, fraction: float) -> None:
+                progress.update(task, advance=fraction, description=label)
+
+            return run_benchmark(scenarios, names, executor=executor, on_progress=report)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+
+def _print_table(document: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from batchpilot.sim.bench import result_rows
+
+    table = Table(title="benchmark (TTFT/TPOT in ms)")
+    for column in (
+        "scenario", "controller", "good", "goodput/s", "SLO att.", "TTFT p50", "TTFT p99",
+        "TPOT p50", "TPOT p99", "shed", "preempt", "changes", "wall s",
+    ):  # fmt: skip
+        table.add_column(
+            column, justify="left" if column in ("scenario", "controller") else "right"
+        )
+    for row in result_rows(document):
+        table.add_row(
+            row["scenario"],
+            row["controller"],
+            str(row["good"]),
+            f"{row['goodput_rps']:.2f}",
+            f"{row['slo_attainment']:.1%}",
+            _ms(row["ttft_p50_ms"]),
+            _ms(row["ttft_p99_ms"]),
+            _ms(row["tpot_p50_ms"]),
+            _ms(row["tpot_p99_ms"]),
+            str(row["shed"]),
+            str(row["preemptions"]),
+            str(row["config_changes"]),
+            f"{row['wall_s']:.1f}",
+        )
+    Console(width=160).print(table)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)

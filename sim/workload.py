@@ -1,0 +1,188 @@
+"""Request streams for the benchmark: trace replay and seeded synthetic phases.
+
+A scenario's phases play back to back; the result is one time-sorted stream
+of (arrival, prompt tokens, output tokens), dealt round-robin to replicas.
+
+Trace replay (CSV ``TIMESTAMP,ContextTokens,GeneratedTokens``): a row's trace
+time is its timestamp minus the first row's. ``start_s`` is an offset in
+*trace* seconds: replay starts at the first row at or after it. Scenario time
+is trace time divided by ``rate_scale`` (3.0 plays the trace three times as
+fast). When the trace runs out it wraps to its first row, one mean
+inter-arrival gap after its last row, as many times as the phase needs.
+
+Synthetic phases draw inter-arrival gaps from a gamma distribution with mean
+1/rate and the given coefficient of variation (cv 1 is a Poisson process) and
+lengths from a lognormal fitted to the p50 and p90, rounded and clipped to
+[1, max]. Each phase has its own generator seeded by (scenario seed, phase
+index), so editing one phase never changes another's requests.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from batchpilot.sim.scenario import LengthDist, Scenario, SyntheticPhase, TracePhase
+
+TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+# Standard normal quantile at 0.9: ln(p90) = mu + Z90 * sigma.
+Z90 = 1.2815515655446004
+
+
+class TraceError(ValueError):
+    """A trace file cannot be replayed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    offsets_s: np.ndarray  # seconds since the first row, non-decreasing
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+
+    @property
+    def span_s(self) -> float:
+        return float(self.offsets_s[-1])
+
+    @property
+    def period_s(self) -> float:
+        """Trace span plus one mean gap: where the wrapped replay's first row lands."""
+        return self.span_s + self.span_s / (len(self.offsets_s) - 1)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Every request of a scenario, sorted by arrival time."""
+
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    phase: np.ndarray
+    duration_s: float
+
+    def __len__(self) -> int:
+        return len(self.arrival_s)
+
+
+def load_trace(path: Path) -> Trace:
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+    except OSError as err:
+        raise TraceError(f"cannot read trace {path} ({err.strerror})") from err
+    return _load_trace_cached(str(path.resolve()), mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_trace_cached(path: str, mtime_ns: int) -> Trace:
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or tuple(h.strip() for h in header[:3]) != TRACE_COLUMNS:
+            raise TraceError(f"{path}: header must be {','.join(TRACE_COLUMNS)}, got {header}")
+        stamps, prompts, outputs = [], [], []
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                stamps.append(row[0])
+                prompts.append(int(row[1]))
+                outputs.append(int(row[2]))
+            except (IndexError, ValueError) as err:
+                raise TraceError(f"{path}:{line}: bad row {row} ({err})") from err
+    if len(stamps) < 2:
+        raise TraceError(f"{path}: needs at least 2 rows, has {len(stamps)}")
+    try:
+        times = np.array(stamps, dtype="datetime64[ns]")
+    except ValueError as err:
+        raise TraceError(f"{path}: TIMESTAMP is not an ISO date-time ({err})") from err
+    offsets = (times - times[0]).astype(np.int64) / 1e9
+    if np.any(np.diff(offsets) < 0):
+        raise TraceError(f"{path}: TIMESTAMP must not decrease")
+    prompt = np.maximum(np.array(prompts, dtype=np.int64), 1)
+    output = np.maximum(np.array(outputs, dtype=np.int64), 1)
+    return Trace(offsets, prompt, output)
+
+
+def trace_requests(
+    trace: Trace, duration_s: float, start_s: float, rate_scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Arrival times (scenario seconds from the phase start) and lengths of a trace phase."""
+    first = int(np.searchsorted(trace.offsets_s, start_s, side="left"))
+    if first == len(trace.offsets_s):
+        raise TraceError(f"start_s {start_s} is past the trace's last row at {trace.span_s:.1f} s")
+    horizon = start_s + duration_s * rate_scale  # in trace seconds
+    parts_t = [trace.offsets_s[first:]]
+    parts_i = [np.arange(first, len(trace.offsets_s))]
+    wrap = 1
+    while parts_t[-1][-1] < horizon:
+        parts_t.append(trace.offsets_s + wrap * trace.period_s)
+        parts_i.append(np.arange(len(trace.offsets_s)))
+        wrap += 1
+    offsets = np.concatenate(parts_t)
+    rows = np.concatenate(parts_i)
+    keep = offsets < horizon
+    arrivals = (offsets[keep] - start_s) / rate_scale
+    rows = rows[keep]
+    return arrivals, trace.prompt_tokens[rows], trace.output_tokens[rows]
+
+
+def synthetic_requests(
+    phase: SyntheticPhase, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    arrival = phase.arrival
+    shape = 1.0 / (arrival.cv**2)
+    scale = 1.0 / (arrival.rate_rps * shape)
+    expected = arrival.rate_rps * phase.duration_s
+    gaps = rng.gamma(shape, scale, size=int(expected * 1.2 + 10 * math.sqrt(expected) + 16))
+    times = np.cumsum(gaps)
+    while times[-1] < phase.duration_s:
+        more = np.cumsum(rng.gamma(shape, scale, size=len(gaps))) + times[-1]
+        times = np.concatenate([times, more])
+    times = times[times < phase.duration_s]
+    prompt = _lognormal_lengths(phase.prompt_tokens, rng, len(times))
+    output = _lognormal_lengths(phase.output_tokens, rng, len(times))
+    return times, prompt, output
+
+
+def _lognormal_lengths(dist: LengthDist, rng: np.random.Generator, size: int) -> np.ndarray:
+    mu = math.log(dist.p50)
+    sigma = (math.log(dist.p90) - mu) / Z90
+    values = np.rint(rng.lognormal(mu, sigma, size=size))
+    return np.clip(values, 1, dist.max).astype(np.int64)
+
+
+def build_workload(scenario: Scenario) -> Workload:
+    from batchpilot.sim.scenario import TracePhase  # runtime import: scenario imports us
+
+    arrivals, prompts, outputs, phases = [], [], [], []
+    offset = 0.0
+    for index, phase in enumerate(scenario.workload):
+        if isinstance(phase, TracePhase):
+            times, prompt, output = _trace_phase(phase)
+        else:
+            rng = np.random.default_rng([scenario.seed, index])
+            times, prompt, output = synthetic_requests(phase, rng)
+        arrivals.append(times + offset)
+        prompts.append(prompt)
+        outputs.append(output)
+        phases.append(np.full(len(times), index, dtype=np.int16))
+        offset += phase.duration_s
+    return Workload(
+        arrival_s=np.concatenate(arrivals),
+        prompt_tokens=np.concatenate(prompts),
+        output_tokens=np.concatenate(outputs),
+        phase=np.concatenate(phases),
+        duration_s=offset,
+    )
+
+
+def _trace_phase(phase: TracePhase) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return trace_requests(
+        load_trace(phase.trace), phase.duration_s, phase.start_s, phase.rate_scale
+    )

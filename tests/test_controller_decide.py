@@ -1,0 +1,166 @@
+"""The decision: limits from the model, the feedback rule, and a length-mix shift acted on at once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_controller_synthetic import TRUE, synthetic_samples
+
+from batchpilot.controller.decide import DecideMemory, initial_knobs, recommend
+from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.model import LengthMix, StepModel, WorkloadModel, running_limit
+from batchpilot.controller.observe import Histogram, Observation, PodObservation
+from batchpilot.controller.policy import EngineSpec, Policy, Slo
+
+INF = math.inf
+POLICY = Policy.default_for(Slo(2000, 50), EngineSpec(max_num_seqs=512))
+ENGINE = StepModel(**TRUE)
+
+
+def around(value: float, rate: float) -> Histogram:
+    """All observations within +-5% of `value`."""
+    return Histogram(((value * 0.95, 0.0), (value * 1.05, rate), (INF, rate)), value * rate)
+
+
+def window(
+    prompt: float,
+    output: float,
+    *,
+    applied: Knobs,
+    arrival: float = 20.0,
+    queue: float = 0.0,
+    tpot_s: float | None = None,
+    engine_ttft_s: float = 0.2,
+) -> Observation:
+    mix = LengthMix.from_histograms(around(prompt, arrival), around(output, arrival))
+    assert mix is not None
+    physics = ENGINE.predict(running_limit(POLICY, applied, mix), arrival, mix)
+    pod = PodObservation(
+        arrival_rps=arrival,
+        admitted_rps=arrival,
+        completed_rps=physics.throughput_rps,
+        prompt_tps=physics.throughput_rps * prompt,
+        generation_tps=physics.running / physics.step_s,
+        running=physics.running,
+        gate_queue=queue,
+        kv_usage=0.3,
+        prompt_tokens=around(prompt, arrival),
+        output_tokens=around(output, arrival),
+        itl=around(physics.step_s, arrival * output),
+        tpot=None if tpot_s is None else around(tpot_s, arrival),
+        ttft=around(engine_ttft_s, arrival),
+        applied=applied,
+    )
+    return Observation(time_s=600.0, window_s=60.0, pods={"p0": pod}, pooled=pod)
+
+
+def trained_model() -> WorkloadModel:
+    model = WorkloadModel(POLICY)
+    chat = LengthMix(1000, 1.5e6, 2000, 200, 6e4, 400)
+    samples = synthetic_samples(40, seed=11, mixes=[chat, LengthMix(1200, 2.2e6, 2400, 150, 3.4e4, 300)])
+    for start in range(0, 40, 2):
+        model.add(samples[start : start + 2])
+    assert model.quality.trusted
+    return model
+
+
+def budget_seqs(knobs: Knobs, prompt: float, output: float) -> float:
+    mix = LengthMix.from_histograms(around(prompt, 1.0), around(output, 1.0))
+    assert mix is not None and knobs.max_inflight_tokens is not None
+    return knobs.max_inflight_tokens / mix.budget_per_seq
+
+
+def test_reacts_to_a_length_mix_shift_in_one_interval() -> None:
+    model = trained_model()
+    memory = DecideMemory()
+    applied = Knobs(max_inflight_tokens=120_000, queue_deadline_ms=1800, discipline="shortest-prompt-first")
+    chat = recommend(POLICY, window(1000, 200, applied=applied), model, applied, memory, tpot_q_s=0.03)
+    assert not chat.urgent
+    # Next interval: code completion, long prompts and 20-token answers.
+    code = recommend(POLICY, window(1500, 20, applied=chat.target), model, chat.target, memory, tpot_q_s=0.03)
+    assert code.urgent
+    assert any("length mix shifted" in r.message for r in code.reasons)
+    # Each running request now brings 75 prefill tokens per generated token
+    # instead of 5: a binding limit must admit far fewer sequences.
+    assert budget_seqs(code.target, 1500, 20) < 0.5 * budget_seqs(chat.target, 1000, 200)
+    # ... and the limit it picks keeps the predicted TPOT quantile within the objective
+    prediction = model.predict([code.target], 1e4, LengthMix.from_histograms(around(1500, 1), around(20, 1)))  # type: ignore[arg-type]
+    assert prediction is not None
+    assert math.exp(prediction.log_tpot[0]) <= POLICY.slo.tpot_ms / 1000.0
+
+
+def test_no_shift_no_urgency_on_noise() -> None:
+    model = trained_model()
+    memory = DecideMemory()
+    applied = Knobs(max_inflight_tokens=120_000)
+    recommend(POLICY, window(1000, 200, applied=applied), model, applied, memory, tpot_q_s=0.03)
+    again = recommend(POLICY, window(1200, 170, applied=applied), model, applied, memory, tpot_q_s=0.03)
+    assert not again.urgent
+
+
+@pytest.mark.parametrize(
+    ("engine_ttft_s", "expected_ms"),
+    [
+        (0.2, 2000 - 0.2 * 1.04 * 1000),  # objective - p90 engine TTFT (+4% inside its bucket)
+        (0.02, 1900),  # capped at 95% of the objective
+        (1.5, 1000),  # at least half the objective
+    ],
+)
+def test_deadline_leaves_room_for_the_prefill(engine_ttft_s: float, expected_ms: int) -> None:
+    applied = Knobs(max_inflight_tokens=50_000)
+    rec = recommend(POLICY, window(1000, 200, applied=applied, engine_ttft_s=engine_ttft_s), WorkloadModel(POLICY), applied, DecideMemory(), None)
+    assert rec.target.queue_deadline_ms == pytest.approx(expected_ms, abs=1)
+    assert rec.target.discipline == "shortest-prompt-first"
+
+
+# The objective aimed at: 50 ms less 5% (histogram resolution) and 10%
+# (the TPOT quantile is estimated from per-token ITL here).
+AIM_S = 0.050 * 0.85
+
+
+@pytest.mark.parametrize(
+    ("tpot_q_s", "queue", "expected_factor"),
+    [
+        (0.080, 0.0, 0.7),  # far over: cut 30%, the most per interval
+        (0.046, 0.0, AIM_S / 0.046),  # slightly over: in proportion
+        (0.015, 5.0, 2.0),  # queueing with lots of TPOT room: grow, at most x2
+        (0.030, 5.0, AIM_S / 0.030),  # queueing, some room: in proportion
+        (0.040, 5.0, 1.0),  # queueing but TPOT near the aim: hold
+        (0.015, 0.0, 1.0),  # no queue: nothing to grow for
+    ],
+)
+def test_feedback_rule_before_the_model_exists(tpot_q_s: float, queue: float, expected_factor: float) -> None:
+    applied = Knobs(max_inflight_tokens=60_000)
+    observation = window(1000, 200, applied=applied, queue=queue)
+    rec = recommend(POLICY, observation, WorkloadModel(POLICY), applied, DecideMemory(), tpot_q_s)
+    mix = LengthMix.from_histograms(around(1000, 1), around(200, 1))
+    assert mix is not None
+    before = running_limit(POLICY, applied, mix)
+    after = running_limit(POLICY, rec.target, mix)
+    assert after == pytest.approx(before * expected_factor, rel=0.01)
+
+
+def test_a_breach_cuts_even_a_trusted_models_limit() -> None:
+    model = trained_model()
+    applied = Knobs(max_inflight_tokens=60_000)
+    rec = recommend(POLICY, window(1000, 200, applied=applied), model, applied, DecideMemory(), tpot_q_s=0.1)
+    assert rec.urgent
+    assert rec.target.max_inflight_tokens is not None and rec.target.max_inflight_tokens <= 0.7 * 60_000 + 1
+
+
+def test_without_lengths_the_setting_is_kept() -> None:
+    applied = Knobs(max_inflight_tokens=60_000)
+    pod = PodObservation(arrival_rps=5.0, applied=applied)
+    observation = Observation(600.0, 60.0, {"p0": pod}, pod)
+    rec = recommend(POLICY, observation, WorkloadModel(POLICY), applied, DecideMemory(), None)
+    assert rec.target == applied
+
+
+def test_initial_knobs_follow_the_policy() -> None:
+    knobs = initial_knobs(POLICY)
+    assert knobs.queue_deadline_ms == 1800
+    assert knobs.discipline == "shortest-prompt-first"
+    assert knobs.max_inflight_tokens is None
+    fcfs_only = Policy.from_spec({"slo": {"ttftMs": 1000, "tpotMs": 40}, "knobs": {"discipline": {"allowed": ["fcfs"]}}})
+    assert initial_knobs(fcfs_only).discipline == "fcfs"

@@ -1,0 +1,141 @@
+"""The workload model on synthetic data with a known answer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from test_controller_synthetic import (
+    POLICY,
+    TAIL,
+    TRUE,
+    mix,
+    random_mixes,
+    synthetic_samples,
+    true_step,
+)
+
+from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.model import LengthMix, StepModel, WorkloadModel, estimate_tpot_quantile
+from batchpilot.controller.observe import Histogram
+
+INF = math.inf
+MIXES = [mix(1000, 200), mix(1500, 30), mix(800, 1000)]
+
+
+def test_step_model_recovers_the_engine() -> None:
+    fitted = StepModel.fit(synthetic_samples(120, seed=1, mixes=random_mixes(12, seed=7)))
+    assert fitted is not None
+    rng = np.random.default_rng(2)
+    errors = []
+    for m in random_mixes(50, seed=8):  # mixes it was not fitted on
+        running, prompt_tps = rng.uniform(5, 200), rng.uniform(1000, 20_000)
+        fixed = fitted.d0 + fitted.d1 * running + fitted.d2 * running * m.context_per_seq
+        predicted = fixed / (1.0 - fitted.prefill_cost(m) * prompt_tps)
+        errors.append(abs(predicted / true_step(running, prompt_tps, m) - 1.0))
+    # 2% noise on every window: a few percent off on unseen mixes and loads
+    assert np.mean(errors) < 0.03
+    assert np.max(errors) < 0.10
+
+
+def test_step_model_needs_enough_windows() -> None:
+    assert StepModel.fit(synthetic_samples(4, seed=3, mixes=MIXES)) is None
+
+
+@pytest.mark.parametrize("m", MIXES)
+def test_saturated_step_time_and_inverse(m: LengthMix) -> None:
+    step = StepModel(**TRUE)
+    physics = step.predict(limit=40, arrival_rps=1e6, mix=m)
+    assert physics.saturated
+    expected = TRUE["d0"] + 40 * step.per_sequence_cost(m)
+    assert physics.step_s == pytest.approx(expected)
+    assert physics.throughput_rps == pytest.approx(40 / (m.output_mean * expected))
+    assert step.concurrency_for(expected, m) == pytest.approx(40)
+
+
+def test_below_capacity_the_limit_does_not_bind() -> None:
+    step = StepModel(**TRUE)
+    m = mix(1000, 200)
+    physics = step.predict(limit=500, arrival_rps=2.0, mix=m)
+    assert not physics.saturated
+    assert physics.throughput_rps == 2.0
+    # Little's law: running = arrivals x output tokens x step time
+    assert physics.running == pytest.approx(2.0 * 200 * physics.step_s)
+
+
+def test_length_mix_from_histograms() -> None:
+    # 50 prompts uniform in (0, 100], 50 in (100, 200]: mean 100, E[x^2] = 40000/3
+    prompt = Histogram(((100.0, 50.0), (200.0, 100.0), (INF, 100.0)), 100.0 * 100.0)
+    output = Histogram(((10.0, 100.0), (INF, 100.0)), 5.0 * 100.0)
+    m = LengthMix.from_histograms(prompt, output)
+    assert m is not None
+    assert m.prompt_mean == pytest.approx(100.0)
+    assert m.prompt_sq_mean == pytest.approx(40000.0 / 3.0)
+    assert m.prompt_p90 == pytest.approx(180.0)
+    assert m.output_mean == pytest.approx(5.0)
+    assert m.context_per_seq == pytest.approx(100.0 + (100.0 / 3.0) / 10.0)
+    assert LengthMix.from_histograms(None, output) is None
+
+
+def test_tpot_quantile_of_a_constant_gap_is_that_gap() -> None:
+    itl = Histogram(((0.019, 0.0), (0.021, 1000.0), (INF, 1000.0)), 20.0)
+    output = Histogram(((10.0, 0.0), (100.0, 50.0), (INF, 50.0)), 2750.0)
+    assert estimate_tpot_quantile(itl, output, 0.99) == pytest.approx(0.02, abs=0.001)
+
+
+@pytest.mark.parametrize(
+    ("output_bounds", "low", "high"),
+    [
+        # one- or two-token answers: a request's TPOT is a single gap, and 10%
+        # of gaps are ~200 ms prefill-carrying steps: p99 is one of those
+        ((2.0, 3.0), 0.15, 0.25),
+        # 1,000-token answers average the gaps: p99 near the mean of ~29 ms
+        ((1000.0, 1001.0), 0.025, 0.035),
+    ],
+)
+def test_tpot_quantile_tail_shrinks_with_answer_length(output_bounds: tuple[float, float], low: float, high: float) -> None:
+    itl = Histogram(((0.009, 0.0), (0.011, 900.0), (0.19, 900.0), (0.21, 1000.0), (INF, 1000.0)), 29.0)
+    lower, upper = output_bounds
+    output = Histogram(((lower, 0.0), (upper, 10.0), (INF, 10.0)), 10.0 * (lower + upper) / 2)
+    estimate = estimate_tpot_quantile(itl, output, 0.99)
+    assert estimate is not None and low <= estimate <= high
+    # seeded: the same answer every time
+    assert estimate_tpot_quantile(itl, output, 0.99) == estimate
+
+
+def test_workload_model_learns_the_tail_and_is_trusted() -> None:
+    model = WorkloadModel(POLICY)
+    history = synthetic_samples(60, seed=4, mixes=MIXES)
+    for start in range(0, 60, 3):
+        model.add(history[start : start + 3])
+    quality = model.quality
+    assert quality.trusted
+    assert quality.heldout_error is not None and quality.heldout_error < 0.1
+    m = MIXES[0]
+    candidates = [Knobs(max_inflight_tokens=int(n * m.budget_per_seq)) for n in (10, 40, 160)]
+    prediction = model.predict(candidates, arrival_rps=1e4, mix=m)
+    assert prediction is not None
+    for index, n in enumerate((10, 40, 160)):
+        saturated = TRUE["d0"] + n * StepModel(**TRUE).per_sequence_cost(m)
+        assert math.exp(prediction.log_tpot[index]) == pytest.approx(TAIL * saturated, rel=0.15)
+    # more admitted sequences never predict a lower TPOT
+    assert np.all(np.diff(prediction.log_tpot) > 0)
+
+
+def test_ring_buffer_is_bounded() -> None:
+    model = WorkloadModel(POLICY, capacity=16)
+    for start in range(0, 60, 3):
+        model.add(synthetic_samples(3, seed=start, mixes=MIXES))
+    assert model.samples == 16
+
+
+def test_untrusted_when_predictions_miss() -> None:
+    model = WorkloadModel(POLICY)
+    rng = np.random.default_rng(5)
+    for start in range(0, 60, 3):
+        batch = synthetic_samples(3, seed=start, mixes=MIXES)
+        # TPOT quantiles unrelated to anything the model can see
+        model.add([replace(s, tpot_q_s=float(rng.uniform(0.005, 0.5))) for s in batch])
+    assert not model.quality.trusted

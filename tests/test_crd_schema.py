@@ -1,0 +1,217 @@
+"""crds/inferencepolicy.yaml, read as a file: structural, documented, and in step
+with the controller's Policy (the API server must reject what Policy rejects).
+
+The API server's own verdicts on the same CRD are in test_crd_apiserver.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from batchpilot.controller.knobs import (
+    DISCIPLINES,
+    MAX_CONCURRENCY_LIMIT,
+    MAX_DEADLINE_MS,
+    MAX_TOKENS_LIMIT,
+)
+from batchpilot.controller.policy import CAMEL_NAMES, EngineKind, Mode, PolicyError
+from batchpilot.controller.signals import SIGNAL_NAMES
+from batchpilot.operator.config import OperatorConfig
+from batchpilot.operator.spec import parse_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD_PATH = ROOT / "crds" / "inferencepolicy.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("policy-*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    return yaml.safe_load(CRD_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def version(crd: dict[str, Any]) -> dict[str, Any]:
+    (only,) = crd["spec"]["versions"]
+    return only
+
+
+@pytest.fixture(scope="module")
+def spec_schema(version: dict[str, Any]) -> dict[str, Any]:
+    return version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def walk(schema: Mapping[str, Any], path: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every schema node below (and including) `schema`, with its dotted path."""
+    yield path, schema
+    for name, child in (schema.get("properties") or {}).items():
+        yield from walk(child, f"{path}.{name}")
+    if isinstance(schema.get("items"), Mapping):
+        yield from walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), Mapping):
+        yield from walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+def at(schema: Mapping[str, Any], dotted: str) -> Mapping[str, Any]:
+    node = schema
+    for part in dotted.split("."):
+        node = node["properties"][part]
+    return node
+
+
+def test_names_scope_and_version(crd: dict[str, Any], version: dict[str, Any]) -> None:
+    assert crd["metadata"]["name"] == "inferencepolicies.batchpilot.dev"
+    assert crd["spec"]["group"] == "batchpilot.dev"
+    assert crd["spec"]["scope"] == "Namespaced"
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["singular"]) == (
+        "InferencePolicy", "inferencepolicies", "inferencepolicy")
+    assert names["shortNames"] == ["infpol"]
+    assert names["categories"] == ["batchpilot"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_schema_is_structural(version: dict[str, Any]) -> None:
+    """Every node has a type, no node mixes properties with additionalProperties,
+    and nothing preserves unknown fields (the API server prunes and rejects them)."""
+    for path, node in walk(version["schema"]["openAPIV3Schema"], "root"):
+        assert "type" in node, f"{path} has no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        assert "x-kubernetes-preserve-unknown-fields" not in node, path
+        if node["type"] == "object" and path not in ("root.metadata",):
+            assert "properties" in node or "additionalProperties" in node, f"{path}: an object with no schema"
+
+
+def test_every_spec_and_status_field_is_described(version: dict[str, Any]) -> None:
+    root = version["schema"]["openAPIV3Schema"]
+    for top in ("spec", "status"):
+        for path, node in walk(root["properties"][top], top):
+            if path.endswith("[]") or path.endswith("{}"):
+                continue  # list items and map values are described by their parent
+            assert node.get("description", "").strip(), f"{path} has no description"
+
+
+def test_status_has_observed_generation_and_conditions(version: dict[str, Any]) -> None:
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status["properties"]["observedGeneration"]["type"] == "integer"
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map"
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    item = conditions["items"]
+    assert set(item["required"]) == {"type", "status", "reason", "message", "lastTransitionTime"}
+    assert "observedGeneration" in item["properties"]
+
+
+def test_printer_columns_exist_and_point_into_the_schema(version: dict[str, Any]) -> None:
+    columns = version["additionalPrinterColumns"]
+    default_view = [c["name"] for c in columns if c.get("priority", 0) == 0]
+    assert default_view == ["Mode", "Pods", "Batch Cap", "SLO Met", "Age"]
+    root = version["schema"]["openAPIV3Schema"]
+    for column in columns:
+        path = column["jsonPath"]
+        if path == ".metadata.creationTimestamp":
+            continue
+        # `.status.conditions[?(@.type=="SLOMet")].status` -> status.conditions.status
+        dotted = re.sub(r"\[\?\(.*?\)\]", "", path).lstrip(".")
+        node = root
+        for part in dotted.split("."):
+            node = node["properties"][part] if "properties" in node else node["items"]["properties"][part]
+        assert node["type"] == column["type"] or column["type"] == "string", column
+
+
+def test_enums_match_the_controller(spec_schema: dict[str, Any]) -> None:
+    assert at(spec_schema, "engine.kind")["enum"] == [kind.value for kind in EngineKind]
+    assert at(spec_schema, "mode")["enum"] == [mode.value for mode in Mode]
+    assert at(spec_schema, "knobs.discipline.allowed")["items"]["enum"] == list(DISCIPLINES)
+    assert set(at(spec_schema, "knobs")["properties"]) == set(CAMEL_NAMES.values())
+
+
+def test_override_signal_list_matches_the_controller(spec_schema: dict[str, Any]) -> None:
+    (rule,) = at(spec_schema, "metrics.overrides")["x-kubernetes-validations"]
+    listed = set(re.findall(r"'([A-Za-z0-9]+)'", rule["rule"]))
+    assert listed == set(SIGNAL_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("camel", "limit"),
+    [
+        ("maxConcurrency", MAX_CONCURRENCY_LIMIT),
+        ("maxInflightTokens", MAX_TOKENS_LIMIT),
+        ("queueDeadlineMs", MAX_DEADLINE_MS),
+        ("maxNumBatchedTokens", MAX_TOKENS_LIMIT),
+    ],
+)
+def test_knob_maximum_is_the_knobs_limit(spec_schema: dict[str, Any], camel: str, limit: int) -> None:
+    knob = at(spec_schema, f"knobs.{camel}")
+    assert knob["properties"]["min"]["maximum"] == limit
+    assert knob["properties"]["max"]["maximum"] == limit
+
+
+CONFIG = OperatorConfig(prometheus={"default": "http://prometheus:9090"})
+BASE_SPEC: dict[str, Any] = {
+    "selector": {"matchLabels": {"app": "chat"}},
+    "slo": {"ttftMs": 2000, "tpotMs": 50},
+    "engine": {"kind": "vllm", "maxNumSeqs": 256, "maxNumBatchedTokens": 8192, "runtimeTunable": True},
+    "actuation": {"native": True},
+    "knobs": {},
+    "behavior": {"canary": {}},
+    "metrics": {},
+}
+# Every bounded integer/number field of the spec (its dotted path under spec).
+BOUNDED_FIELDS = [
+    "slo.ttftMs",
+    "slo.tpotMs",
+    "engine.maxNumSeqs",
+    "engine.maxNumBatchedTokens",
+    "behavior.intervalSeconds",
+    "behavior.stabilizationWindowSeconds",
+    "behavior.maxStepFactor",
+    "behavior.minChangePercent",
+    "behavior.canary.intervals",
+    "metrics.windowSeconds",
+    "metrics.stalenessSeconds",
+    "metrics.timeoutSeconds",
+    "actuation.adminPort",
+]
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    spec = copy.deepcopy(BASE_SPEC)
+    node = spec
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return spec
+
+
+@pytest.mark.parametrize("path", BOUNDED_FIELDS)
+def test_crd_bounds_are_the_policy_bounds(spec_schema: dict[str, Any], path: str) -> None:
+    """The operator accepts exactly the CRD's range: its ends pass, just outside fails."""
+    field = at(spec_schema, path)
+    low, high = field["minimum"], field["maximum"]
+    step = 1 if field["type"] == "integer" else 0.01
+    for inside in (low, high):
+        parse_policy(_with(path, inside), name="p", namespace="ns", config=CONFIG)
+    for outside in (low - step, high + step):
+        with pytest.raises(PolicyError) as caught:
+            parse_policy(_with(path, outside), name="p", namespace="ns", config=CONFIG)
+        assert caught.value.field == f"spec.{path}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+def test_examples_parse_into_policies(example: Path) -> None:
+    config = OperatorConfig(prometheus={"default": "http://p:9090", "thanos": "http://t:9090"})
+    policies = [doc for doc in yaml.safe_load_all(example.read_text()) if doc and doc["kind"] == "InferencePolicy"]
+    assert policies, f"{example.name} holds no InferencePolicy"
+    for doc in policies:
+        parsed = parse_policy(doc["spec"], name=doc["metadata"]["name"], namespace="ns", config=config)
+        assert parsed.policy.slo.ttft_ms == doc["spec"]["slo"]["ttftMs"]
+        assert parsed.mode.value == doc["spec"].get("mode", "Recommend")

@@ -1,0 +1,236 @@
+"""`batchpilot explain` against the real API server, reading a status written the way the operator
+writes it (operator/status.py `build_status`, through the status subresource) and the pods'
+`batchpilot.dev/applied` annotations; plus the pure parts, table-driven."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from typer.testing import CliRunner
+
+from batchpilot.cli.explain import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ExplainError,
+    parse_target,
+    pod_rows,
+    selector_string,
+)
+from batchpilot.cli.main import app
+from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
+from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.policy import Mode
+from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
+from batchpilot.operator.status import (
+    ActuationReport,
+    CycleReport,
+    PodCounts,
+    build_status,
+    knobs_document,
+)
+
+CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+TARGET = Knobs(max_concurrency=64, queue_deadline_ms=1500, discipline="shortest-prompt-first")
+OLD = Knobs(max_concurrency=256)
+LAGGARD_WHY = "gate admin API at http://127.0.0.3:9090/config unreachable: connection refused"
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ({"matchLabels": {"app": "llm", "tier": "a"}}, "app=llm,tier=a"),
+        (
+            {"matchExpressions": [{"key": "app", "operator": "In", "values": ["b", "a"]}]},
+            "app in (a,b)",
+        ),
+        (
+            {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]},
+            "app notin (x)",
+        ),
+        (
+            {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "gpu", "operator": "Exists"}]},
+            "a=1,gpu",
+        ),
+        ({"matchExpressions": [{"key": "spot", "operator": "DoesNotExist"}]}, "!spot"),
+    ],
+)
+def test_selector_string(selector: dict, expected: str) -> None:
+    assert selector_string(selector) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "ok"),
+    [("llm/chat", True), ("chat", False), ("/chat", False), ("llm/", False), ("a/b/c", False)],
+)
+def test_parse_target(target: str, ok: bool) -> None:
+    if ok:
+        assert parse_target(target) == ("llm", "chat")
+    else:
+        with pytest.raises(ExplainError, match="NAMESPACE/NAME"):
+            parse_target(target)
+
+
+def pod(name: str, record: AppliedRecord | None, ready: bool = True) -> client.V1Pod:
+    annotations = {APPLIED_ANNOTATION: record.to_json()} if record is not None else {}
+    condition = client.V1PodCondition(type="Ready", status="True" if ready else "False")
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, annotations=annotations),
+        status=client.V1PodStatus(conditions=[condition]),
+    )
+
+
+def record(knobs: Knobs, policy: str = "chat") -> AppliedRecord:
+    return AppliedRecord(policy, knobs, 3, "2026-11-22T23:00:00Z", Knobs())
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "reported", "laggard"),
+    [
+        (pod("llm-0", record(TARGET)), [], None),
+        (pod("llm-0", record(OLD)), [], "runs other settings than the target"),
+        (pod("llm-0", None), [], "no batchpilot.dev/applied record"),
+        (pod("llm-0", record(TARGET, policy="other")), [], "steered by InferencePolicy other"),
+        (pod("llm-0", record(TARGET), ready=False), [], "not Ready"),
+        (pod("llm-0", record(OLD)), [f"llm-0: {LAGGARD_WHY}"], LAGGARD_WHY),
+    ],
+)
+def test_pod_rows_find_laggards(
+    the_pod: client.V1Pod, reported: list[str], laggard: str | None
+) -> None:
+    status = {"applied": {"knobs": knobs_document(TARGET), "laggards": reported}}
+    (row,) = pod_rows([the_pod], "chat", status)
+    if laggard is None:
+        assert row.laggard is None
+    else:
+        assert row.laggard is not None and row.laggard.startswith(laggard)
+
+
+# -- against the API server ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crd(kube_api: Any, kubectl: Path) -> None:
+    """`kubectl apply -f crds/` (idempotent: other modules install it too) and wait for it."""
+    for args in (
+        ["apply", "-f", str(CRD_DIR)],
+        [
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/inferencepolicies.batchpilot.dev",
+        ],
+    ):
+        done = subprocess.run(
+            [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+
+def operator_status() -> dict[str, Any]:
+    """A status as the operator writes it after an Auto cycle with a guard and a laggard."""
+    decision = Decision(
+        time_s=0.0,
+        target=TARGET,
+        per_pod={},
+        actuate=True,
+        reasons=(
+            Reason(
+                "decide",
+                "largest admission limit whose predicted TPOT quantile meets the objective",
+            ),
+            Reason(
+                "guard:max-step",
+                "limited to x4 per interval",
+                knob="max_concurrency",
+                before=256,
+                after=64,
+            ),
+        ),
+        quality=ModelQuality(samples=24, heldout_error=0.08, trusted=True),
+        conditions=Conditions(metrics_available=True, model_trusted=True, slo_met=False),
+        step_seconds={"observe": 0.01},
+    )
+    report = CycleReport(
+        mode=Mode.AUTO,
+        pods=PodCounts(selected=3, ready=2, reporting=2),
+        decision=decision,
+        actuation=ActuationReport(
+            TARGET, up_to_date=1, laggards=(f"llm-1: {LAGGARD_WHY}",), changed=("llm-0",)
+        ),
+        last_known_good=Knobs(max_concurrency=128),
+    )
+    return build_status(report, {}, generation=1, now=datetime(2026, 11, 22, 23, 0, tzinfo=UTC))
+
+
+def test_explain_reads_status_and_pods(
+    crd: None, kube_api: Any, k8s_client: Any, namespace: str, make_serving_pod: Any
+) -> None:
+    policy = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "InferencePolicy",
+        "metadata": {"name": "chat"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "chat-llm"}},
+            "slo": {"ttftMs": 2000, "tpotMs": 50},
+            "actuation": {"tokenSecretRef": {"name": "chat-gate-token"}},
+            "mode": "Auto",
+        },
+    }
+    objects = client.CustomObjectsApi(k8s_client)
+    objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, policy)
+    objects.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "chat", {"status": operator_status()}
+    )
+    labels = {"app": "chat-llm"}
+    make_serving_pod(namespace, "llm-0", pod_ip="127.0.0.2", ports={"http": 8080}, labels=labels,
+                     annotations={APPLIED_ANNOTATION: record(TARGET).to_json()})  # fmt: skip
+    make_serving_pod(namespace, "llm-1", pod_ip="127.0.0.3", ports={"http": 8080}, labels=labels,
+                     annotations={APPLIED_ANNOTATION: record(OLD).to_json()})  # fmt: skip
+    make_serving_pod(
+        namespace, "llm-2", pod_ip="127.0.0.4", ports={"http": 8080}, labels=labels, ready=False
+    )
+    make_serving_pod(
+        namespace, "other", pod_ip="127.0.0.5", ports={"http": 8080}, labels={"app": "else"}
+    )
+
+    result = CliRunner().invoke(
+        app,
+        ["explain", f"{namespace}/chat", "--kubeconfig", str(kube_api.kubeconfig)],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "mode Auto" in out and "2/3" in out
+    # Recommendation and last known good, per knob.
+    assert "maxConcurrency" in out and "64" in out and "128" in out
+    # The decision's reason and, separately, the guard that changed it.
+    assert "largest admission limit" in out
+    assert "guard:max-step" in out and "maxConcurrency 256 -> 64" in out
+    assert "ObjectivesMissed" in out and "HeldOutErrorLow" in out
+    # Pods: the up-to-date one, the laggard the operator reported, the not-ready one; not the unselected pod.
+    assert LAGGARD_WHY in out
+    assert "not Ready" in out
+    assert "other" not in out.split("pods")[-1]
+
+
+def test_explain_names_a_missing_policy(crd: None, kube_api: Any, namespace: str) -> None:
+    result = CliRunner().invoke(
+        app, ["explain", f"{namespace}/nope", "--kubeconfig", str(kube_api.kubeconfig)]
+    )
+    assert result.exit_code == 2
+    assert "not found" in result.output and "kubectl get inferencepolicies" in result.output
+
+
+def test_explain_names_a_missing_kubeconfig(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["explain", "llm/chat", "--kubeconfig", str(tmp_path / "none")]
+    )
+    assert result.exit_code == 2
+    assert "--kubeconfig: no such file" in result.output

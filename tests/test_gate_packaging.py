@@ -1,0 +1,94 @@
+"""How the gate ships: the sidecar example is a valid pod wired to the gate's settings,
+and the image's slim install (no operator/simulator dependencies) can run `batchpilot gate`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "gate-sidecar-pod.yaml"
+DOCKERFILE = REPO / "gate" / "Dockerfile"
+
+# What the image leaves out (see gate/Dockerfile): importing any of them from
+# the `batchpilot gate` path would crash the sidecar at start.
+NOT_IN_GATE_IMAGE = (
+    "numpy",
+    "sklearn",
+    "kopf",
+    "kubernetes",
+    "matplotlib",
+    "prometheus_api_client",
+)
+
+
+def test_sidecar_example_is_a_valid_pod_wired_to_the_gate() -> None:
+    pod = yaml.safe_load(EXAMPLE.read_text())
+    kubernetes_validate.validate(pod, "1.30", strict=True)
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    gate = containers["gate"]
+    env = {item["name"]: item["value"] for item in gate["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in gate["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+
+    token_volume = next(
+        name for name, path in mounts.items() if env["BATCHPILOT_GATE_TOKEN_FILE"].startswith(path)
+    )
+    assert "secret" in volumes[token_volume]
+    podinfo_volume = next(
+        name
+        for name, path in mounts.items()
+        if env["BATCHPILOT_GATE_ANNOTATIONS_FILE"].startswith(path)
+    )
+    items = volumes[podinfo_volume]["downwardAPI"]["items"]
+    assert {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}} in items
+
+    # The gate's upstream is the engine's port; its ports match the image.
+    engine_port = containers["engine"]["ports"][0]["containerPort"]
+    assert f"--upstream=http://127.0.0.1:{engine_port}" in gate["args"]
+    exposed = re.search(r"^EXPOSE (.+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert exposed is not None
+    assert {p["containerPort"] for p in gate["ports"]} == {int(p) for p in exposed.group(1).split()}
+    assert gate["securityContext"]["readOnlyRootFilesystem"] is True
+    assert int(env["BATCHPILOT_GATE_GRACE_PERIOD_S"]) < pod["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert base is not None
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", base.group(1)), (
+        "base must be pinned to a patch tag"
+    )
+    assert len(re.findall(r"^FROM ", text, re.MULTILINE)) == 2
+    user = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert user and not user[-1].startswith(("0", "root"))
+    assert 'ENTRYPOINT ["batchpilot", "gate"]' in text
+
+
+def test_gate_command_needs_none_of_the_left_out_dependencies() -> None:
+    """Import the CLI with the left-out packages made unimportable, as in the image."""
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {NOT_IN_GATE_IMAGE!r}:\n"
+        "            raise ImportError(f'{name} is not in the gate image')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from typer.testing import CliRunner\n"
+        "from batchpilot.cli.main import app\n"
+        "import batchpilot.gate.server\n"
+        "result = CliRunner().invoke(app, ['gate', '--help'])\n"
+        "print(result.output)\n"
+        "sys.exit(result.exit_code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "--upstream" in done.stdout

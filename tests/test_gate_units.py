@@ -1,0 +1,202 @@
+"""The gate's pure parts: request sizing, settings precedence, the annotations file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchpilot.controller.knobs import Knobs
+from batchpilot.gate.annotations import AnnotationError, knobs_from_annotations, parse_annotations
+from batchpilot.gate.estimate import RequestError, RequestSize, estimate_request
+from batchpilot.gate.settings import GateSettings, GateSettingsError, load_settings, parse_host_port
+
+
+def _size(
+    body: dict[str, Any], headers: dict[str, str] | None = None, default: int = 256
+) -> RequestSize:
+    return estimate_request(json.dumps(body).encode(), headers or {}, default)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "expected"),
+    [
+        # characters / 4, rounded up
+        ({"prompt": "x" * 400, "max_tokens": 10}, {}, RequestSize(100, 10, 0, False)),
+        ({"prompt": "x" * 401, "max_tokens": 10}, {}, RequestSize(101, 10, 0, False)),
+        ({"prompt": "", "max_tokens": 10}, {}, RequestSize(1, 10, 0, False)),
+        ({"prompt": ["ab" * 10, "cd" * 10], "max_tokens": 5}, {}, RequestSize(10, 5, 0, False)),
+        # token ids are counted exactly
+        ({"prompt": [1, 2, 3, 4, 5], "max_tokens": 5}, {}, RequestSize(5, 5, 0, False)),
+        ({"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 5}, {}, RequestSize(5, 5, 0, False)),
+        # the header wins over the body
+        (
+            {"prompt": "x" * 4000, "max_tokens": 5},
+            {"x-prompt-tokens": "7"},
+            RequestSize(7, 5, 0, False),
+        ),
+        # chat: string and multi-part text content; image parts are not characters
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "x" * 40},
+                    {"role": "user", "content": "y" * 80},
+                ]
+            },
+            {},
+            RequestSize(30, 256, 0, False),
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "z" * 20},
+                            {"type": "image_url", "image_url": {"url": "data:..."}},
+                        ],
+                    }
+                ],
+                "stream": True,
+            },
+            {},
+            RequestSize(5, 256, 0, True),
+        ),
+        # output: max_completion_tokens, then max_tokens, then the default; times n
+        (
+            {"prompt": "abcd", "max_completion_tokens": 9, "max_tokens": 99},
+            {},
+            RequestSize(1, 9, 0, False),
+        ),
+        ({"prompt": "abcd", "max_tokens": 10, "n": 3}, {}, RequestSize(1, 30, 0, False)),
+        ({"prompt": "abcd", "max_tokens": None}, {}, RequestSize(1, 256, 0, False)),
+        # priority header
+        ({"prompt": "abcd", "max_tokens": 1}, {"x-priority": " -2 "}, RequestSize(1, 1, -2, False)),
+    ],
+)
+def test_request_size_estimate(
+    body: dict[str, Any], headers: dict[str, str], expected: RequestSize
+) -> None:
+    assert _size(body, headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        (b"{", {}, "body"),
+        (b"[1, 2]", {}, "body"),
+        (b'{"max_tokens": 3}', {}, "prompt"),
+        (b'{"prompt": 5}', {}, "prompt"),
+        (b'{"prompt": [1, "a"]}', {}, "prompt"),
+        (b'{"messages": "hi"}', {}, "messages"),
+        (b'{"messages": ["hi"]}', {}, "messages[0]"),
+        (b'{"prompt": "a", "max_tokens": 0}', {}, "max_tokens"),
+        (b'{"prompt": "a", "max_tokens": true}', {}, "max_tokens"),
+        (b'{"prompt": "a", "max_completion_tokens": "5"}', {}, "max_completion_tokens"),
+        (b'{"prompt": "a", "n": 0}', {}, "n"),
+        (b'{"prompt": "a"}', {"x-prompt-tokens": "-1"}, "x-prompt-tokens"),
+        (b'{"prompt": "a"}', {"x-prompt-tokens": "lots"}, "x-prompt-tokens"),
+        (b'{"prompt": "a"}', {"x-priority": "1.5"}, "x-priority"),
+    ],
+)
+def test_unsizable_request_names_the_field(
+    body: bytes, headers: dict[str, str], param: str
+) -> None:
+    with pytest.raises(RequestError) as caught:
+        estimate_request(body, headers, 256)
+    assert caught.value.param == param
+
+
+def test_settings_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
+    config = tmp_path / "gate.yaml"
+    config.write_text(
+        "upstream: http://engine-from-file:8000\n"
+        "listen: 0.0.0.0:1111\n"
+        "admin: 0.0.0.0:2222\n"
+        "knobs: {max_concurrency: 12, discipline: priority}\n"
+    )
+    env = {
+        "BATCHPILOT_GATE_CONFIG": str(config),
+        "BATCHPILOT_GATE_LISTEN": "0.0.0.0:3333",
+        "BATCHPILOT_GATE_ADMIN": "0.0.0.0:4444",
+        "BATCHPILOT_GATE_GRACE_PERIOD_S": "7.5",
+        "UNRELATED": "x",
+    }
+    settings = load_settings({"admin": "127.0.0.1:5555", "listen": None}, env)
+    assert settings.upstream == "http://engine-from-file:8000"  # file
+    assert settings.listen == "0.0.0.0:3333"  # env over file; None on the CLI means "not given"
+    assert settings.admin == "127.0.0.1:5555"  # CLI over env
+    assert settings.grace_period_s == 7.5  # env, converted
+    assert settings.knobs == Knobs(max_concurrency=12, discipline="priority")
+    assert settings.native == GateSettings().native  # default
+    assert "hide-me" not in repr(load_settings({"token": "hide-me"}, {}))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "setting"),
+    [
+        ({"upstream": "127.0.0.1:8000"}, {}, "upstream"),
+        ({"listen": "8080"}, {}, "listen"),
+        ({"admin": "0.0.0.0:99999"}, {}, "admin"),
+        ({"native": "trt"}, {}, "native"),
+        ({}, {"BATCHPILOT_GATE_GRACE_PERIOD_S": "soon"}, "grace_period_s"),
+        ({}, {"BATCHPILOT_GATE_DEFAULT_MAX_TOKENS": "0"}, "default_max_tokens"),
+        ({}, {"BATCHPILOT_GATE_HEALTH_INTERVAL_S": "-1"}, "health_interval_s"),
+        ({}, {"BATCHPILOT_GATE_KNOBS": "{max_concurrency: 3}"}, "knobs"),
+        ({"knobs": {"max_concurrency": -3}}, {}, "knobs.max_concurrency"),
+        ({"config": "/nonexistent/gate.yaml"}, {}, "config"),
+    ],
+)
+def test_bad_setting_is_named(overrides: dict[str, Any], env: dict[str, str], setting: str) -> None:
+    with pytest.raises(GateSettingsError) as caught:
+        load_settings(overrides, env)
+    assert caught.value.setting == setting
+
+
+def test_unknown_key_in_config_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "gate.yaml"
+    config.write_text("upstrem: http://x:1\n")
+    with pytest.raises(GateSettingsError) as caught:
+        load_settings({"config": config}, {})
+    assert caught.value.setting == "upstrem"
+    assert "known settings are" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("0.0.0.0:8080", ("0.0.0.0", 8080)), (":9090", ("0.0.0.0", 9090)), ("[::1]:0", ("::1", 0))],
+)
+def test_parse_host_port(value: str, expected: tuple[str, int]) -> None:
+    assert parse_host_port("listen", value) == expected
+
+
+def test_annotations_file_as_the_kubelet_writes_it() -> None:
+    knobs_json = json.dumps({"max_concurrency": 48, "discipline": "shortest-prompt-first"})
+    text = (
+        'kubectl.kubernetes.io/restartedAt="2024-05-01T10:00:00Z"\n'
+        f"batchpilot.dev/knobs={json.dumps(knobs_json)}\n"
+        'note="line one\\nline two"\n'
+    )
+    assert parse_annotations(text)["note"] == "line one\nline two"
+    assert knobs_from_annotations(text) == Knobs(
+        max_concurrency=48, discipline="shortest-prompt-first"
+    )
+    assert knobs_from_annotations('other="1"\n') is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "batchpilot.dev/knobs\n",  # no value
+        "batchpilot.dev/knobs={}\n",  # unquoted
+        'batchpilot.dev/knobs="{\\"max_concurrency\\": 4"\n',  # JSON cut short
+        'batchpilot.dev/knobs="{\\"max_concurrency\\": 0}"\n',  # out of range
+        'batchpilot.dev/knobs="{\\"max_concurrency\\": 4, \\"burst\\": 1}"\n',  # unknown knob
+        'batchpilot.dev/knobs="[4]"\n',  # not an object
+    ],
+)
+def test_malformed_annotations_are_rejected_whole(text: str) -> None:
+    with pytest.raises(AnnotationError):
+        knobs_from_annotations(text)

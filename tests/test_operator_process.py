@@ -1,0 +1,122 @@
+"""`batchpilot operator` as a process against the real API server and Prometheus:
+errors mapped to conditions and Events, no status writes when nothing changed,
+the liveness endpoint and /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from stack.process import ManagedProcess, free_loopback_port, http_get
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
+# Policies step every 2 s here, the operator ticks every 0.5 s.
+INTERVAL_S = 2
+
+
+@pytest.fixture
+def operator(kube_api: Any, kubectl: Path, namespace: str, prometheus: Callable[..., Any],
+             tmp_path: Path) -> Iterator[dict[str, Any]]:
+    subprocess.run([str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", "apply", "-f", str(ROOT / "crds")],
+                   check=True, capture_output=True, timeout=60)
+    subprocess.run([str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", "wait", "--for=condition=Established",
+                    "--timeout=30s", "crd/inferencepolicies.batchpilot.dev"], check=True, capture_output=True, timeout=60)
+    prom = prometheus([])
+    health_port, metrics_port = free_loopback_port(), free_loopback_port()
+    config = tmp_path / "operator.yaml"
+    config.write_text(yaml.safe_dump({
+        "prometheus": {"default": prom.url}, "namespaces": [namespace], "tick_seconds": 0.5,
+        "health_host": "127.0.0.1", "health_port": health_port, "metrics_port": metrics_port,
+    }))
+    process = ManagedProcess("operator", [sys.executable, "-m", "batchpilot.cli.main", "operator", "--config",
+                                          str(config)], tmp_path / "operator.log",
+                             {**os.environ, "KUBECONFIG": str(kube_api.kubeconfig)})
+    health = f"http://127.0.0.1:{health_port}/healthz"
+    try:
+        process.wait_until(lambda: (http_get(health) or (0, b""))[0] == 200, 60, "answering /healthz")
+        yield {"health": health, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "process": process}
+    finally:
+        process.stop()
+
+
+def create_policy(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> None:
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferencePolicy", "metadata": {"name": name},
+            "spec": {"slo": {"ttftMs": 2000, "tpotMs": 50}, "behavior": {"intervalSeconds": INTERVAL_S}, **spec}}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def read_policy(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def ready_condition(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    conditions = (read_policy(api, namespace, name).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "Ready"), None)
+
+
+def eventually(check: Callable[[], Any], what: str, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {timeout_s:.0f} s")
+        time.sleep(0.25)
+    return value
+
+
+def metric(url: str, name: str) -> float:
+    reply = http_get(url)
+    assert reply is not None and reply[0] == 200
+    return sum(float(line.rpartition(" ")[2]) for line in reply[1].decode().splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_errors_become_conditions_and_one_event(operator: dict[str, Any], k8s_client: client.ApiClient,
+                                                namespace: str) -> None:
+    create_policy(k8s_client, namespace, "bad-endpoint", selector={"matchLabels": {"app": "x"}},
+                  metrics={"endpoint": "nowhere"})
+    create_policy(k8s_client, namespace, "no-pods", selector={"matchLabels": {"app": "none"}})
+    bad = eventually(lambda: ready_condition(k8s_client, namespace, "bad-endpoint"), "bad-endpoint has Ready")
+    assert (bad["status"], bad["reason"]) == ("False", "InvalidSpec")
+    assert bad["message"].startswith("spec.metrics.endpoint: 'nowhere' is not a Prometheus endpoint")
+    empty = eventually(lambda: ready_condition(k8s_client, namespace, "no-pods"), "no-pods has Ready")
+    assert (empty["status"], empty["reason"]) == ("False", "NoPodsSelected")
+    time.sleep(3 * INTERVAL_S)  # several ticks with the same problem
+    events = client.CoreV1Api(k8s_client).list_namespaced_event(namespace).items
+    invalid = [e for e in events if e.reason == "InvalidSpec" and e.involved_object.name == "bad-endpoint"]
+    assert len(invalid) == 1 and invalid[0].type == "Warning"
+    # The operator is still alive, and its probe (which kopf caches for 10 s) counts both policies.
+    assert operator["process"].running()
+    eventually(lambda: json.loads(http_get(operator["health"])[1])["timers"]["policies"] == 2,
+               "the liveness probe counting both policies", timeout_s=20)
+
+
+def test_no_status_write_while_nothing_changes(operator: dict[str, Any], k8s_client: client.ApiClient,
+                                               namespace: str, make_serving_pod: Callable[..., Any]) -> None:
+    for index, ip in enumerate(("127.0.0.2", "127.0.0.3")):
+        make_serving_pod(namespace, f"quiet-{index}", pod_ip=ip, ports={"admin": 9090}, labels={"app": "quiet"})
+    create_policy(k8s_client, namespace, "quiet", selector={"matchLabels": {"app": "quiet"}})
+    eventually(lambda: (read_policy(k8s_client, namespace, "quiet").get("status") or {}).get("recommendation"),
+               "a recommendation published")
+    eventually(lambda: metric(operator["metrics"], "batchpilot_operator_decisions_total") >= 2, "two steps")
+    settled = read_policy(k8s_client, namespace, "quiet")
+    decisions_before = metric(operator["metrics"], "batchpilot_operator_decisions_total")
+    time.sleep(4 * INTERVAL_S)
+    later = read_policy(k8s_client, namespace, "quiet")
+    assert metric(operator["metrics"], "batchpilot_operator_decisions_total") >= decisions_before + 2
+    # Steps ran, nothing they found changed: not one write to the policy.
+    assert later["metadata"]["resourceVersion"] == settled["metadata"]["resourceVersion"]
+    status = later["status"]
+    assert status["pods"] == {"selected": 2, "ready": 2, "reporting": 0, "summary": "2/2"}
+    assert status["applied"] == {"summary": "not applied (mode Recommend)"}
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Ready"] == "True" and conditions["MetricsAvailable"] == "False"

@@ -1,0 +1,293 @@
+"""operator/status.py: the status document and the rule "write only when it changed"."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
+from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.policy import Mode
+from batchpilot.operator.status import (
+    CONDITION_TYPES,
+    MAX_LAGGARDS,
+    ActuationReport,
+    CycleReport,
+    PodCounts,
+    Problem,
+    build_status,
+    condition_map,
+    knobs_document,
+    merge_patch,
+)
+
+T0 = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
+PODS = ("chat-0", "chat-1")
+
+
+def decision(
+    cap: int | None = 64,
+    *,
+    slo_met: bool | None = True,
+    metrics: bool = True,
+    trusted: bool = True,
+    error: float | None = 0.0812,
+    per_pod: dict[str, Knobs] | None = None,
+    reasons: tuple[Reason, ...] = (),
+) -> Decision:
+    target = Knobs(max_concurrency=cap)
+    return Decision(
+        time_s=T0.timestamp(),
+        target=target,
+        per_pod=per_pod if per_pod is not None else dict.fromkeys(PODS, target),
+        actuate=True,
+        reasons=reasons or (Reason("decide", "predicted goodput is higher", "max_concurrency", 256, cap),),
+        quality=ModelQuality(120, error, trusted),
+        conditions=Conditions(metrics, trusted, slo_met),
+        step_seconds={"observe": 0.01},
+        signals={"reporting_pods": 2},
+    )
+
+
+def report(dec: Decision | None = None, **changes: Any) -> CycleReport:
+    fields: dict[str, Any] = {
+        "mode": Mode.AUTO,
+        "pods": PodCounts(2, 2, 2),
+        "decision": dec if dec is not None else decision(),
+        "actuation": ActuationReport(Knobs(max_concurrency=64), up_to_date=2),
+    }
+    fields.update(changes)
+    return CycleReport(**fields)
+
+
+def conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {kind: dict(c) for kind, c in condition_map(status["conditions"]).items()}
+
+
+def test_an_unchanged_cycle_writes_nothing() -> None:
+    first = build_status(report(), {}, generation=3, now=T0)
+    second = build_status(report(), first, generation=3, now=T0 + timedelta(seconds=30))
+    assert merge_patch(first, second) is None
+    assert second == first
+
+
+def test_a_wobbling_held_out_error_does_not_cause_a_write() -> None:
+    first = build_status(report(decision(error=0.0812)), {}, generation=1, now=T0)
+    second = build_status(report(decision(error=0.0809)), first, generation=1, now=T0 + timedelta(seconds=30))
+    assert merge_patch(first, second) is None
+    third = build_status(report(decision(error=0.12)), second, generation=1, now=T0 + timedelta(seconds=60))
+    assert merge_patch(second, third) == {"model": {"heldOutError": 0.12}, "conditions": third["conditions"]}
+
+
+def test_transition_time_moves_only_with_the_status() -> None:
+    later = T0 + timedelta(minutes=5)
+    first = build_status(report(decision(slo_met=True)), {}, generation=1, now=T0)
+    missed = build_status(report(decision(slo_met=False)), first, generation=1, now=later)
+    before, after = conditions(first), conditions(missed)
+    assert after["SLOMet"]["status"] == "False"
+    assert after["SLOMet"]["lastTransitionTime"] == "2026-05-01T12:05:00Z"
+    # Conditions that did not change keep their original time.
+    assert after["Ready"]["lastTransitionTime"] == before["Ready"]["lastTransitionTime"] == "2026-05-01T12:00:00Z"
+    patch = merge_patch(first, missed)
+    assert patch is not None and set(patch) == {"conditions"}
+
+
+def test_every_condition_is_reported_with_observed_generation() -> None:
+    status = build_status(report(), {}, generation=7, now=T0)
+    assert [c["type"] for c in status["conditions"]] == list(CONDITION_TYPES)
+    for condition in status["conditions"]:
+        assert condition["observedGeneration"] == 7
+        assert condition["status"] in ("True", "False", "Unknown")
+        assert condition["reason"] and condition["message"]
+    assert status["observedGeneration"] == 7
+
+
+@pytest.mark.parametrize(
+    ("cycle", "expected"),
+    [
+        pytest.param(
+            report(),
+            {"Ready": "True", "MetricsAvailable": "True", "ModelTrusted": "True", "SLOMet": "True",
+             "Progressing": "False", "Degraded": "False"},
+            id="healthy",
+        ),
+        pytest.param(
+            report(decision(slo_met=None, metrics=False, trusted=False)),
+            {"Ready": "True", "MetricsAvailable": "False", "ModelTrusted": "False", "SLOMet": "Unknown"},
+            id="metrics-missing",
+        ),
+        pytest.param(
+            report(decision=None, problem=(Problem.METRICS_UNAVAILABLE, "connection refused"), actuation=None),
+            {"Ready": "False", "MetricsAvailable": "False", "SLOMet": "Unknown"},
+            id="prometheus-down",
+        ),
+        pytest.param(
+            report(decision=None, problem=(Problem.NO_READY_PODS, "none ready"), actuation=None),
+            {"Ready": "False", "MetricsAvailable": "Unknown"},
+            id="no-ready-pods",
+        ),
+        pytest.param(
+            report(actuation=ActuationReport(Knobs(max_concurrency=64), 1, ("chat-1: refused",), ("chat-0",))),
+            {"Ready": "True", "Progressing": "True", "Degraded": "True"},
+            id="one-laggard",
+        ),
+        pytest.param(
+            report(actuation=ActuationReport(Knobs(max_concurrency=64), 0, ("chat-0: x", "chat-1: y"))),
+            {"Ready": "False", "Degraded": "True"},
+            id="all-laggards",
+        ),
+        pytest.param(
+            report(decision(per_pod={"chat-0": Knobs(max_concurrency=32), "chat-1": Knobs(max_concurrency=64)})),
+            {"Progressing": "True"},
+            id="canary",
+        ),
+        pytest.param(
+            report(pods=PodCounts(3, 3, 2)),
+            {"Degraded": "True"},
+            id="a-pod-not-reporting",
+        ),
+    ],
+)
+def test_conditions(cycle: CycleReport, expected: dict[str, str]) -> None:
+    got = conditions(build_status(cycle, {}, generation=1, now=T0))
+    assert {kind: got[kind]["status"] for kind in expected} == expected
+
+
+def test_problem_reason_and_message_reach_ready() -> None:
+    status = build_status(
+        report(decision=None, problem=(Problem.INVALID_SPEC, "spec.metrics.endpoint: 'x' is not ..."), actuation=None),
+        {},
+        generation=2,
+        now=T0,
+    )
+    ready = conditions(status)["Ready"]
+    assert ready["reason"] == "InvalidSpec"
+    assert ready["message"].startswith("spec.metrics.endpoint")
+
+
+def test_a_skipped_cycle_keeps_the_last_recommendation() -> None:
+    good = build_status(report(), {}, generation=1, now=T0)
+    skipped = build_status(
+        report(decision=None, problem=(Problem.METRICS_UNAVAILABLE, "down"), actuation=None),
+        good,
+        generation=1,
+        now=T0 + timedelta(seconds=30),
+    )
+    assert skipped["recommendation"] == good["recommendation"]
+    assert skipped["model"] == good["model"]
+    assert skipped["applied"] == good["applied"]
+
+
+def test_recommendation_time_moves_only_when_the_knobs_do() -> None:
+    first = build_status(report(decision(cap=64)), {}, generation=1, now=T0)
+    same = build_status(report(decision(cap=64)), first, generation=1, now=T0 + timedelta(minutes=1))
+    moved = build_status(report(decision(cap=32)), same, generation=1, now=T0 + timedelta(minutes=2))
+    assert same["recommendation"]["time"] == "2026-05-01T12:00:00Z"
+    assert moved["recommendation"]["time"] == "2026-05-01T12:02:00Z"
+    assert moved["recommendation"]["knobs"]["maxConcurrency"] == 32
+
+
+def test_reasons_carry_knob_changes_in_spec_names() -> None:
+    status = build_status(report(), {}, generation=1, now=T0)
+    assert status["recommendation"]["reasons"] == ["decide: predicted goodput is higher (maxConcurrency 256 -> 64)"]
+
+
+def test_last_change_time_set_by_changes_only() -> None:
+    changed = report(actuation=ActuationReport(Knobs(max_concurrency=64), 2, (), ("chat-0", "chat-1")))
+    first = build_status(changed, {}, generation=1, now=T0)
+    quiet = build_status(report(), first, generation=1, now=T0 + timedelta(minutes=3))
+    assert first["lastChangeTime"] == quiet["lastChangeTime"] == "2026-05-01T12:00:00Z"
+
+
+def test_last_known_good_keeps_its_time_while_unchanged() -> None:
+    first = build_status(report(last_known_good=Knobs(max_concurrency=64)), {}, generation=1, now=T0)
+    later = build_status(report(last_known_good=Knobs(max_concurrency=64)), first, generation=1,
+                         now=T0 + timedelta(minutes=1))
+    moved = build_status(report(last_known_good=Knobs(max_concurrency=32)), later, generation=1,
+                         now=T0 + timedelta(minutes=2))
+    assert later["lastKnownGood"] == first["lastKnownGood"]
+    assert moved["lastKnownGood"] == {"knobs": {"maxConcurrency": 32, "discipline": "fcfs", "agingMs": 2000},
+                                      "time": "2026-05-01T12:02:00Z"}
+
+
+def test_laggards_are_capped() -> None:
+    many = tuple(f"pod-{i}: unreachable" for i in range(25))
+    status = build_status(report(pods=PodCounts(25, 25, 25), actuation=ActuationReport(Knobs(), 0, many)),
+                          {}, generation=1, now=T0)
+    laggards = status["applied"]["laggards"]
+    assert len(laggards) == MAX_LAGGARDS + 1
+    assert laggards[-1] == f"... and {25 - MAX_LAGGARDS} more"
+
+
+@pytest.mark.parametrize(("mode", "summary"), [(Mode.RECOMMEND, "not applied (mode Recommend)"),
+                                               (Mode.OFF, "not applied (mode Off)")])
+def test_applied_says_nothing_is_applied_outside_auto(mode: Mode, summary: str) -> None:
+    status = build_status(report(mode=mode, actuation=None), {}, generation=1, now=T0)
+    assert status["applied"] == {"summary": summary}
+
+
+def test_knobs_document_leaves_out_unset_limits() -> None:
+    assert knobs_document(Knobs(max_concurrency=8, queue_deadline_ms=None)) == {
+        "maxConcurrency": 8, "discipline": "fcfs", "agingMs": 2000}
+
+
+@pytest.mark.parametrize(
+    ("current", "desired", "patch"),
+    [
+        ({"a": 1}, {"a": 1}, None),
+        ({"a": 1}, {"a": 2}, {"a": 2}),
+        ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+        ({}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+        ({"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}, {"a": {"c": None}}),
+        ({"a": {"b": 1}}, {"a": {"b": 1}}, None),
+        ({"a": [1, 2]}, {"a": [1]}, {"a": [1]}),
+        ({"a": None}, {"a": None}, None),
+        ({}, {"a": None}, {"a": None}),
+        ({"a": 1}, {"a": {"b": 1}}, {"a": {"b": 1}}),
+    ],
+)
+def test_merge_patch(current: dict[str, Any], desired: dict[str, Any], patch: dict[str, Any] | None) -> None:
+    assert merge_patch(current, desired) == patch
+
+
+def test_merge_patch_applied_gives_the_desired_document() -> None:
+    def apply(doc: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(doc)
+        for key, value in patch.items():
+            if value is None:
+                out.pop(key, None)
+            elif isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = apply(out[key], value)
+            else:
+                out[key] = value
+        return out
+
+    first = build_status(report(), {}, generation=1, now=T0)
+    second = build_status(report(decision=None, problem=(Problem.NO_PODS, "none"), actuation=None, pods=PodCounts()),
+                          first, generation=2, now=T0 + timedelta(minutes=1))
+    patch = merge_patch(first, second)
+    assert patch is not None
+    assert apply(first, patch) == second
+
+
+def test_policy_metrics_follow_conditions_and_vanish_with_the_policy():
+    from batchpilot.operator.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    metrics.start_policy("team-a", "chat")
+    metrics.record_conditions(
+        "team-a", "chat", [{"type": "SLOMet", "status": "False"}, {"type": "Ready", "status": "True"}]
+    )
+    metrics.policy_rollbacks.labels("team-a", "chat").inc()
+
+    def sample(name, **labels):
+        return metrics.registry.get_sample_value(name, {"policy_namespace": "team-a", "policy": "chat", **labels})
+
+    assert sample("batchpilot_policy_condition", condition="SLOMet", status="False") == 1.0
+    assert sample("batchpilot_policy_condition", condition="SLOMet", status="True") == 0.0
+    assert sample("batchpilot_policy_rollbacks_total") == 1.0
+    metrics.forget_policy("team-a", "chat")
+    assert sample("batchpilot_policy_condition", condition="SLOMet", status="False") is None
+    assert sample("batchpilot_policy_rollbacks_total") is None

@@ -1,0 +1,176 @@
+"""Step-cost calibration: accuracy on the shared CSV, genericity, errors, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from batchpilot.cli.main import app
+from batchpilot.sim.calibration import (
+    CalibrationError,
+    CalibrationRow,
+    StepCostModel,
+    fit,
+    predict_ms,
+    read_rows,
+)
+
+SHARED_CSV = (
+    Path(__file__).resolve().parents[1]
+    / ".."
+    / "shared"
+    / "data"
+    / "calibration"
+    / "llama3.1-8b_vllm_step_latency.csv"
+)
+MODEL = "meta-llama/Meta-Llama-3.1-8B"
+needs_shared = pytest.mark.skipif(
+    not SHARED_CSV.exists(), reason="../shared calibration data not present"
+)
+
+
+@needs_shared
+@pytest.mark.parametrize("system", ["h100_sxm", "a100_sxm"])
+def test_error_within_target_per_kind(system: str) -> None:
+    calibration = fit(read_rows(SHARED_CSV), MODEL, system)
+    kinds = {e.kind for e in calibration.errors}
+    assert {"decode_step", "prefill_bs1"} <= kinds and any(k.startswith("mixed_") for k in kinds)
+    for error in calibration.errors:
+        assert error.mean_ape_pct <= 5.0, error
+        assert error.max_ape_pct <= 15.0, error
+
+
+def write_rows(path: Path, cost: StepCostModel, noise: float, seed: int) -> None:
+    """Rows of a made-up model in the shared CSV's format, from a known cost model."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for batch in (1, 4, 16, 64, 256):
+        for context in (256, 1024, 4096):
+            rows.append(("decode_step", batch, context))
+    for tokens in (128, 512, 1024, 2048, 4096, 8192):
+        rows.append(("prefill_bs1", 1, tokens))
+    for chunk in (512, 2048):
+        for decodes in (0, 32, 128):
+            rows.append((f"mixed_chunk{chunk}_isl4096", decodes, 4096))
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            [
+                "model",
+                "system",
+                "backend",
+                "tp",
+                "kind",
+                "batch_or_chunk",
+                "context_len",
+                "latency_ms",
+            ]
+        )
+        for kind, b, c in rows:
+            row = CalibrationRow("acme/7b", "gpu_x", "vllm", 2, kind, b, c, 1.0)
+            latency = predict_ms(cost, row) * (1 + noise * rng.standard_normal())
+            writer.writerow(["acme/7b", "gpu_x", "vllm", 2, kind, b, c, latency])
+
+
+TRUE_COST = StepCostModel(
+    decode_base_ms=9.0,
+    decode_per_seq_ms=0.03,
+    decode_per_context_token_ms=6e-5,
+    prefill_floor_ms=0.0,
+    prefill_base_ms=6.0,
+    prefill_per_token_ms=0.04,
+    prefill_attention_ms=2e-6,
+    mixed_base_ms=1.0,
+    mixed_decode_scale=1.1,
+)
+
+
+@pytest.mark.parametrize(("noise", "tolerance_pct"), [(0.0, 0.5), (0.02, 8.0)])
+def test_recovers_a_known_model_from_its_rows(
+    tmp_path: Path, noise: float, tolerance_pct: float
+) -> None:
+    path = tmp_path / "rows.csv"
+    write_rows(path, TRUE_COST, noise, seed=3)
+    calibration = fit(read_rows(path), "acme/7b", "gpu_x")
+    assert calibration.tp == 2
+    assert calibration.mixed_fitted
+    for error in calibration.errors:
+        assert error.max_ape_pct <= tolerance_pct, error
+    if noise == 0.0:
+        assert calibration.cost.decode_per_context_token_ms == pytest.approx(6e-5, rel=1e-6)
+        assert calibration.cost.mixed_decode_scale == pytest.approx(1.1, rel=1e-6)
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("model", "system", "tp", "field", "fragment"),
+    [
+        ("nope/1b", "h100_sxm", None, "model", "'nope/1b' has no rows"),
+        (MODEL, "tpu_v5", None, "system", "'tpu_v5' has no rows"),
+        (MODEL, "h100_sxm", 8, "tp", "tp 8 has no rows"),
+    ],
+)
+def test_missing_rows_name_the_selector(
+    model: str, system: str, tp: int | None, field: str, fragment: str
+) -> None:
+    with pytest.raises(CalibrationError, match=fragment) as info:
+        fit(read_rows(SHARED_CSV), model, system, tp)
+    assert info.value.field == field
+
+
+def test_bad_csv_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(
+        "model,system,backend,tp,kind,batch_or_chunk,context_len,latency_ms\nm,s,vllm,1,decode_step,x,1,2\n"
+    )
+    with pytest.raises(CalibrationError, match=r"bad\.csv:2: bad number"):
+        read_rows(path)
+    path.write_text("model,system\nm,s\n")
+    with pytest.raises(CalibrationError, match="missing column"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize("field", ["decode_base_ms", "prefill_attention_ms"])
+def test_cost_model_rejects_impossible_coefficients(field: str) -> None:
+    values = {**TRUE_COST.to_dict(), field: -1.0}
+    with pytest.raises(CalibrationError, match=field):
+        StepCostModel(**values)
+
+
+@needs_shared
+def test_calibrate_cli_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "cal.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "sim",
+            "calibrate",
+            str(SHARED_CSV),
+            "--model",
+            MODEL,
+            "--system",
+            "a100_sxm",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "decode_step" in result.output
+    document = json.loads(out.read_text())
+    assert document["system"] == "a100_sxm"
+    assert set(document["coefficients"]) == set(TRUE_COST.to_dict())
+    assert document["errors"]["prefill_bs1"]["rows"] == 7
+
+
+@needs_shared
+def test_calibrate_cli_missing_system_exits_2() -> None:
+    result = CliRunner().invoke(
+        app, ["sim", "calibrate", str(SHARED_CSV), "--model", MODEL, "--system", "mi300x"]
+    )
+    assert result.exit_code == 2
+    assert "'mi300x' has no rows" in result.output

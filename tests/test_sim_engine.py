@@ -1,0 +1,389 @@
+"""The simulated replica: exact step timing, KV paging, gate interplay, live API."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+
+from batchpilot.controller.knobs import Knobs
+from batchpilot.sim.calibration import StepCostModel
+from batchpilot.sim.engine import EngineConfig, EngineConfigError, Replica
+
+# Round numbers so expected times can be written out by hand.
+COST = StepCostModel(
+    decode_base_ms=5.0,
+    decode_per_seq_ms=0.01,
+    decode_per_context_token_ms=1e-5,
+    prefill_floor_ms=0.0,
+    prefill_base_ms=3.0,
+    prefill_per_token_ms=0.02,
+    prefill_attention_ms=1e-6,
+    mixed_base_ms=0.5,
+    mixed_decode_scale=1.0,
+)
+
+
+def config(**overrides: object) -> EngineConfig:
+    settings: dict[str, object] = {
+        "cost": COST,
+        "kv_cache_tokens": 1_000_000,
+        "max_num_seqs": 256,
+        "max_num_batched_tokens": 8192,
+    }
+    settings.update(overrides)
+    return EngineConfig(**settings)  # type: ignore[arg-type]
+
+
+def drain(replica: Replica, start: float, step: float = 1.0, limit: float = 1e6) -> float:
+    t = start
+    while not replica.idle:
+        t += step
+        replica.advance(t)
+        assert t < limit, "replica never drained"
+    return t
+
+
+@pytest.mark.parametrize(
+    ("batch", "prompt", "output", "slowdown"),
+    [
+        (1, 100, 2, 1.0),
+        (8, 500, 50, 1.0),
+        (16, 256, 300, 1.5),
+        (32, 64, 1000, 2.0),
+        (4, 40, 2, 1.0),
+    ],
+)
+def test_closed_batch_times_match_the_cost_model(
+    batch: int, prompt: int, output: int, slowdown: float
+) -> None:
+    # `batch` requests arrive at t = 0. The first one starts a step alone (the
+    # engine was idle); the rest prefill together in the next step, which also
+    # carries the first one's decode. From then on every step's cost is known.
+    replica = Replica(config(slowdown=slowdown))
+    requests = [replica.submit(0.0, prompt, output) for _ in range(batch)]
+    drain(replica, 0.0)
+    scale = slowdown / 1000.0
+    rest = batch - 1
+    first_token = COST.step_ms(0, 0, prompt, prompt**2) * scale
+    t = first_token
+    if rest:
+        t += COST.step_ms(1, prompt + 1, rest * prompt, rest * prompt**2) * scale
+    others_first_token = t
+    # the first request is one token ahead: it needs output - 2 more steps, the others output - 1
+    leader_steps = output - 1 if not rest else output - 2
+    for k in range(leader_steps):
+        leader_context = prompt + (2 if rest else 1) + k
+        t += COST.decode_ms(batch, leader_context + rest * (prompt + 1 + k)) * scale
+    leader_finish = t
+    if rest:
+        t += COST.decode_ms(rest, rest * (prompt + output - 1)) * scale
+    assert requests[0].first_token_s == pytest.approx(first_token, rel=1e-12)
+    assert requests[0].finish_s == pytest.approx(leader_finish, rel=1e-9)
+    for request in requests[1:]:
+        assert request.first_token_s == pytest.approx(others_first_token, rel=1e-12)
+        assert request.finish_s == pytest.approx(t, rel=1e-9)
+    assert all(r.generated == output for r in requests)
+    snapshot = replica.snapshot()
+    assert snapshot["vllm:generation_tokens_total"] == batch * output
+    # throughput as the cost model implies it
+    makespan = max(r.finish_s for r in requests)  # type: ignore[type-var]
+    assert batch * output / makespan == pytest.approx(batch * output / t, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fine_grained_advancing_gives_the_same_result_as_jumps(seed: int) -> None:
+    # Advancing in 0.5 ms slices forbids multi-step jumps; outcomes must not change.
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(0.05, 200))
+    prompts = rng.integers(10, 3000, 200)
+    outputs = rng.integers(1, 400, 200)
+
+    def run(slice_s: float | None) -> list[tuple[float, float]]:
+        replica = Replica(
+            config(kv_cache_tokens=60_000, max_num_batched_tokens=2048), Knobs(max_concurrency=48)
+        )
+        handles = []
+        for t, p, o in zip(arrivals.tolist(), prompts.tolist(), outputs.tolist(), strict=True):
+            if slice_s is not None:
+                now = replica.now
+                while now + slice_s < t:
+                    now += slice_s
+                    replica.advance(now)
+            handles.append(replica.submit(t, p, o))
+        drain(replica, float(arrivals[-1]), step=slice_s or 1.0)
+        assert replica.preemptions > 0  # the KV cache is small on purpose
+        return [(h.first_token_s, h.finish_s) for h in handles]  # type: ignore[misc]
+
+    coarse = run(None)
+    fine = run(0.0005)
+    assert np.allclose(np.array(coarse), np.array(fine), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(("kv_tokens", "expect_preemption"), [(4096, True), (200_000, False)])
+def test_preemption_only_when_kv_is_short(kv_tokens: int, expect_preemption: bool) -> None:
+    # 12 requests would hold 12 * (200 + 399) tokens at their longest: > 4096, << 200k.
+    replica = Replica(config(kv_cache_tokens=kv_tokens))
+    requests = [replica.submit(0.0, 200, 400) for _ in range(12)]
+    drain(replica, 0.0)
+    assert (replica.preemptions > 0) is expect_preemption
+    assert replica.snapshot()["vllm:num_preemptions_total"] == replica.preemptions
+    for request in requests:
+        assert request.status == "finished"
+        assert request.generated == 400
+    assert replica.snapshot()["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_kv_usage_never_exceeds_capacity_and_is_fully_returned() -> None:
+    replica = Replica(config(kv_cache_tokens=8192))
+    rng = random.Random(7)
+    t = 0.0
+    for _ in range(60):
+        t += rng.expovariate(20.0)
+        replica.submit(t, rng.randint(16, 1500), rng.randint(1, 300))
+        usage = replica.snapshot(t)["vllm:kv_cache_usage_perc"]
+        assert 0.0 <= usage <= 1.0
+    drain(replica, t)
+    assert replica.snapshot()["vllm:kv_cache_usage_perc"] == 0.0
+
+
+def test_histogram_counts_equal_completed_requests() -> None:
+    replica = Replica(config(), Knobs(max_concurrency=4, queue_deadline_ms=400))
+    rng = random.Random(3)
+    handles = []
+    t = 0.0
+    for _ in range(300):
+        t += rng.expovariate(30.0)
+        handles.append(replica.submit(t, rng.randint(50, 2000), rng.randint(1, 200)))
+    drain(replica, t)
+    snapshot = replica.snapshot()
+    finished = [h for h in handles if h.status == "finished"]
+    shed = [h for h in handles if h.status == "shed"]
+    assert len(finished) + len(shed) == len(handles)
+    assert shed, "a 400 ms deadline with 4 slots must shed at 30 req/s"
+    for name in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_prompt_tokens",
+        "vllm:request_generation_tokens",
+        "batchpilot_gate_time_to_first_token_seconds",
+    ):
+        assert snapshot[f"{name}_count"] == len(finished), name
+        assert snapshot[f'{name}_bucket{{le="+Inf"}}'] == len(finished), name
+    assert snapshot["batchpilot_gate_admitted_total"] == len(finished)
+    assert snapshot["batchpilot_gate_queue_wait_seconds_count"] == len(finished)
+    assert snapshot['batchpilot_gate_shed_total{reason="queue_deadline"}'] == len(shed)
+    generated = sum(h.generated for h in finished)
+    assert snapshot["vllm:inter_token_latency_seconds_count"] == generated - len(finished)
+    assert snapshot["vllm:request_generation_tokens_sum"] == generated
+    assert snapshot["vllm:prompt_tokens_total"] == sum(h.prompt_tokens for h in finished)
+
+
+def test_littles_law_on_the_gate_queue() -> None:
+    # A cap of 6 and ~80% utilisation keeps a queue that comes and goes.
+    replica = Replica(config(), Knobs(max_concurrency=6))
+    rng = np.random.default_rng(11)
+    rate = 14.0
+    arrivals = np.cumsum(rng.exponential(1 / rate, 3000))
+    handles = []
+    samples = []
+    probe = 0.0
+    for t in arrivals.tolist():
+        while probe < t:
+            samples.append(replica.snapshot(probe)["batchpilot_gate_queue_length"])
+            probe += 0.05
+        handles.append(replica.submit(t, 300, 60))
+    horizon = float(arrivals[-1])
+    # waits up to the horizon (a request still queued then has waited horizon - arrival so far)
+    waits = np.array(
+        [
+            min(h.admitted_s if h.admitted_s is not None else horizon, horizon) - h.arrival_s
+            for h in handles
+        ]
+    )
+    mean_queue = float(np.mean(samples))
+    assert mean_queue > 0.5, "the test needs a real queue"
+    # L = lambda * W over the same horizon
+    assert mean_queue == pytest.approx(len(handles) / horizon * waits.mean(), rel=0.08)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_knob_changes_never_drop_admitted_requests(seed: int) -> None:
+    rng = random.Random(seed)
+    replica = Replica(config(runtime_tunable=True, kv_cache_tokens=50_000))
+    handles = []
+    t = 0.0
+    for i in range(400):
+        t += rng.expovariate(25.0)
+        if i % 20 == 0:
+            replica.set_knobs(
+                t,
+                Knobs(
+                    max_concurrency=rng.choice([None, 1, 4, 32, 1000]),
+                    max_inflight_tokens=rng.choice([None, 3000, 20_000]),
+                    discipline=rng.choice(["fcfs", "shortest-prompt-first", "priority"]),
+                    queue_deadline_ms=rng.choice([None, 50, 5000]),
+                    max_num_batched_tokens=rng.choice([None, 512, 4096]),
+                ),
+            )
+        handles.append(
+            replica.submit(
+                t, rng.randint(10, 2000), rng.randint(1, 300), priority=rng.randint(0, 2)
+            )
+        )
+    drain(replica, t)
+    for handle in handles:
+        if handle.admitted_s is not None:
+            assert handle.status == "finished", handle
+            assert handle.generated == handle.output_tokens
+        else:
+            assert handle.status == "shed"
+
+
+@pytest.mark.parametrize(
+    ("tunable", "requested", "expected_budget"),
+    [(False, 1024, 8192), (True, 1024, 1024), (True, None, 8192), (True, 16, 256)],
+)
+def test_prefill_budget_applies_only_when_runtime_tunable(
+    tunable: bool, requested: int | None, expected_budget: int
+) -> None:
+    replica = Replica(config(runtime_tunable=tunable))
+    applied = replica.set_knobs(0.0, Knobs(max_num_batched_tokens=requested))
+    assert applied.max_num_batched_tokens == expected_budget
+    assert (
+        replica.snapshot()['batchpilot_gate_knob{knob="max_num_batched_tokens"}'] == expected_budget
+    )
+    # one 4,000-token prompt needs ceil(4000 / budget) prefill steps before its first token
+    request = replica.submit(0.0, 4000, 1)
+    drain(replica, 0.0)
+    chunks = [min(expected_budget, 4000 - done) for done in range(0, 4000, expected_budget)]
+    expected = 0.0
+    done = 0
+    for chunk in chunks:
+        expected += COST.step_ms(0, 0, chunk, (done + chunk) ** 2 - done**2) / 1000.0
+        done += chunk
+    assert request.first_token_s == pytest.approx(expected, rel=1e-12)
+
+
+def test_max_concurrency_is_clamped_to_the_engine_ceiling() -> None:
+    replica = Replica(config(max_num_seqs=64))
+    applied = replica.set_knobs(0.0, Knobs(max_concurrency=1000))
+    assert applied.max_concurrency == 64
+    snapshot = replica.snapshot()
+    assert snapshot['batchpilot_gate_knob{knob="max_concurrency"}'] == 64
+    assert snapshot["batchpilot_gate_config_version"] == 2
+    for _ in range(100):
+        replica.submit(0.0, 100, 50)
+    replica.advance(0.001)
+    assert replica.snapshot()["vllm:num_requests_running"] <= 64
+
+
+def test_unchanged_knobs_do_not_bump_the_config_version() -> None:
+    replica = Replica(config(), Knobs(max_concurrency=8))
+    replica.set_knobs(1.0, Knobs(max_concurrency=8))
+    assert replica.config_version == 1
+
+
+def test_deadline_sheds_queued_requests_only() -> None:
+    replica = Replica(config(), Knobs(max_concurrency=1, queue_deadline_ms=100))
+    long = replica.submit(0.0, 100, 2000)  # holds the only slot for ~10 s
+    queued = [replica.submit(0.01 * i, 100, 10) for i in range(1, 5)]
+    events_until_shed = replica.advance(0.2)
+    assert all(q.status == "shed" for q in queued)
+    assert long.status == "decode"
+    assert events_until_shed == []  # events are recorded only with record_tokens=True
+    drain(replica, 0.2)
+    assert long.status == "finished"
+
+
+def test_request_that_can_never_fit_is_rejected() -> None:
+    replica = Replica(config(kv_cache_tokens=1024), record_tokens=True)
+    too_long = replica.submit(0.0, 1000, 100)
+    assert too_long.status == "rejected"
+    assert replica.snapshot()['batchpilot_gate_failed_total{reason="too_long"}'] == 1
+    assert [e.kind for e in replica.advance(0.0)] == ["rejected"]
+    fits = replica.submit(0.0, 1000, 1 + 1024 - 1000)  # exactly 1024 KV tokens at its longest
+    drain(replica, 0.0)
+    assert fits.status == "finished"
+
+
+def test_live_mode_reports_every_token_time() -> None:
+    replica = Replica(config(kv_cache_tokens=3000), Knobs(max_concurrency=8), record_tokens=True)
+    rng = random.Random(5)
+    handles = []
+    events = []
+    t = 0.0
+    for _ in range(40):
+        t += rng.expovariate(40.0)
+        events += replica.advance(t)
+        handles.append(replica.submit(t, rng.randint(10, 900), rng.randint(1, 120)))
+    while not replica.idle:
+        t += 0.003
+        events += replica.advance(t)
+    assert replica.preemptions > 0
+    reported: dict[int, list[float]] = {}
+    for event in events:
+        if event.kind == "tokens":
+            reported.setdefault(event.request.request_id, []).extend(event.token_times)
+            assert event.time_s == event.token_times[-1]
+    for handle in handles:
+        times = handle.token_times
+        assert times is not None
+        assert len(times) == handle.output_tokens
+        assert times == reported[handle.request_id]
+        assert times[0] == handle.first_token_s
+        assert times[-1] == handle.finish_s
+        assert all(b > a for a, b in itertools.pairwise(times))
+    kinds = [e.kind for e in events]
+    assert kinds.count("finished") == len(handles)
+    assert kinds.count("admitted") == len(handles)
+    assert [e.time_s for e in events] == sorted(e.time_s for e in events)
+
+
+def test_next_event_and_time_order() -> None:
+    replica = Replica(config())
+    assert replica.next_event_s() is None
+    replica.submit(1.0, 1000, 5)
+    step_end = replica.next_event_s()
+    assert step_end is not None and step_end > 1.0
+    with pytest.raises(ValueError, match="time went backwards"):
+        replica.advance(0.5)
+
+
+def test_render_text_is_valid_exposition() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    replica = Replica(config(), Knobs(max_concurrency=2, queue_deadline_ms=10))
+    for i in range(10):
+        replica.submit(i * 0.001, 500, 20)
+    drain(replica, 0.01)
+    families = {f.name: f for f in text_string_to_metric_families(replica.render_text())}
+    assert families["vllm:time_to_first_token_seconds"].type == "histogram"
+    assert families["vllm:num_preemptions"].type == "counter"
+    assert families["batchpilot_gate_knob"].type == "gauge"
+    knob = {s.labels["knob"]: s.value for s in families["batchpilot_gate_knob"].samples}
+    assert knob["max_concurrency"] == 2
+    assert math.isinf(knob["max_inflight_tokens"])
+    text_samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert len(text_samples) == len(replica.snapshot())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"kv_cache_tokens": 8}, "kv_cache_tokens"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"max_num_batched_tokens": 100, "max_num_seqs": 256}, "max_num_batched_tokens"),
+        ({"slowdown": 0.0}, "slowdown"),
+    ],
+)
+def test_engine_config_errors_name_the_field(overrides: dict[str, object], field: str) -> None:
+    with pytest.raises(EngineConfigError, match=f"^{field}:"):
+        config(**overrides)
