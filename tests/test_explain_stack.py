@@ -4,7 +4,6 @@ writes it (operator/status.py `build_status`, through the status subresource) an
 
 from __future__ import annotations
 
-import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from batchpilot.operator.status import (
     knobs_document,
 )
 
-CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
 TARGET = Knobs(max_concurrency=64, queue_deadline_ms=1500, discipline="shortest-prompt-first")
 OLD = Knobs(max_concurrency=256)
 LAGGARD_WHY = "gate admin API at http://127.0.0.3:9090/config unreachable: connection refused"
@@ -114,25 +112,6 @@ def test_pod_rows_find_laggards(
 # -- against the API server ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def crd(kube_api: Any, kubectl: Path) -> None:
-    """`kubectl apply -f crds/` (idempotent: other modules install it too) and wait for it."""
-    for args in (
-        ["apply", "-f", str(CRD_DIR)],
-        [
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/inferencepolicies.batchpilot.dev",
-        ],
-    ):
-        done = subprocess.run(
-            [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", *args],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-
-
 def operator_status() -> dict[str, Any]:
     """A status as the operator writes it after an Auto cycle with a guard and a laggard."""
     decision = Decision(
@@ -170,7 +149,7 @@ def operator_status() -> dict[str, Any]:
 
 
 def test_explain_reads_status_and_pods(
-    crd: None, kube_api: Any, k8s_client: Any, namespace: str, make_serving_pod: Any
+    inferencepolicy_crd: None, kube_api: Any, k8s_client: Any, namespace: str, make_serving_pod: Any
 ) -> None:
     policy = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -220,7 +199,7 @@ def test_explain_reads_status_and_pods(
     assert "other" not in out.split("pods")[-1]
 
 
-def test_explain_names_a_missing_policy(crd: None, kube_api: Any, namespace: str) -> None:
+def test_explain_names_a_missing_policy(inferencepolicy_crd: None, kube_api: Any, namespace: str) -> None:
     result = CliRunner().invoke(
         app, ["explain", f"{namespace}/nope", "--kubeconfig", str(kube_api.kubeconfig)]
     )

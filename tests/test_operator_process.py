@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,19 +17,14 @@ import yaml
 from kubernetes import client
 from stack.process import ManagedProcess, free_loopback_port, http_get
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 # Policies step every 2 s here, the operator ticks every 0.5 s.
 INTERVAL_S = 2
 
 
 @pytest.fixture
-def operator(kube_api: Any, kubectl: Path, namespace: str, prometheus: Callable[..., Any],
+def operator(kube_api: Any, inferencepolicy_crd: None, namespace: str, prometheus: Callable[..., Any],
              tmp_path: Path) -> Iterator[dict[str, Any]]:
-    subprocess.run([str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", "apply", "-f", str(ROOT / "crds")],
-                   check=True, capture_output=True, timeout=60)
-    subprocess.run([str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", "wait", "--for=condition=Established",
-                    "--timeout=30s", "crd/inferencepolicies.batchpilot.dev"], check=True, capture_output=True, timeout=60)
     prom = prometheus([])
     health_port, metrics_port = free_loopback_port(), free_loopback_port()
     config = tmp_path / "operator.yaml"

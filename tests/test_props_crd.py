@@ -13,8 +13,6 @@ not stored) in the real API server with the CRD installed. Properties:
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,6 @@ from batchpilot.operator.spec import PolicySpec, parse_policy
 
 pytestmark = pytest.mark.stack
 
-ROOT = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 CONFIG = OperatorConfig(
     prometheus={"default": "http://prometheus:9090", "thanos": "http://thanos:9090"}
@@ -261,31 +258,6 @@ schema_valid_specs = st.fixed_dictionaries(
 )
 
 
-@pytest.fixture(scope="module")
-def crd(kube_api: Any, kubectl: Path) -> None:
-    run = [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}"]
-    applied = subprocess.run(
-        [*run, "apply", "-f", str(ROOT / "crds")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert applied.returncode == 0, applied.stderr
-    subprocess.run(
-        [
-            *run,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/inferencepolicies.batchpilot.dev",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-
-
 outcomes: dict[str, int] = {"refused": 0, "valid": 0, "operator-refused": 0}
 
 
@@ -297,7 +269,7 @@ outcomes: dict[str, int] = {"refused": 0, "valid": 0, "operator-refused": 0}
 )
 @given(spec=st.one_of(schema_valid_specs, specs))
 def test_generated_specs_are_refused_clearly_or_parsed_without_crashing(
-    crd: None, k8s_client: client.ApiClient, namespace: str, spec: dict[str, Any]
+    inferencepolicy_crd: None, k8s_client: client.ApiClient, namespace: str, spec: dict[str, Any]
 ) -> None:
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
@@ -345,7 +317,7 @@ BASE = {"selector": {"matchLabels": {"app": "chat"}}, "slo": {"ttftMs": 2000, "t
     ],
 )
 def test_specs_only_the_operator_can_refuse_get_a_named_error(
-    crd: None, k8s_client: client.ApiClient, namespace: str, extra: dict[str, Any], field: str
+    inferencepolicy_crd: None, k8s_client: client.ApiClient, namespace: str, extra: dict[str, Any], field: str
 ) -> None:
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",

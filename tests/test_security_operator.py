@@ -319,29 +319,9 @@ def test_a_configured_endpoint_name_is_accepted(tenants_factory: Callable[[], An
     ["http://169.254.169.254/latest", "prometheus:9090", "a/b", "UPPER", "-dash", "x" * 64],
 )
 def test_the_crd_refuses_a_url_as_endpoint(
-    kube_api: Any, kubectl: Path, namespace: str, endpoint: str
+    kube_api: Any, kubectl: Path, inferencepolicy_crd: None, namespace: str, endpoint: str
 ) -> None:
     run = [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}"]
-    applied = subprocess.run(
-        [*run, "apply", "-f", str(ROOT / "crds")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert applied.returncode == 0, applied.stderr
-    subprocess.run(
-        [
-            *run,
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/inferencepolicies.batchpilot.dev",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
     document = {
         "apiVersion": "batchpilot.dev/v1alpha1",
         "kind": "InferencePolicy",

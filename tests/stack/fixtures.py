@@ -9,6 +9,7 @@ fails the test with the fix; it never skips it, because CI must run these tests.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,8 +23,18 @@ from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
 from .tools import StackError, helm_path, kubectl_path
 
 STACK_FIXTURES = frozenset(
-    {"kube_api", "k8s_client", "namespace", "make_serving_pod", "prometheus", "kubectl", "helm"}
+    {
+        "kube_api",
+        "k8s_client",
+        "namespace",
+        "make_serving_pod",
+        "prometheus",
+        "kubectl",
+        "helm",
+        "inferencepolicy_crd",
+    }
 )
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -122,3 +133,17 @@ def kubectl() -> Path:
 def helm() -> Path:
     """Path of the helm that scripts/dev-setup installed (v4)."""
     return _or_fail(helm_path)
+
+
+@pytest.fixture(scope="session")
+def inferencepolicy_crd(kube_api: KubeAPIServer, kubectl: Path) -> None:
+    """The project's CRDs applied with `kubectl apply -f crds/`, established."""
+    for args in (
+        ["apply", "-f", str(REPO / "crds")],
+        ["wait", "--for=condition=Established", "--timeout=30s", "crd/inferencepolicies.batchpilot.dev"],
+    ):
+        done = subprocess.run(
+            [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
