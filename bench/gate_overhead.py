@@ -2,11 +2,13 @@
 
 Three processes: a paced streaming engine (this script, `--role engine`), the
 gate (`batchpilot gate`, its own process so its CPU can be read from /proc),
-and this script as the load generator: one asyncio process, one aiohttp
-session. `--streams` concurrent clients each stream completions back to back
-at `--tokens-per-s`; every phase runs once straight to the engine and once
-through the gate, alternating the order each round so that drift in the
-machine's load falls on both sides.
+and this script as the load generator. Engine and load generator are lean
+asyncio protocols (see below). `--streams` concurrent clients, each on its own
+keep-alive connection, stream completions back to back at `--tokens-per-s`,
+their starts spread over one request's duration as independent clients'
+would be; every phase runs once straight to the engine and once through the
+gate, alternating the order each round so that drift in the machine's load
+falls on both sides.
 
 Per-chunk latency is the engine's send time (written into each chunk) to the
 client's receive time, both on CLOCK_MONOTONIC, which all processes on a
@@ -15,9 +17,14 @@ waits one token interval before its first token. Reported: the gate's added
 p50/p99 per chunk and added p99 TTFT (gate minus direct, per round, and the
 median over rounds), and the gate's CPU in cores.
 
-    python bench/gate_overhead.py --json out/gate_overhead.json
+`--pin` gives the gate a CPU of its own and puts the engine and the load
+generator on another, as a sidecar with its own CPU request runs in a pod;
+without it, on a small machine, the three processes (and anything else
+running) compete for the same cores and the tails measure that contention.
 
-Linux only (/proc for the gate's CPU).
+    python bench/gate_overhead.py --pin --json out/gate_overhead.json
+
+Linux only (/proc for the gate's CPU, sched_setaffinity for --pin).
 """
 
 from __future__ import annotations
@@ -37,53 +44,173 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
-from aiohttp import web
 
 TARGETS = {"added_chunk_p99_ms": 2.0, "added_ttft_p99_ms": 5.0, "gate_cpu_cores": 1.0}
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- the engine ---------------------------------------------------------------
+#
+# The engine and the load generator are plain asyncio protocols, not aiohttp:
+# they share the machine with the gate, and every microsecond they spend per
+# chunk is CPU the gate under test does not get. Both sides (direct and gated)
+# use the same harness, so its own cost cancels out of the differences.
+
+# An OpenAI-sized chunk (~150 bytes), with the send time for the client.
+_CHUNK_TEMPLATE = (
+    'data: {"id":"cmpl-bench","object":"text_completion","model":"bench",'
+    '"choices":[{"index":0,"text":" tok","finish_reason":null}],"t":%r}\n\n'
+)
+_DONE_EVENT = b"data: [DONE]\n\n"
+_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\s*$")
+_TOKENS_PER_S = re.compile(rb"(?im)^x-tokens-per-s:\s*([0-9.]+)\s*$")
+_MAX_TOKENS = re.compile(rb'"max_tokens":\s*(\d+)')
 
 
-async def _engine_completions(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    interval_s = 1.0 / float(request.headers["x-tokens-per-s"])
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    await response.prepare(request)
-    start = time.monotonic()
-    # An OpenAI-sized chunk (~150 bytes), with the send time for the client.
-    template = '{"id":"cmpl-bench","object":"text_completion","model":"bench","choices":[{"index":0,"text":" tok","finish_reason":null}],"t":%r}'
-    for index in range(body["max_tokens"]):
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+class _EngineConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection: SSE completions paced per stream, and /health."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (head_end := self._buffer.find(b"\r\n\r\n")) >= 0:
+            head = self._buffer[:head_end]
+            length_match = _CONTENT_LENGTH.search(head)
+            body_end = head_end + 4 + (int(length_match.group(1)) if length_match else 0)
+            if len(self._buffer) < body_end:
+                return
+            body, self._buffer = self._buffer[head_end + 4 : body_end], self._buffer[body_end:]
+            if head.startswith(b"GET /health"):
+                self._write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            else:
+                self._stream(head, body)
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
+
+    def _stream(self, head: bytes, body: bytes) -> None:
+        pace = _TOKENS_PER_S.search(head)
+        tokens = _MAX_TOKENS.search(body)
+        assert pace and tokens, "bench engine: request without x-tokens-per-s or max_tokens"
+        interval_s, count = 1.0 / float(pace.group(1)), int(tokens.group(1))
+        self._write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        start = self._loop.time()
         # Absolute schedule: the pace does not drift with event-loop delays.
-        delay = start + (index + 1) * interval_s - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await response.write(b"data: " + (template % time.monotonic()).encode() + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+        for index in range(count):
+            self._loop.call_at(start + (index + 1) * interval_s, self._token, index == count - 1)
 
-
-async def _engine_health(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+    def _token(self, last: bool) -> None:
+        data = _chunk((_CHUNK_TEMPLATE % time.monotonic()).encode())
+        if last:
+            data += _chunk(_DONE_EVENT) + b"0\r\n\r\n"
+        self._write(data)
 
 
 async def _run_engine() -> None:
-    app = web.Application()
-    app.add_routes(
-        [web.post("/v1/completions", _engine_completions), web.get("/health", _engine_health)]
-    )
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, backlog=1024).start()
-    print(runner.addresses[0][1], flush=True)
-    await asyncio.Event().wait()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_EngineConnection, "127.0.0.1", 0, backlog=1024)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
 
 
 # --- the load generator ------------------------------------------------------
+
+
+class _StreamingClient(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending one streaming request at a time.
+
+    Decodes the chunked body and the SSE events in it, and notes for each
+    event its receive time and the engine's send time written into it.
+    """
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._done: asyncio.Future[tuple[int, list[float], list[float]]] | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(ConnectionError(f"connection lost mid-response: {exc}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def request(self, data: bytes) -> asyncio.Future[tuple[int, list[float], list[float]]]:
+        """Send `data` (a whole request); resolves to (status, receive times, send times)."""
+        assert self._transport is not None
+        self._raw = b""
+        self._status = 0
+        self._body_left: int | None = None  # content-length body still to come
+        self._chunked = False
+        self._events = b""
+        self._received: list[float] = []
+        self._sent: list[float] = []
+        self._done = asyncio.get_running_loop().create_future()
+        self._transport.write(data)
+        return self._done
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self._raw += data
+        if not self._status:
+            head_end = self._raw.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head, self._raw = self._raw[:head_end], self._raw[head_end + 4 :]
+            self._status = int(head[9:12])
+            self._chunked = b"transfer-encoding: chunked" in head.lower()
+            if not self._chunked:
+                length = _CONTENT_LENGTH.search(head)
+                self._body_left = int(length.group(1)) if length else 0
+        if self._chunked:
+            self._decode_chunks(now)
+        elif self._body_left is not None and len(self._raw) >= self._body_left:
+            self._finish()
+
+    def _decode_chunks(self, now: float) -> None:
+        while (size_end := self._raw.find(b"\r\n")) >= 0:
+            size = int(self._raw[:size_end], 16)
+            if len(self._raw) < size_end + 2 + size + 2:
+                return
+            self._events += self._raw[size_end + 2 : size_end + 2 + size]
+            self._raw = self._raw[size_end + 4 + size :]
+            if size == 0:
+                self._finish()
+                return
+            *complete, self._events = self._events.split(b"\n\n")
+            for event in complete:
+                if event.startswith(b'data: {"'):
+                    self._received.append(now)
+                    self._sent.append(float(event[event.rfind(b'"t":') + 4 : -1]))
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result((self._status, self._received, self._sent))
 
 
 @dataclass
@@ -125,58 +252,56 @@ class PhaseResult:
         return summary
 
 
-async def _stream_once(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    headers: dict[str, str],
-    result: PhaseResult,
-) -> None:
+async def _open_client(base_url: str) -> _StreamingClient:
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    _, connection = await asyncio.get_running_loop().create_connection(
+        _StreamingClient, host, int(port)
+    )
+    return connection
+
+
+async def _stream_once(connection: _StreamingClient, request: bytes, result: PhaseResult) -> None:
     sent = time.monotonic()
-    first = True
-    latencies: list[float] = []
-    async with session.post(url, data=body, headers=headers) as response:
-        if response.status != 200:
-            result.errors += 1
-            await response.read()
-            return
-        async for line in response.content:
-            now = time.monotonic()
-            if not line.startswith(b'data: {"'):
-                continue
-            if first:
-                ttft = now - sent
-                first = False
-            latencies.append(now - json.loads(line[6:])["t"])
-            if result.window_start <= now < result.window_end:
-                result.window_chunks += 1
+    status, received, sent_times = await connection.request(request)
+    if status != 200 or not received:
+        result.errors += 1
+        return
+    result.window_chunks += sum(result.window_start <= at < result.window_end for at in received)
     # Only requests sent inside the window count (not the warm-up's).
     if sent >= result.window_start:
         result.requests += 1
-        result.ttfts_s.append(ttft)
-        result.chunk_latencies_s.extend(latencies)
+        result.ttfts_s.append(received[0] - sent)
+        result.chunk_latencies_s.extend(r - s for r, s in zip(received, sent_times, strict=True))
 
 
 async def _phase(
-    session: aiohttp.ClientSession,
-    base_url: str,
-    args: argparse.Namespace,
-    gate_pid: int | None,
-    on_tick: Any,
+    base_url: str, args: argparse.Namespace, gate_pid: int | None, on_tick: Any
 ) -> PhaseResult:
-    url = f"{base_url}/v1/completions"
     body = json.dumps(
         {"model": "bench", "prompt": "x" * 400, "max_tokens": args.tokens, "stream": True}
     ).encode()
-    headers = {"Content-Type": "application/json", "x-tokens-per-s": str(args.tokens_per_s)}
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"x-tokens-per-s: %s\r\nContent-Length: %d\r\n\r\n%s"
+    ) % (str(args.tokens_per_s).encode(), len(body), body)
     result = PhaseResult()
+    connections = [await _open_client(base_url) for _ in range(args.streams)]
     stop_at = time.monotonic() + args.warmup_s + args.duration_s
 
-    async def client() -> None:
-        while time.monotonic() < stop_at:
-            await _stream_once(session, url, body, headers, result)
+    request_s = args.tokens / args.tokens_per_s
 
-    clients = [asyncio.create_task(client()) for _ in range(args.streams)]
+    async def client(connection: _StreamingClient, index: int) -> None:
+        # Streams start spread evenly over one request's duration, so their
+        # tokens are spread over each token interval as independent clients'
+        # are, not sent in one burst per interval.
+        await asyncio.sleep(request_s * index / args.streams)
+        while time.monotonic() < stop_at:
+            await _stream_once(connection, request, result)
+
+    clients = [
+        asyncio.create_task(client(connection, index))
+        for index, connection in enumerate(connections)
+    ]
     await asyncio.sleep(args.warmup_s)
     gate_cpu_start = _process_cpu_s(gate_pid) if gate_pid else None
     client_cpu_start = _own_cpu_s()
@@ -191,6 +316,8 @@ async def _phase(
     result.client_cpu_s = _own_cpu_s() - client_cpu_start
     # Streams in progress at the stop time finish and count: they were sent in the window.
     await asyncio.gather(*clients)
+    for connection in connections:
+        connection.close()
     return result
 
 
@@ -253,26 +380,31 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
     gate, gate_port = _start_gate(engine_port, Path(tempfile.mkdtemp()) / "gate.log")
     rounds: list[dict[str, Any]] = []
     phase_s = args.warmup_s + args.duration_s
+    if args.pin:
+        # The gate on a core of its own, as a sidecar with its own CPU request
+        # runs; the engine and the load generator share the other core.
+        gate_cpu, harness_cpu = (
+            sorted(os.sched_getaffinity(0))[-1],
+            sorted(os.sched_getaffinity(0))[0],
+        )
+        os.sched_setaffinity(gate.pid, {gate_cpu})
+        os.sched_setaffinity(engine.pid, {harness_cpu})
+        os.sched_setaffinity(0, {harness_cpu})
     try:
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=None)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            with Progress(disable=not sys.stderr.isatty()) as progress:
-                task = progress.add_task("gate overhead", total=args.rounds * 2 * args.duration_s)
-                for round_index in range(args.rounds):
-                    order = ["direct", "gate"] if round_index % 2 == 0 else ["gate", "direct"]
-                    phases: dict[str, Any] = {}
-                    for side in order:
-                        progress.update(
-                            task, description=f"round {round_index + 1}: {side} (~{phase_s:.0f} s)"
-                        )
-                        url = f"http://127.0.0.1:{gate_port if side == 'gate' else engine_port}"
-                        pid = gate.pid if side == "gate" else None
-                        result = await _phase(
-                            session, url, args, pid, lambda: progress.advance(task)
-                        )
-                        phases[side] = result.summary()
-                    rounds.append({**phases, "added": _added(phases["direct"], phases["gate"])})
+        with Progress(disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task("gate overhead", total=args.rounds * 2 * args.duration_s)
+            for round_index in range(args.rounds):
+                order = ["direct", "gate"] if round_index % 2 == 0 else ["gate", "direct"]
+                phases: dict[str, Any] = {}
+                for side in order:
+                    progress.update(
+                        task, description=f"round {round_index + 1}: {side} (~{phase_s:.0f} s)"
+                    )
+                    url = f"http://127.0.0.1:{gate_port if side == 'gate' else engine_port}"
+                    pid = gate.pid if side == "gate" else None
+                    result = await _phase(url, args, pid, lambda: progress.advance(task))
+                    phases[side] = result.summary()
+                rounds.append({**phases, "added": _added(phases["direct"], phases["gate"])})
     finally:
         gate.terminate()
         engine.terminate()
@@ -303,6 +435,7 @@ def _report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str,
             "duration_s": args.duration_s,
             "warmup_s": args.warmup_s,
             "rounds": args.rounds,
+            "pinned": args.pin,
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -372,6 +505,11 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds per phase")
     parser.add_argument(
         "--rounds", type=int, default=3, help="direct/gate pairs, order alternating"
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="pin the gate to one CPU, the engine and load generator to another",
     )
     parser.add_argument("--json", type=Path, required=False, help="write the JSON report here")
     args = parser.parse_args()

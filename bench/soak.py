@@ -23,11 +23,8 @@ Needs the local stack (scripts/dev-setup) and the shared calibration CSV.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,25 +40,17 @@ from kubernetes import client  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
-from stack import (  # noqa: E402
-    ScrapeTarget,
-    create_crd,
-    create_namespace,
-    create_serving_pod,
-    start_kube_apiserver,
-    start_prometheus,
-)
-from stack.process import ManagedProcess, http_get  # noqa: E402
+from stack import create_crd, create_namespace, start_kube_apiserver  # noqa: E402
+from stack.fleet import CALIBRATION, GATE_TOKEN_SECRET, Fleet, start_fleet  # noqa: E402
+from stack.operator_process import OperatorProcess  # noqa: E402
+from stack.process import http_get  # noqa: E402
+from stack.tools import BATCHPILOT_CLI  # noqa: E402
 
-CALIBRATION = ROOT.parent / "shared" / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"
 POD_IPS = ("127.0.0.2", "127.0.0.3")
-TOKEN = "soak-admin-token"
 NAMESPACE = "soak"
 GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 # Scenario SLOs (simulated time); the policy gets them divided by the time scale.
 SLO_TTFT_MS, SLO_TPOT_MS = 24_000, 400
-START_TIMEOUT_S = 60.0
-CLI = [sys.executable, "-m", "batchpilot.cli.main"]
 STEP_SUM = "batchpilot_operator_control_step_duration_seconds_sum"
 STEP_COUNT = "batchpilot_operator_control_step_duration_seconds_count"
 
@@ -96,35 +85,6 @@ replicas: 2
 slo: {{ttft_ms: {SLO_TTFT_MS}, tpot_ms: {SLO_TPOT_MS}}}
 workload:{phases}
 """
-
-
-def free_port_on(ips: tuple[str, ...]) -> int:
-    """A port free on every one of `ips` a moment ago."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ips[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for ip in ips[1:]:
-                with socket.socket() as other:
-                    other.bind((ip, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no port free on all of {ips}")
-
-
-def start_server(
-    name: str, argv: list[str], log_dir: Path, ready_url: str, env: dict[str, str] | None = None
-) -> ManagedProcess:
-    process = ManagedProcess(name, argv, log_dir / f"{name}.log", env)
-
-    def ready() -> bool:
-        reply = http_get(ready_url)
-        return reply is not None and reply[0] == 200
-
-    process.wait_until(ready, START_TIMEOUT_S, f"serving {ready_url}")
-    return process
 
 
 def rss_mib(pid: int) -> float:
@@ -167,201 +127,124 @@ def summarize(samples: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    console = Console(stderr=True)
     sim_seconds = args.sim_minutes * 60
-    wall_s = sim_seconds / args.time_scale
     workdir = Path(tempfile.mkdtemp(prefix="batchpilot-soak-"))
     scenario = workdir / "scenario.yaml"
     scenario.write_text(scenario_yaml(sim_seconds, args.rate_rps))
-    token_file = workdir / "token"
-    token_file.write_text(TOKEN)
-    processes: list[ManagedProcess] = []
-    prometheus = None
     with start_kube_apiserver() as kube, kube.api_client() as api:
-        try:
-            create_crd(api, yaml.safe_load((ROOT / "crds" / "inferencepolicy.yaml").read_text()))
-            create_namespace(api, NAMESPACE)
-            core = client.CoreV1Api(api)
-            core.create_namespaced_secret(
+        create_crd(api, yaml.safe_load((ROOT / "crds" / "inferencepolicy.yaml").read_text()))
+        create_namespace(api, NAMESPACE)
+        with (
+            start_fleet(
+                api,
                 NAMESPACE,
-                client.V1Secret(
-                    metadata=client.V1ObjectMeta(name="gate-token"),
-                    data={"token": base64.b64encode(TOKEN.encode()).decode()},
-                ),
-            )
-            admin_port = free_port_on(POD_IPS)
-            gates: dict[str, ManagedProcess] = {}
-            gate_urls = []
-            targets = []
-            for index, ip in enumerate(POD_IPS):
-                name = f"chat-{index}"
-                sim_port, gate_port = free_port_on((ip,)), free_port_on((ip,))
-                processes.append(
-                    start_server(
-                        f"sim-{name}",
-                        [
-                            *CLI,
-                            "sim",
-                            "serve",
-                            "--scenario",
-                            str(scenario),
-                            "--listen",
-                            f"{ip}:{sim_port}",
-                            "--time-scale",
-                            str(args.time_scale),
-                        ],
-                        workdir,
-                        f"http://{ip}:{sim_port}/health",
-                    )
-                )
-                gate = start_server(
-                    f"gate-{name}",
-                    [
-                        *CLI,
-                        "gate",
-                        "--upstream",
-                        f"http://{ip}:{sim_port}",
-                        "--listen",
-                        f"{ip}:{gate_port}",
-                        "--admin",
-                        f"{ip}:{admin_port}",
-                        "--token-file",
-                        str(token_file),
-                    ],
-                    workdir,
-                    f"http://{ip}:{admin_port}/readyz",
-                )
-                processes.append(gate)
-                gates[name] = gate
-                gate_urls.append(f"http://{ip}:{gate_port}")
-                create_serving_pod(
-                    api,
-                    NAMESPACE,
-                    name,
-                    pod_ip=ip,
-                    ports={"http": gate_port, "admin": admin_port},
-                    labels={"app": "soak-chat"},
-                )
-                targets += [
-                    ScrapeTarget(f"{ip}:{port}", {"pod": name, "namespace": NAMESPACE})
-                    for port in (admin_port, sim_port)
-                ]
-            prometheus = start_prometheus(targets, workdir=workdir / "prometheus")
-            health_port, metrics_port = free_port_on(("127.0.0.1",)), free_port_on(("127.0.0.1",))
-            config = workdir / "operator.yaml"
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "prometheus": {"default": prometheus.url},
-                        "namespaces": [NAMESPACE],
-                        "tick_seconds": 1,
-                        "health_host": "127.0.0.1",
-                        "health_port": health_port,
-                        "metrics_port": metrics_port,
-                    }
-                )
-            )
-            operator = start_server(
-                "operator",
-                [*CLI, "operator", "--config", str(config)],
-                workdir,
-                f"http://127.0.0.1:{health_port}/healthz",
-                env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
-            )
-            processes.append(operator)
-            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            client.CustomObjectsApi(api).create_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                NAMESPACE,
-                PLURAL,
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "InferencePolicy",
-                    "metadata": {"name": "soak"},
-                    "spec": {
-                        "selector": {"matchLabels": {"app": "soak-chat"}},
-                        "engine": {"kind": "vllm", "maxNumSeqs": 256, "maxNumBatchedTokens": 8192},
-                        "actuation": {
-                            "adminPort": admin_port,
-                            "tokenSecretRef": {"name": "gate-token"},
-                        },
-                        "metrics": {"windowSeconds": 10, "stalenessSeconds": 10},
-                        "slo": {
-                            "ttftMs": round(SLO_TTFT_MS / args.time_scale),
-                            "tpotMs": max(1, round(SLO_TPOT_MS / args.time_scale)),
-                        },
-                        "behavior": {"intervalSeconds": 5, "stabilizationWindowSeconds": 10},
-                        "mode": "Auto",
-                    },
-                },
-            )
+                scenario=scenario,
+                ips=POD_IPS,
+                labels={"app": "soak-chat"},
+                workdir=workdir,
+                time_scale=args.time_scale,
+            ) as fleet,
+            OperatorProcess(
+                workdir=workdir,
+                kubeconfig=kube.kubeconfig,
+                prometheus_url=fleet.prometheus_url,
+                namespaces=[NAMESPACE],
+                # Fine enough for 5 s policy intervals, with half the default's timer wake-ups.
+                tick_seconds=1,
+            ).start() as operator,
+        ):
+            return soak(args, api, fleet, operator, scenario)
 
-            load_out = workdir / "load.json"
-            load = subprocess.Popen(
-                [
-                    *CLI,
-                    "sim",
-                    "load",
-                    str(scenario),
-                    *[a for url in gate_urls for a in ("--url", url)],
-                    "--json",
-                    str(load_out),
-                    "--time-scale",
-                    str(args.time_scale),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=(workdir / "load.log").open("wb"),
+
+def soak(
+    args: argparse.Namespace,
+    api: client.ApiClient,
+    fleet: Fleet,
+    operator: OperatorProcess,
+    scenario: Path,
+) -> dict[str, Any]:
+    """Create the policy in Auto, replay the load, sample RSS and step time until it ends."""
+    console = Console(stderr=True)
+    wall_s = args.sim_minutes * 60 / args.time_scale
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        NAMESPACE,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferencePolicy",
+            "metadata": {"name": "soak"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "soak-chat"}},
+                "engine": {"kind": "vllm", "maxNumSeqs": 256, "maxNumBatchedTokens": 8192},
+                "actuation": {
+                    "adminPort": fleet.admin_port,
+                    "tokenSecretRef": {"name": GATE_TOKEN_SECRET},
+                },
+                "metrics": {"windowSeconds": 10, "stalenessSeconds": 10},
+                "slo": {
+                    "ttftMs": round(SLO_TTFT_MS / args.time_scale),
+                    "tpotMs": max(1, round(SLO_TPOT_MS / args.time_scale)),
+                },
+                "behavior": {"intervalSeconds": 5, "stabilizationWindowSeconds": 10},
+                "mode": "Auto",
+            },
+        },
+    )
+    load_out = fleet.workdir / "load.json"
+    load = subprocess.Popen(
+        [
+            *BATCHPILOT_CLI,
+            "sim",
+            "load",
+            str(scenario),
+            *[a for url in fleet.gate_urls for a in ("--url", url)],
+            "--json",
+            str(load_out),
+            "--time-scale",
+            str(args.time_scale),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(fleet.workdir / "load.log").open("wb"),
+    )
+    samples: list[dict[str, Any]] = []
+    started = time.monotonic()
+    last_sum, last_count = step_totals(operator.metrics_url)
+    progress = Progress(
+        TextColumn("[bold]soak"),
+        BarColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("soak", total=wall_s, note="")
+        while load.poll() is None:
+            time.sleep(args.sample_s)
+            elapsed = time.monotonic() - started
+            step_sum, step_count = step_totals(operator.metrics_url)
+            steps = step_count - last_count
+            sample = {
+                "wall_s": round(elapsed, 1),
+                "sim_s": round(elapsed * args.time_scale, 1),
+                "operator_rss_mib": rss_mib(operator.pid),
+                **{f"gate_{pod.name}_rss_mib": rss_mib(pod.gate.pid) for pod in fleet.pods},
+                "steps": int(steps),
+                "step_ms_mean": round(1000 * (step_sum - last_sum) / steps, 2) if steps else None,
+            }
+            last_sum, last_count = step_sum, step_count
+            samples.append(sample)
+            progress.update(
+                task,
+                completed=min(elapsed, wall_s),
+                note=f"operator {sample['operator_rss_mib']} MiB",
             )
-            samples: list[dict[str, Any]] = []
-            started = time.monotonic()
-            last_sum, last_count = step_totals(metrics_url)
-            progress = Progress(
-                TextColumn("[bold]soak"),
-                BarColumn(),
-                TextColumn("{task.fields[note]}"),
-                TimeRemainingColumn(),
-                console=console,
-                disable=not console.is_terminal,
-            )
-            with progress:
-                task = progress.add_task("soak", total=wall_s, note="")
-                while load.poll() is None:
-                    time.sleep(args.sample_s)
-                    elapsed = time.monotonic() - started
-                    step_sum, step_count = step_totals(metrics_url)
-                    steps = step_count - last_count
-                    sample = {
-                        "wall_s": round(elapsed, 1),
-                        "sim_s": round(elapsed * args.time_scale, 1),
-                        "operator_rss_mib": rss_mib(operator.pid),
-                        **{
-                            f"gate_{name}_rss_mib": rss_mib(proc.pid)
-                            for name, proc in gates.items()
-                        },
-                        "steps": int(steps),
-                        "step_ms_mean": round(1000 * (step_sum - last_sum) / steps, 2)
-                        if steps
-                        else None,
-                    }
-                    last_sum, last_count = step_sum, step_count
-                    samples.append(sample)
-                    progress.update(
-                        task,
-                        completed=min(elapsed, wall_s),
-                        note=f"operator {sample['operator_rss_mib']} MiB",
-                    )
-            policy = client.CustomObjectsApi(api).get_namespaced_custom_object(
-                GROUP, VERSION, NAMESPACE, PLURAL, "soak"
-            )
-            load_summary = (
-                json.loads(load_out.read_text())["summary"] if load_out.exists() else None
-            )
-        finally:
-            for process in reversed(processes):
-                process.stop()
-            if prometheus is not None:
-                prometheus.stop()
+    policy = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, PLURAL, "soak"
+    )
+    load_summary = json.loads(load_out.read_text())["summary"] if load_out.exists() else None
     status = policy.get("status") or {}
     return {
         "sim_minutes": args.sim_minutes,
@@ -371,13 +254,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_exit_code": load.returncode,
         "operator_rss_mib": summarize(samples, "operator_rss_mib"),
         "operator_step_ms": summarize(samples, "step_ms_mean"),
-        **{f"gate_{name}_rss_mib": summarize(samples, f"gate_{name}_rss_mib") for name in gates},
+        **{
+            f"gate_{pod.name}_rss_mib": summarize(samples, f"gate_{pod.name}_rss_mib")
+            for pod in fleet.pods
+        },
         "control_steps": sum(sample["steps"] for sample in samples),
         "final_conditions": {c["type"]: c["status"] for c in status.get("conditions", [])},
         "final_knobs": (status.get("recommendation") or {}).get("knobs"),
         "load_summary": {k: v for k, v in (load_summary or {}).items() if k != "by_url"},
         "samples": samples,
-        "workdir": str(workdir),
+        "workdir": str(fleet.workdir),
     }
 
 

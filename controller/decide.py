@@ -37,8 +37,10 @@ Before there is a step model, a feedback rule sets the limit: scaled by the
 TPOT headroom (objective / measured quantile), at most 30% down and x2 up
 per interval. While the model is fitted but not yet trusted (held-out
 error), its limit uses the prior tail and may exceed the current limit, or
-the largest seen binding, by at most `PROBE_FACTOR` per interval: a bounded
-probe rather than a leap. A TPOT quantile above the objective by more than
+the largest seen binding, only as far as the measured TPOT headroom allows
+the feedback rule to grow (`PROBE_FACTOR` when TPOT cannot be read): a
+bounded probe rather than a leap, and none at all while the measured
+quantile is near the objective. A TPOT quantile above the objective by more than
 one window's scatter cuts the limit 30% whatever the model says. A shift in
 the length mix (mean prompt or output length off by `MIX_SHIFT` from the
 recent reference) is acted on in the same interval and marked urgent, so
@@ -189,8 +191,13 @@ def recommend(
     # A breach is a TPOT quantile above the objective by more than one
     # window's scatter around the model's expectation: aiming the expected
     # quantile at the objective means half the windows land a little above.
+    # An estimate from the ITL histogram reads low (ITL_ESTIMATE_MARGIN):
+    # corrected, or a miss hides inside the scatter allowance.
     scatter = max(model.noise_std("tpot") or 0.0, MIN_BREACH_SCATTER)
-    breach = est.tpot_q_s is not None and est.tpot_q_s > policy.slo.tpot_ms / 1000.0 * math.exp(scatter)
+    breach = (
+        est.tpot_q_s is not None
+        and est.tpot_q_s * _estimate_bias(est) > policy.slo.tpot_ms / 1000.0 * math.exp(scatter)
+    )
     if breach:
         urgent = True
     target, limit_reasons = _admission_limit(policy, model, current, est, memory, breach)
@@ -280,13 +287,13 @@ def _admission_limit(
     if model.step is not None:
         limit, why = _model_limit(policy, model, current, est, objective_s, trusted=quality.trusted)
         reasons.append(why)
-        probe = max(model.largest_limit_seen(mix), limit_now) * PROBE_FACTOR
+        probe = max(model.largest_limit_seen(mix), limit_now) * _probe_factor(est, objective_s)
         if not quality.trusted and limit > probe:
             reasons.append(
                 Reason(
                     "decide",
                     "model not trusted yet and its limit lies beyond the current one and any seen "
-                    "binding: probing a bounded step",
+                    "binding: probing a step bounded by the measured TPOT headroom",
                     data={"modelLimit": limit, "probe": probe},
                 )
             )
@@ -307,6 +314,27 @@ def _admission_limit(
         limit = min(limit, est.inflight_tokens * 0.9 / mix.budget_per_seq)
         reasons.append(Reason("decide", "engine preempting: budget below the tokens in flight"))
     return _apply_limit(policy, current, knob, limit, mix, memory), reasons
+
+
+def _estimate_bias(est: Estimates) -> float:
+    return 1.0 + ITL_ESTIMATE_MARGIN if est.tpot_estimated else 1.0
+
+
+def _probe_factor(est: Estimates, objective_s: float) -> float:
+    """How far past the limits seen an untrusted model may go this interval.
+
+    An untrusted model is what says the larger limit is safe, so the measured
+    TPOT quantile must agree: the probe grows as the feedback rule would, not
+    at all without FEEDBACK_ROOM and never more than the headroom (objective
+    / measured, at most FEEDBACK_MAX_UP). Step time grows about linearly with
+    the running sequences, so that growth reaches the objective at most.
+    Without a TPOT reading, PROBE_FACTOR.
+    """
+    if est.tpot_q_s is None:
+        return PROBE_FACTOR
+    if est.tpot_q_s >= FEEDBACK_ROOM * objective_s:
+        return 1.0
+    return min(FEEDBACK_MAX_UP, objective_s / est.tpot_q_s)
 
 
 def _limit_knob(policy: Policy) -> str | None:

@@ -114,6 +114,9 @@ class Decision:
     step_seconds: Mapping[str, float]
     signals: Mapping[str, Scalar] = field(default_factory=dict)
     predictions: Mapping[str, Scalar] = field(default_factory=dict)
+    # The pod running a canary of a new setting (guards.canary), if one runs:
+    # the operator marks its record so a restart can tell it from the fleet.
+    canary_pod: str | None = None
 
     def to_status(self) -> dict[str, Any]:
         """The CR status fragment: plain JSON-ready data."""

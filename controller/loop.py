@@ -69,6 +69,19 @@ class PolicyController:
     def last_decision(self) -> Decision | None:
         return self._last_decision
 
+    def resume(self, fleet_setting: Knobs) -> None:
+        """Start from the setting the pods were left on, before the first step.
+
+        A controller built by a restarted operator (or for a changed spec)
+        knows nothing of the pods otherwise: it would hold at its initial
+        knobs when metrics are missing, and take a canary it finds half-judged
+        on one of two pods for the fleet's setting. Nothing has shown this
+        setting meets the SLOs, but it is what the fleet ran when the last
+        controller stopped, so it is what a hold keeps.
+        """
+        self.current = fleet_setting
+        self.last_known_good = fleet_setting
+
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision:
         pods = tuple(pods)
         timings: dict[str, float] = {}
@@ -205,6 +218,7 @@ class PolicyController:
             step_seconds=dict(timings),
             signals=signals,
             predictions=predictions,
+            canary_pod=None if guarded.canary is None else guarded.canary.pod,
         )
         self._last_decision = decision
         return decision
@@ -230,9 +244,18 @@ class PolicyController:
 
 
 def _applied_setting(observation: Observation, fallback: Knobs) -> Knobs:
-    """The setting most pods report running (their gates' gauges)."""
+    """The setting most pods report running (their gates' gauges).
+
+    On a tie `fallback` (the setting this controller put on the fleet) wins
+    when it is among the most common: with two pods mid-canary, the canary's
+    candidate must not pass for the fleet's setting.
+    """
     counted = Counter(pod.applied for pod in observation.pods.values() if pod.applied is not None)
-    return counted.most_common(1)[0][0] if counted else fallback
+    if not counted:
+        return fallback
+    if counted.get(fallback) == max(counted.values()):
+        return fallback
+    return counted.most_common(1)[0][0]
 
 
 def _tpot_quantile(pod: PodObservation, quantile: float) -> float | None:

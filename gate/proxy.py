@@ -41,7 +41,7 @@ PASSTHROUGH_ROUTES = ("/v1/models", "/health")
 
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus the framing headers that
 # aiohttp recomputes for each leg (Host, Content-Length, Transfer-Encoding).
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
@@ -72,7 +72,7 @@ def error_response(
 
 
 def _forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
 class Proxy:

@@ -38,6 +38,9 @@ class Stepper(Protocol):
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision: ...
 
+    def resume(self, fleet_setting: Knobs) -> None:
+        """Before the first step: the setting this policy's pods were left on."""
+
 
 StepperFactory = Callable[[Policy, PromQueryClient], Stepper]
 
@@ -87,3 +90,6 @@ class ControllerStepper:
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision:
         return self._loop.run_once(now_s, pods)
+
+    def resume(self, fleet_setting: Knobs) -> None:
+        self._loop.resume(fleet_setting)

@@ -128,6 +128,9 @@ class AppliedRecord:
     time: str
     # What the gate ran before batchpilot changed it; restored on delete / Off.
     startup: Knobs | None = None
+    # Written while this pod ran a canary: its knobs are a candidate, not yet
+    # the fleet's setting (what a restarted operator resumes from).
+    canary: bool = False
 
     def to_json(self) -> str:
         document: dict[str, Any] = {
@@ -138,6 +141,8 @@ class AppliedRecord:
         }
         if self.startup is not None:
             document["startup"] = self.startup.to_mapping()
+        if self.canary:
+            document["canary"] = True
         # Compact and key-sorted: the same record is the same bytes, so an
         # unchanged record is never patched again.
         return json.dumps(document, sort_keys=True, separators=(",", ":"))
@@ -164,6 +169,7 @@ class AppliedRecord:
                 version=version,
                 time=str(data["time"]),
                 startup=None if startup is None else Knobs.from_mapping(startup),
+                canary=data.get("canary") is True,
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, KnobError):
             return None

@@ -3,7 +3,9 @@
 `build_registry(config)` registers them on a registry of their own (the
 timer's tick comes from the configuration, so registration waits for it).
 Each handler is a few lines; what a cycle does lives in reconcile.py, what
-status says in status.py.
+status says in status.py. The timer writes the status itself (kube.py says
+why not through kopf's patch), and a write the API server refuses is tried
+again at a later tick, so a 409, a 429 or an outage delays it but never loses it.
 
 | handler | runs |
 |---|---|
@@ -12,7 +14,7 @@ status says in status.py.
 | `operator_cleanup` | once at exit: closes the clients |
 | `operator_liveness` | on each liveness probe (kopf's endpoint, cached 10 s) |
 | `pods_by_namespace` | on every pod event: keeps the pod index |
-| `inferencepolicy_step` | every `tick_seconds` per policy: a control step when due |
+| `inferencepolicy_step` | every `tick_seconds` per policy: a control step when due, the status write |
 | `inferencepolicy_mode` | when spec.mode changes: an Event |
 | `inferencepolicy_restore` | when a policy is deleted (finalizer): the pods' startup settings back |
 """
@@ -24,6 +26,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -35,13 +38,29 @@ from batchpilot.controller.policy import PolicyError
 from batchpilot.operator import reconcile
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.gates import GateClient
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION, KubeError, write_policy_status
 from batchpilot.operator.metrics import OperatorMetrics
 from batchpilot.operator.spec import parse_policy
 from batchpilot.operator.status import build_status, merge_patch
 
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 PREFIX = "batchpilot.dev"
 FINALIZER = f"{PREFIX}/restore-gates"
+# kopf retries a failed API request (connection refused, 5xx, 403, 429) after
+# these pauses, each at least the answer's Retry-After, then gives up on it.
+# Its default (1, 1, 2, 3, 5, 8, 13, 21) gives up after 54 s; a finalizer
+# removal given up on leaves a deleted policy Terminating until the policy's
+# next event (kopf logs the failure and waits for one). An API server restart
+# takes ~5 s here, a managed control-plane upgrade minutes: twelve more 21 s
+# steps ride out about 5 minutes (306 s), and a watch still resumes within
+# 21 s of the API server's return, as with the default.
+ERROR_BACKOFFS_S = (1, 1, 2, 3, 5, 8, 13, 21, *(21,) * 12)
+# A refused status write is tried again after 1 s, doubling to at most 30 s
+# (and never before the answer's Retry-After), rounded up to the next tick:
+# an outage costs the API server one write per policy per 30 s. A 409 is
+# tried again at the next tick: a conflict clears by recomputing the patch
+# from the latest status, which is what client-go's RetryOnConflict does too.
+STATUS_RETRY_FIRST_S = 1.0
+STATUS_RETRY_MAX_S = 30.0
 
 log = logging.getLogger("batchpilot.operator")
 
@@ -76,11 +95,20 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         # calls in asyncio.to_thread's; kopf's pool runs only the small sync
         # handlers (pod index, probe, login, mode Event): 4 threads are plenty.
         settings.execution.max_workers = 4
+        settings.networking.error_backoffs = ERROR_BACKOFFS_S
+        # Left at kopf's default (False): a 429 waits max(backoff, Retry-After),
+        # never less than the API server asked for. A 409 kopf never retries,
+        # which is why the status is written by the timer (see kube.py).
+        settings.networking.enforce_retry_after = False
+        # Watches need nothing more: kopf re-opens a broken watch from the last
+        # resourceVersion, each attempt with the backoffs above, for ever; the
+        # API server keeps its data across a restart, so none is missed.
 
         kube_api = _kube_client()
         session = aiohttp.ClientSession()
         metrics = OperatorMetrics()
         memo.session = session
+        memo.status_writer = StatusWriter(kube_api, metrics, config.tick_seconds)
         memo.op = reconcile.Operator(
             config=config,
             gates=GateClient(session, config.gate_timeout_seconds),
@@ -142,7 +170,6 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         spec: kopf.Spec,
         meta: kopf.Meta,
         status: kopf.Status,
-        patch: kopf.Patch,
         memo: kopf.Memo,
         pods_by_namespace: kopf.Index[str, reconcile.PodInfo],
         **_: Any,
@@ -162,13 +189,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             now_wall=now,
         )
         _post(body, outcome.events)
+        writer: StatusWriter = memo.status_writer
+        current = _plain(status)
         if outcome.report is not None:
-            current = _plain(status)
             desired = build_status(outcome.report, current, generation=generation, now=now)
             op.metrics.record_conditions(meta.namespace, meta.name, desired["conditions"])
-            if delta := merge_patch(current, desired):
-                patch.status.update(delta)
-                op.metrics.status_writes.inc()
+            writer.want(meta.uid, desired)
+        await writer.write(meta.uid, meta.namespace, meta.name, current)
         if outcome.retry_after_s is not None:
             raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after_s)
 
@@ -207,8 +234,77 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             )
         _post(body, notes)
         op.forget(meta.uid)
+        memo.status_writer.forget(meta.uid)
 
     return registry
+
+
+@dataclass
+class _Unwritten:
+    """A policy's desired status that the API server has not taken yet."""
+
+    desired: dict[str, Any]
+    failures: int = 0
+    retry_at_s: float = 0.0  # monotonic
+
+
+class StatusWriter:
+    """Writes each policy's latest desired status; what the API server refuses
+    stays pending and is tried again at a later tick, against the status then
+    current, so a refused write is delayed, never lost."""
+
+    def __init__(self, kube_api: Any, metrics: OperatorMetrics, tick_s: float) -> None:
+        self._kube = kube_api
+        self._metrics = metrics
+        self._tick_s = tick_s
+        self._pending: dict[str, _Unwritten] = {}
+
+    def want(self, uid: str, desired: dict[str, Any]) -> None:
+        """`desired` replaces any status still pending; its retry delay stays."""
+        pending = self._pending.get(uid)
+        if pending is None:
+            self._pending[uid] = _Unwritten(desired)
+        else:
+            pending.desired = desired
+
+    async def write(self, uid: str, namespace: str, name: str, current: Mapping[str, Any]) -> None:
+        """Write what `current` lacks of the pending status, once its retry delay has passed."""
+        pending = self._pending.get(uid)
+        if pending is None or time.monotonic() < pending.retry_at_s:
+            return
+        delta = merge_patch(current, pending.desired)
+        if delta is not None:
+            try:
+                written = await asyncio.to_thread(
+                    write_policy_status, self._kube, namespace, name, delta
+                )
+            except KubeError as err:
+                pending.failures += 1
+                self._metrics.status_write_failures.labels(str(err.status or "unanswered")).inc()
+                delay = _status_retry_delay(err, pending.failures)
+                # From the answer, not the request: Retry-After counts from there.
+                pending.retry_at_s = time.monotonic() + delay
+                log.warning(
+                    "policy %s/%s: status not written (%s); trying again in %.1f s",
+                    namespace,
+                    name,
+                    err,
+                    max(delay, self._tick_s),  # the timer's next tick at the soonest
+                )
+                return
+            if written:
+                self._metrics.status_writes.inc()
+        del self._pending[uid]
+
+    def forget(self, uid: str) -> None:
+        self._pending.pop(uid, None)
+
+
+def _status_retry_delay(err: KubeError, failures: int) -> float:
+    if err.status == 409:
+        return 0.0
+    backoff = min(STATUS_RETRY_FIRST_S * 2.0 ** (failures - 1), STATUS_RETRY_MAX_S)
+    return max(backoff, err.retry_after_s or 0.0)
 
 
 def _pods(index: kopf.Index[str, reconcile.PodInfo], namespace: str) -> Iterable[reconcile.PodInfo]:

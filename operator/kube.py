@@ -1,10 +1,16 @@
 """The few Kubernetes API calls the operator makes outside kopf's watches.
 
-kopf watches policies and pods and writes the policy's status; these three
-calls it does not offer, so they go through the official client (synchronous,
-run in a worker thread by the caller): read the admin token from the policy's
-Secret, read a Deployment's or StatefulSet's pod selector, and write batchpilot's
-annotations on a pod. Nothing here edits a workload.
+kopf watches policies and pods; the calls here go through the official client
+(synchronous, run in a worker thread by the caller): read the admin token from
+the policy's Secret, read a Deployment's or StatefulSet's pod selector, write
+batchpilot's annotations on a pod, and write the policy's status. Nothing here
+edits a workload.
+
+The status is written here and not through kopf's `patch.status`: kopf applies
+a timer's patch after the handler returns, outside its error handling, and a
+patch that fails there (a 409 Conflict, or an API server down for longer than
+kopf's retries) ends that policy's timer for good, silently, until the
+operator restarts (kopf 1.45; tests/test_faults_kube_api.py).
 
 Every API failure is mapped once, here, to `KubeError` with a message fit for
 a status condition.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,13 +30,28 @@ from urllib3.exceptions import HTTPError
 
 from batchpilot.operator.spec import LabelSelector, Requirement, SecretRef, WorkloadRef
 
+GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 # Without it this client sends a dict body as a JSON *patch* (a list of
 # operations) and the API server rejects it.
 _MERGE_PATCH = "application/merge-patch+json"
+# The same bound as kopf's own requests (settings.networking.request_timeout):
+# a status write that hangs longer is better tried again later.
+STATUS_WRITE_TIMEOUT_S = 30.0
 
 
 class KubeError(Exception):
-    """An API call failed; the message names the object and the cause."""
+    """An API call failed; the message names the object and the cause.
+
+    `status` is the HTTP status (None when no answer came), `retry_after_s`
+    the answer's Retry-After, if it had one.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
 
 
 def read_token(api: client.ApiClient, namespace: str, ref: SecretRef) -> str:
@@ -89,6 +111,43 @@ def write_annotations(
         raise KubeError(f"pod {namespace}/{pod}: annotating failed: {_api_reason(err)}") from err
     except HTTPError as err:
         raise KubeError(f"pod {namespace}/{pod}: API server unreachable ({err})") from err
+
+
+def write_policy_status(
+    api: client.ApiClient, namespace: str, name: str, patch: Mapping[str, Any]
+) -> bool:
+    """Merge `patch` into the InferencePolicy's status; False if the policy is gone."""
+    where = f"InferencePolicy {namespace}/{name} status"
+    try:
+        client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": dict(patch)},
+            _content_type=_MERGE_PATCH,
+            _request_timeout=STATUS_WRITE_TIMEOUT_S,
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return False  # deleted meanwhile: nothing left to describe
+        raise KubeError(
+            f"{where}: {_api_reason(err)}", status=err.status, retry_after_s=_retry_after(err)
+        ) from err
+    except HTTPError as err:
+        raise KubeError(f"{where}: API server unreachable ({err})") from err
+    return True
+
+
+def _retry_after(err: ApiException) -> float | None:
+    """The answer's Retry-After in seconds (the API server sends whole seconds)."""
+    value = (err.headers or {}).get("Retry-After")
+    try:
+        seconds = float(value) if value is not None else math.nan
+    except ValueError:
+        return None  # an HTTP date: never sent by the API server
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _api_reason(err: ApiException) -> str:

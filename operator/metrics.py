@@ -86,6 +86,12 @@ class OperatorMetrics:
             "Status patches written (cycles whose status did not change write none).",
             registry=self.registry,
         )
+        self.status_write_failures = Counter(
+            "batchpilot_operator_status_write_failures_total",
+            "Status patches the API server refused or never answered; each is tried again later.",
+            ["code"],
+            registry=self.registry,
+        )
         self.policies = Gauge(
             "batchpilot_operator_policies",
             "InferencePolicies this operator runs.",

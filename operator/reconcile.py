@@ -139,6 +139,8 @@ class PolicyRuntime:
     spec: PolicySpec | None = None
     spec_error: PolicyError | None = None
     stepper: Stepper | None = None
+    # Whether the stepper was told the setting the pods were left on (resume).
+    resumed: bool = False
     # Serializes everything that writes to the pods' gates for this policy.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_step_s: float = 0.0  # monotonic
@@ -241,6 +243,7 @@ def refresh_spec(
     runtime.stepper = op.stepper_factory(
         parsed.policy, op.query_client(parsed.endpoint, parsed.prometheus_url)
     )
+    runtime.resumed = False
     runtime.workload_read_s = -WORKLOAD_SELECTOR_TTL_S
 
 
@@ -325,6 +328,10 @@ async def _step(
             retry_s,
         )
 
+    if not runtime.resumed:
+        runtime.resumed = True
+        if (left_on := fleet_setting(ready, runtime.name)) is not None:
+            stepper.resume(left_on)
     names = [pod.name for pod in ready]
     waiting = time.perf_counter()
     async with op.step_slots:
@@ -406,7 +413,8 @@ async def apply_decision(
         assert pod.ip is not None
         async with slots:
             try:
-                return await _apply_one(op, runtime, parsed, pod, target, token, stamp)
+                canary = pod.name == decision.canary_pod
+                return await _apply_one(op, runtime, parsed, pod, target, canary, token, stamp)
             except (GateError, KubeError) as err:
                 op.metrics.actuations.labels("failed").inc()
                 return pod.name, str(err), None
@@ -432,6 +440,7 @@ async def _apply_one(
     parsed: PolicySpec,
     pod: PodInfo,
     target: Knobs,
+    canary: bool,
     token: str,
     stamp: str,
 ) -> tuple[str, str | None, Knobs | None]:
@@ -456,8 +465,13 @@ async def _apply_one(
     answer = await op.gates.write(pod.ip, port, token, target)
     op.metrics.actuations.labels("changed" if answer.changed else "unchanged").inc()
     before = record.knobs if record is not None else startup
-    if record is None or record.knobs != target or record.version != answer.version:
-        fresh = AppliedRecord(runtime.name, target, answer.version, stamp, startup)
+    if (
+        record is None
+        or record.knobs != target
+        or record.version != answer.version
+        or record.canary != canary
+    ):
+        fresh = AppliedRecord(runtime.name, target, answer.version, stamp, startup, canary)
         await asyncio.to_thread(
             write_annotations, op.kube, runtime.namespace, pod.name, fresh.annotations()
         )
@@ -563,6 +577,32 @@ def _warn_once_notes(
     if runtime.warned.get(reason) != message:
         runtime.warned[reason] = message
         notes.append(EventNote("Warning", reason, message))
+
+
+def fleet_setting(pods: Iterable[PodInfo], policy: str) -> Knobs | None:
+    """The setting `policy` left its pods on, from their records (None: no records).
+
+    A canary's record names a candidate, not the fleet's setting: the others
+    decide, so that a canary an operator restart interrupted (on one of two
+    pods, say) is judged again rather than taken for the fleet's setting.
+    Among them the most common; on a tie the longest established (its newest
+    record the oldest). With only canary records, the other pods were never
+    changed: they run their startup settings, which the canary's record keeps.
+    """
+    records = [pod.record for pod in pods if pod.record is not None and _ours(pod, policy)]
+    applied: dict[Knobs, list[str]] = {}
+    for record in records:
+        if not record.canary:
+            applied.setdefault(record.knobs, []).append(record.time)
+    if not applied:
+        for record in records:
+            if record.startup is not None:
+                applied.setdefault(record.startup, []).append(record.time)
+    if not applied:
+        return None
+    most = max(len(times) for times in applied.values())
+    tied = [knobs for knobs, times in applied.items() if len(times) == most]
+    return min(tied, key=lambda knobs: max(applied[knobs]))
 
 
 def _ours(pod: PodInfo, policy: str) -> bool:

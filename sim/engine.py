@@ -8,21 +8,22 @@ one pod:
     handle = replica.submit(t, prompt_tokens=812, max_output_tokens=120, priority=0)
     events = replica.advance(t2)        # every engine step that ended by t2
     replica.set_knobs(t3, Knobs(max_concurrency=64))
+    replica.cancel(t3, handle.request_id)  # its client left: drop it, free its KV blocks
     replica.snapshot(t4)                # {'vllm:num_requests_running': 12.0, ...}
     replica.render_text(t4)             # Prometheus text exposition
     replica.next_event_s()              # when the step in progress ends (None when idle)
 
 Times are finite seconds on one clock chosen by the caller (virtual time in the
 benchmark, `loop.time()` minus a start offset in a live server) and must never
-go backwards across calls. `submit`, `set_knobs` and `snapshot` first advance
-the replica to their `t`, so a caller may use them without calling `advance`.
-With `record_tokens=True`, `advance` returns `EngineEvent`s in time order:
-``admitted``, ``tokens`` (the simulated timestamp of every token produced
-since the last report, first token included), ``finished``, ``shed`` (gate
-queue deadline) and ``rejected`` (a request that cannot fit the KV cache even
-alone); `SimRequest.token_times` keeps every token's time. Without it (the
-benchmark) no events or per-token times are kept, which is what makes the
-closed-form decode jumps below cheap.
+go backwards across calls. `submit`, `set_knobs`, `cancel` and `snapshot` first
+advance the replica to their `t`, so a caller may use them without calling
+`advance`. With `record_tokens=True`, `advance` returns `EngineEvent`s in time
+order: ``admitted``, ``tokens`` (the simulated timestamp of every token
+produced since the last report, first token included), ``finished``, ``shed``
+(gate queue deadline), ``rejected`` (a request that cannot fit the KV cache
+even alone) and ``cancelled``; `SimRequest.token_times` keeps every token's
+time. Without it (the benchmark) no events or per-token times are kept, which
+is what makes the closed-form decode jumps below cheap.
 
 The model, iteration by iteration:
 
@@ -42,6 +43,11 @@ The model, iteration by iteration:
 - Step time = calibrated `StepCostModel.step_ms` x `slowdown`.
 - A request generates exactly `max_output_tokens` tokens (there is no EOS
   model); its first token comes from the step that completes its prefill.
+- Cancel (vLLM's abort when a client disconnects): the request leaves the
+  gate queue, the waiting queue or the running batch at once, and its KV
+  blocks, batch slot and gate place are free for the next step. The step in
+  progress keeps its duration (its work was launched) but yields nothing for
+  the cancelled request.
 
 Speed: between events, consecutive decode-only steps differ only in that
 every context grows by one token, so the step time is an arithmetic series.
@@ -63,15 +69,15 @@ from dataclasses import dataclass
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket
-from batchpilot.gate.metrics import SHED_QUEUE_DEADLINE
+from batchpilot.gate.metrics import FAILED_CLIENT_DISCONNECT, SHED_QUEUE_DEADLINE
 from batchpilot.sim.calibration import StepCostModel
 from batchpilot.sim.metrics import ReplicaGauges, ReplicaMetrics
 
 # vLLM's default KV block size (tokens per page).
 BLOCK_SIZE = 16
 
-QUEUED, WAITING, PREFILL, DECODE, FINISHED, SHED, REJECTED = range(7)
-_STATUS = ("queued", "waiting", "prefill", "decode", "finished", "shed", "rejected")
+QUEUED, WAITING, PREFILL, DECODE, FINISHED, SHED, REJECTED, CANCELLED = range(8)
+_STATUS = ("queued", "waiting", "prefill", "decode", "finished", "shed", "rejected", "cancelled")
 
 
 class EngineConfigError(ValueError):
@@ -125,6 +131,7 @@ class SimRequest:
         "_version",
         "admitted_s",
         "arrival_s",
+        "cancelled_s",
         "finish_s",
         "first_token_s",
         "generated",
@@ -154,6 +161,7 @@ class SimRequest:
         self.first_token_s: float | None = None
         self.finish_s: float | None = None
         self.shed_s: float | None = None
+        self.cancelled_s: float | None = None
         self.generated = 0
         self.preemptions = 0
         self.token_times: list[float] | None = None
@@ -200,9 +208,9 @@ class SimRequest:
 class EngineEvent:
     """Something that happened to a request, at simulated time `time_s`.
 
-    kind: "admitted" | "tokens" | "finished" | "shed" | "rejected". For
-    "tokens", `token_times` holds the time of each new token (the first token
-    included) and `time_s` is the last of them.
+    kind: "admitted" | "tokens" | "finished" | "shed" | "rejected" |
+    "cancelled". For "tokens", `token_times` holds the time of each new token
+    (the first token included) and `time_s` is the last of them.
     """
 
     kind: str
@@ -250,7 +258,10 @@ class Replica:
         self._finish_heap: list[tuple[int, int, SimRequest, int]] = []
         self._heap_seq = 0
         self._next_id = 0
+        # Requests neither ended nor cancelled, by id: what `cancel` can find.
+        self._live: dict[int, SimRequest] = {}
         self.finished_count = 0
+        self.cancelled_count = 0
         self._record = record_tokens
         self._events: list[EngineEvent] | None = [] if record_tokens else None
         self._step_end: list[float] = []
@@ -302,6 +313,7 @@ class Replica:
             return request
         ticket = Ticket(prompt_tokens, max_output_tokens, t, priority, payload=request)
         request._ticket = ticket
+        self._live[request.request_id] = request
         self._gate.push(ticket)
         self._admit(t)
         self._run_until(t)
@@ -332,6 +344,44 @@ class Replica:
         self._admit(t)
         self._run_until(t)
         return applied
+
+    def cancel(self, t: float, request_id: int) -> bool:
+        """The client of request `request_id` left at time t: drop the request wherever it is.
+
+        Metrics as vLLM V1 keeps them for a client abort: what was recorded as
+        its tokens came stays (token counters, TTFT, inter-token latency), and
+        no series recorded at a request's end (e2e latency, token-count
+        histograms) ever sees it. The gate model
+        counts one admitted before t as failed with reason client_disconnect,
+        as the real gate does; one still queued at the gate just leaves it.
+        Returns False, changing nothing, when no live request has this id
+        (never submitted, already ended, or already cancelled), so cancelling
+        twice is harmless.
+        """
+        self._run_until(t)
+        request = self._live.pop(request_id, None)
+        if request is None:
+            return False
+        ticket: Ticket = request._ticket  # type: ignore[assignment]
+        phase = request._phase
+        if phase == QUEUED:
+            self._gate.cancel(ticket)
+        else:
+            if phase == WAITING:
+                self._waiting.remove(request)
+            elif phase == PREFILL:
+                self._drop_prefill(request)
+            else:
+                self._drop_decode(request)
+            self._gate.release(ticket)
+            self.metrics.count_failed(FAILED_CLIENT_DISCONNECT)
+        request._phase = CANCELLED
+        request.cancelled_s = t
+        self.cancelled_count += 1
+        self._emit("cancelled", t, request)
+        # Its gate place, batch slot or head-of-line spot may let others start now.
+        self._run_until(t)
+        return True
 
     def snapshot(self, t: float | None = None) -> dict[str, float]:
         if t is not None:
@@ -406,6 +456,7 @@ class Replica:
         metrics = self.metrics
         for ticket in gate.expire(now):
             request = ticket.payload
+            del self._live[request.request_id]
             request._phase = SHED
             request.shed_s = now
             metrics.count_shed(SHED_QUEUE_DEADLINE)
@@ -624,6 +675,7 @@ class Replica:
 
     def _finish(self, request: SimRequest, now: float, blocks: int) -> None:
         del self._running[request]
+        del self._live[request.request_id]
         self._used_blocks -= blocks
         request._blocks = 0
         request._phase = FINISHED
@@ -664,6 +716,31 @@ class Replica:
         victim.preemptions += 1
         self.metrics.preemptions_total += 1
         self._waiting.appendleft(victim)
+
+    def _drop_prefill(self, request: SimRequest) -> None:
+        """Take a prefilling request out of the batch and out of the step in progress."""
+        self._prefilling.remove(request)
+        del self._running[request]
+        # Its blocks include those given to its chunk of the step in progress.
+        self._used_blocks -= request._blocks
+        request._blocks = 0
+        chunks = self._pending[3]  # type: ignore[index]
+        chunks[:] = [(other, chunk) for other, chunk in chunks if other is not request]
+
+    def _drop_decode(self, request: SimRequest) -> None:
+        """Take a decoding request out of the batch and out of the step in progress."""
+        # A running batch always has a step in progress, and every decode is in it.
+        end, duration, count, chunks = self._pending  # type: ignore[misc]
+        step = self._step
+        base = request._base
+        if self._record:
+            self._flush_tokens(request, step)
+        self._leave_decode(request)
+        request.generated = base + step - request.prompt_tokens
+        del self._running[request]
+        # The step in progress was given its block: its KV length after that step.
+        self._used_blocks -= -(-(base + step) // BLOCK_SIZE)
+        self._pending = (end, duration, count - 1, chunks)
 
     def _flush_tokens(self, request: SimRequest, upto_step: int) -> None:
         start = request._flushed_step

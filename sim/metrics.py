@@ -17,6 +17,17 @@ Semantics worth knowing:
   batchpilot_gate_time_to_first_token_seconds starts at arrival at the gate.
 - vllm:inter_token_latency_seconds gets one observation per request per step
   that produced a token after its first (vLLM V1 records it per iteration).
+- A cancelled request (its client left) is counted as vLLM V1 counts a client
+  abort: what was recorded as its tokens came (its prompt at its first token,
+  then each token, TTFT and inter-token latencies) stays, and it never
+  reaches the series recorded when a request finishes (e2e latency,
+  request_prompt_tokens, request_generation_tokens). vLLM declares
+  vllm:request_success_total{finished_reason="abort"} but does not increment
+  it on a client abort (vllm-project/vllm issue 31503, open); the simulator
+  exports no request_success_total, and the controller then counts
+  completions from the e2e histogram, which likewise leaves aborts out. The
+  gate model counts the request in
+  batchpilot_gate_failed_total{reason="client_disconnect"} if it was admitted.
 """
 
 from __future__ import annotations

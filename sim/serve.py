@@ -27,8 +27,9 @@ N}}` sets the prefill token budget per step, answering as SGLang does (a
 list with one `{"updated": ..., "server_args": ...}` per rank); otherwise
 the endpoint is absent (404), as on vLLM.
 
-A client that disconnects stops receiving tokens; the simulated request runs
-to its end, since the replica's live API has no way to abort one.
+A client that disconnects has its request cancelled in the engine, as vLLM
+aborts the request of a closed connection: it leaves the waiting queue or the
+running batch, and its KV blocks and batch slot go to the others.
 """
 
 from __future__ import annotations
@@ -90,11 +91,22 @@ class LiveEngine:
             self._streams[request.request_id] = stream
             return stream
 
-        return await self._call(submit_now)
+        submitted = self._call(submit_now)
+        try:
+            # Shielded, so that the answer outlives a client that leaves
+            # before the driver takes the request: it is still submitted (a
+            # queued command runs), and must then be cancelled.
+            return await asyncio.shield(submitted)
+        except asyncio.CancelledError:
+            submitted.add_done_callback(self._abandon_submitted)
+            raise
 
     def abandon(self, stream: RequestStream) -> None:
-        """The client went away: stop routing this request's events."""
-        self._streams.pop(stream.request.request_id, None)
+        """The client went away: stop routing its events and cancel it if it has not ended."""
+        request_id = stream.request.request_id
+        # No stream left means its last event (finished, shed, rejected) was routed.
+        if self._streams.pop(request_id, None) is not None:
+            self._call(lambda now: self.replica.cancel(now, request_id))
 
     async def set_prefill_budget(self, tokens: int) -> Knobs:
         """Change the engine's prefill token budget per step; returns the knobs in effect."""
@@ -138,11 +150,17 @@ class LiveEngine:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def _call(self, command: Callable[[float], _Result]) -> _Result:
+    def _call(self, command: Callable[[float], _Result]) -> asyncio.Future[_Result]:
+        """Queue `command(now)` for the driver; the future holds what it returns."""
         done: asyncio.Future[_Result] = asyncio.get_running_loop().create_future()
         self._commands.append((command, done))
         self._wake()
-        return await done
+        return done
+
+    def _abandon_submitted(self, submitted: asyncio.Future[RequestStream]) -> None:
+        # exception() first: it marks a refused submission's error as seen.
+        if submitted.exception() is None:
+            self.abandon(submitted.result())
 
     def _dispatch(self, event: EngineEvent) -> None:
         request_id = event.request.request_id

@@ -164,3 +164,52 @@ def test_initial_knobs_follow_the_policy() -> None:
     assert knobs.max_inflight_tokens is None
     fcfs_only = Policy.from_spec({"slo": {"ttftMs": 1000, "tpotMs": 40}, "knobs": {"discipline": {"allowed": ["fcfs"]}}})
     assert initial_knobs(fcfs_only).discipline == "fcfs"
+
+
+def _untrusted_model() -> WorkloadModel:
+    """A step model fitted on three windows: usable, not yet trusted."""
+    model = WorkloadModel(POLICY)
+    samples = synthetic_samples(6, seed=11, mixes=[LengthMix(1000, 1.5e6, 2000, 200, 6e4, 400)])
+    for start in range(0, 6, 2):
+        model.add(samples[start : start + 2])
+    assert model.step is not None and not model.quality.trusted
+    return model
+
+
+@pytest.mark.parametrize(
+    ("tpot_q_s", "probes_past_seen"),
+    [
+        (0.020, True),  # TPOT at under half the aim: the probe may go past what was seen
+        (0.036, False),  # above 80% of the aim (42.5 ms): no room to probe
+        (0.040, False),
+    ],
+)
+def test_an_untrusted_models_probe_needs_measured_headroom(tpot_q_s: float, probes_past_seen: bool) -> None:
+    model = _untrusted_model()
+    applied = Knobs(max_inflight_tokens=60_000)
+    rec = recommend(POLICY, window(1000, 200, applied=applied, queue=5.0), model, applied, DecideMemory(), tpot_q_s)
+    mix = LengthMix.from_histograms(around(1000, 1), around(200, 1))
+    assert mix is not None
+    seen = model.largest_limit_seen(mix)
+    assert seen > running_limit(POLICY, applied, mix)  # growing up to `seen` is no probe
+    after = running_limit(POLICY, rec.target, mix)
+    if probes_past_seen:
+        assert after > 1.05 * seen
+    else:
+        assert after == pytest.approx(seen, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("per_request_tpot", "urgent"),
+    [
+        # 52 ms estimated from ITL reads ~57 ms per request: over 50 ms plus a window's scatter.
+        (False, True),
+        # 52 ms measured per request is within the scatter allowance (50 ms x e^0.1).
+        (True, False),
+    ],
+)
+def test_a_breach_judges_an_itl_estimate_with_its_bias(per_request_tpot: bool, urgent: bool) -> None:
+    applied = Knobs(max_inflight_tokens=60_000)
+    observation = window(1000, 200, applied=applied, tpot_s=0.052 if per_request_tpot else None)
+    rec = recommend(POLICY, observation, WorkloadModel(POLICY), applied, DecideMemory(), 0.052)
+    assert rec.urgent is urgent

@@ -11,8 +11,14 @@ import pytest
 from batchpilot.controller.bench_adapter import make, policy_for
 from batchpilot.controller.explain import reason_rows
 from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.loop import STEPS, PolicyController
-from batchpilot.controller.observe import MetricsUnavailable, RawWindow, SnapshotSource
+from batchpilot.controller.loop import STEPS, PolicyController, _applied_setting
+from batchpilot.controller.observe import (
+    MetricsUnavailable,
+    Observation,
+    PodObservation,
+    RawWindow,
+    SnapshotSource,
+)
 from batchpilot.controller.policy import EngineSpec, MetricsSpec, Mode, Policy, Slo
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -161,3 +167,23 @@ def test_reason_rows_for_an_explain_table() -> None:
     rows = reason_rows(decision)
     assert rows and all(len(row) == 4 for row in rows)
     assert rows[0][0] == "observe"
+
+
+@pytest.mark.parametrize(
+    ("applied", "fallback", "expected"),
+    [
+        # Two pods mid-canary: 1:1, and the fleet's own setting is one of them.
+        ((Knobs(max_concurrency=48), Knobs(max_concurrency=32)), Knobs(max_concurrency=32), Knobs(max_concurrency=32)),
+        ((Knobs(max_concurrency=32), Knobs(max_concurrency=48)), Knobs(max_concurrency=32), Knobs(max_concurrency=32)),
+        # A real majority wins over the controller's idea.
+        ((Knobs(max_concurrency=48),) * 2 + (Knobs(max_concurrency=32),), Knobs(max_concurrency=32), Knobs(max_concurrency=48)),
+        # No pod reports a setting: the controller's idea stands.
+        ((None, None), Knobs(max_concurrency=32), Knobs(max_concurrency=32)),
+    ],
+)
+def test_the_applied_setting_is_the_majoritys_and_a_tie_keeps_the_fleets(
+    applied: tuple[Knobs | None, ...], fallback: Knobs, expected: Knobs
+) -> None:
+    pods = {f"p{index}": PodObservation(applied=knobs) for index, knobs in enumerate(applied)}
+    observation = Observation(600.0, 60.0, pods, PodObservation())
+    assert _applied_setting(observation, fallback) == expected

@@ -1,6 +1,6 @@
 """End to end: `batchpilot operator` steering real gates in front of simulated engines.
 
-What runs, all real processes on loopback:
+What runs, all real processes on loopback (tests/stack/fleet.py starts them):
 
 - the API server (stack fixtures) with the InferencePolicy CRD applied by kubectl;
 - two serving "pods" in it (127.0.0.2, 127.0.0.3), each backed by
@@ -27,11 +27,9 @@ the controller measure wall time), and `sim load` reports scenario seconds.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -42,12 +40,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from stack import service_account_token, unique_name
-from stack.process import ManagedProcess, http_get
-from stack.prometheus import ScrapeTarget
+from stack import KubeAPIServer
+from stack.fleet import (
+    CALIBRATION,
+    GATE_TOKEN_SECRET,
+    GatedPod,
+    chart_identity_kubeconfig,
+    start_fleet,
+)
+from stack.operator_process import OperatorProcess
+from stack.process import http_get
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.gates import APPLIED_ANNOTATION
@@ -55,19 +59,16 @@ from batchpilot.sim.load import RequestRecord, summarize
 from batchpilot.sim.scenario import SLO
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "batchpilot"
-RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
-SHARED = ROOT.parent / "shared"
-CALIBRATION = SHARED / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"
 
 pytestmark = [
     pytest.mark.stack,
     pytest.mark.slow,
-    pytest.mark.skipif(not CALIBRATION.exists(), reason=f"needs the shared calibration data at {CALIBRATION}"),
+    pytest.mark.skipif(
+        not CALIBRATION.exists(), reason=f"needs the shared calibration data at {CALIBRATION}"
+    ),
 ]
 
 GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
-TOKEN = "e2e-admin-token"
 POD_IPS = ("127.0.0.2", "127.0.0.3")
 # Simulated seconds per wall second.
 TIME_SCALE = 2.0
@@ -111,7 +112,7 @@ INTERVAL_S = 5
 POLICY_SPEC: dict[str, Any] = {
     "selector": {"matchLabels": {"app": "e2e-chat"}},
     "engine": {"kind": "vllm", "maxNumSeqs": 256, "maxNumBatchedTokens": 8192},
-    "actuation": {"tokenSecretRef": {"name": "gate-token"}},
+    "actuation": {"tokenSecretRef": {"name": GATE_TOKEN_SECRET}},
     "metrics": {"endpoint": "default", "windowSeconds": 10, "stalenessSeconds": 10},
     "slo": {"ttftMs": round(SLO_TTFT_MS / TIME_SCALE), "tpotMs": round(SLO_TPOT_MS / TIME_SCALE)},
     "behavior": {"intervalSeconds": INTERVAL_S, "stabilizationWindowSeconds": 10},
@@ -124,25 +125,6 @@ REACTION_STEPS = 8
 # below it, KV the engine has stays idle. The budget reserves each request's
 # whole max_tokens up front, so it may sit a little above the cache.
 KV_BAND = (0.75 * KV_CACHE_TOKENS, 1.25 * KV_CACHE_TOKENS)
-START_TIMEOUT_S = 60.0
-
-
-@dataclass
-class ServingPod:
-    name: str
-    ip: str
-    sim_port: int
-    gate_port: int
-    admin_port: int
-
-    @property
-    def gate_url(self) -> str:
-        return f"http://{self.ip}:{self.gate_port}"
-
-    def gate_config(self) -> dict[str, Any]:
-        reply = http_get(f"http://{self.ip}:{self.admin_port}/config")
-        assert reply is not None and reply[0] == 200, f"gate of {self.name} not answering"
-        return json.loads(reply[1])
 
 
 @dataclass
@@ -154,19 +136,26 @@ class Timeline:
     recommendations: list[dict[str, Any]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def record(self, pods: list[ServingPod], started: float) -> None:
+    def record(self, pods: list[GatedPod], started: float) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
             scenario_s = round((now - started) * TIME_SCALE, 1)
             for pod in pods:
-                reply = http_get(f"http://{pod.ip}:{pod.admin_port}/config")
-                if reply is not None and reply[0] == 200:
-                    config = json.loads(reply[1])
-                    self.samples.append({"scenario_s": scenario_s, "pod": pod.name,
-                                         "version": config["version"], "knobs": config["knobs"]})
+                config = pod.read_config()
+                if config is not None:
+                    self.samples.append(
+                        {
+                            "scenario_s": scenario_s,
+                            "pod": pod.name,
+                            "version": config["version"],
+                            "knobs": config["knobs"],
+                        }
+                    )
             recommendation = self.read_status().get("recommendation")
-            if recommendation and (not self.recommendations
-                                   or self.recommendations[-1]["knobs"] != recommendation["knobs"]):
+            if recommendation and (
+                not self.recommendations
+                or self.recommendations[-1]["knobs"] != recommendation["knobs"]
+            ):
                 self.recommendations.append({"scenario_s": scenario_s, **recommendation})
             self._stop.wait(1.0)
 
@@ -174,36 +163,14 @@ class Timeline:
         self._stop.set()
 
 
-def free_port_on(ips: tuple[str, ...]) -> int:
-    """A port free on every one of `ips` a moment ago (each pod listens on its own IP)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ips[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for ip in ips[1:]:
-                with socket.socket() as other:
-                    other.bind((ip, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no port free on all of {ips}")
-
-
-def start_server(name: str, argv: list[str], log_dir: Path, ready_url: str, env: dict[str, str] | None = None) -> ManagedProcess:
-    process = ManagedProcess(name, argv, log_dir / f"{name}.log", env)
-
-    def ready() -> bool:
-        reply = http_get(ready_url)
-        return reply is not None and reply[0] == 200
-
-    process.wait_until(ready, START_TIMEOUT_S, f"serving {ready_url}")
-    return process
-
-
 def kubectl_run(kubectl: Path, kubeconfig: Path, *args: str) -> str:
-    done = subprocess.run([str(kubectl), f"--kubeconfig={kubeconfig}", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [str(kubectl), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -222,83 +189,55 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float) -> Any:
 def phase_summary(rows: list[dict[str, Any]], start_s: float, end_s: float) -> dict[str, Any]:
     """The benchmark's summary over the requests that arrived in [start_s, end_s)."""
     fields = {f for f in RequestRecord.__dataclass_fields__}
-    records = [RequestRecord(**{k: v for k, v in row.items() if k in fields})
-               for row in rows if start_s <= row["arrival_s"] < end_s]
+    records = [
+        RequestRecord(**{k: v for k, v in row.items() if k in fields})
+        for row in rows
+        if start_s <= row["arrival_s"] < end_s
+    ]
     summary = summarize(records, end_s - start_s, SLO(SLO_TTFT_MS, SLO_TPOT_MS))
     summary.pop("by_url", None)
     return summary
 
 
-def chart_identity_kubeconfig(helm: Path, kubectl: Path, kube_api: Any, k8s_client: client.ApiClient,
-                              namespace: str) -> Path:
-    """A kubeconfig for the chart's own ServiceAccount, its RBAC applied for real.
-
-    The operator runs under it, not as an admin, so this test also proves the
-    chart grants enough for the whole loop (watch, status, pods, Events, the
-    gate token Secret).
-    """
-    rendered = subprocess.run(
-        [str(helm), "template", unique_name("e2e")[:20], str(CHART), "--namespace", namespace,
-         "--set", f"watchNamespaces={{{namespace}}}", "--set", "rbac.gateTokenSecretNames={gate-token}"],
-        capture_output=True, text=True, timeout=60, check=True)
-    rbac = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] in RBAC_KINDS]
-    subprocess.run([str(kubectl), "--kubeconfig", str(kube_api.kubeconfig), "apply", "--server-side", "-f", "-"],
-                   input=yaml.safe_dump_all(rbac), capture_output=True, text=True, timeout=60, check=True)
-    (account,) = [doc["metadata"]["name"] for doc in rbac if doc["kind"] == "ServiceAccount"]
-    return kube_api.kubeconfig_for(service_account_token(k8s_client, namespace, account), account)
-
-
 @pytest.fixture
-def e2e(kube_api: Any, k8s_client: client.ApiClient, kubectl: Path, helm: Path, namespace: str,
-        make_serving_pod: Callable[..., Any], prometheus: Callable[..., Any],
-        tmp_path: Path) -> Iterator[dict[str, Any]]:
-    kubectl_run(kubectl, kube_api.kubeconfig, "apply", "-f", str(ROOT / "crds"))
-    kubectl_run(kubectl, kube_api.kubeconfig, "wait", "--for=condition=Established", "--timeout=30s",
-                "crd/inferencepolicies.batchpilot.dev")
-    client.CoreV1Api(k8s_client).create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="gate-token"), data={"token": base64.b64encode(TOKEN.encode()).decode()}))
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
+def e2e(
+    kube_api: KubeAPIServer,
+    k8s_client: client.ApiClient,
+    inferencepolicy_crd: None,
+    namespace: str,
+    tmp_path: Path,
+) -> Iterator[dict[str, Any]]:
     scenario = tmp_path / "scenario.yaml"
     scenario.write_text(SCENARIO)
-    batchpilot = [sys.executable, "-m", "batchpilot.cli.main"]
-    processes: list[ManagedProcess] = []
-    try:
-        admin_port = free_port_on(POD_IPS)
-        pods = []
-        for index, ip in enumerate(POD_IPS):
-            pod = ServingPod(f"chat-{index}", ip, free_port_on((ip,)), free_port_on((ip,)), admin_port)
-            processes.append(start_server(f"sim-{pod.name}", [
-                *batchpilot, "sim", "serve", "--scenario", str(scenario), "--listen", f"{ip}:{pod.sim_port}",
-                "--time-scale", str(TIME_SCALE)], tmp_path, f"http://{ip}:{pod.sim_port}/health"))
-            processes.append(start_server(f"gate-{pod.name}", [
-                *batchpilot, "gate", "--upstream", f"http://{ip}:{pod.sim_port}", "--listen", f"{ip}:{pod.gate_port}",
-                "--admin", f"{ip}:{admin_port}", "--token-file", str(token_file)],
-                tmp_path, f"http://{ip}:{admin_port}/readyz"))
-            make_serving_pod(namespace, pod.name, pod_ip=ip, ports={"http": pod.gate_port, "admin": admin_port},
-                             labels={"app": "e2e-chat"})
-            pods.append(pod)
-        targets = [ScrapeTarget(f"{pod.ip}:{port}", {"pod": pod.name, "namespace": namespace})
-                   for pod in pods for port in (pod.admin_port, pod.sim_port)]
-        prom = prometheus(targets, scrape_interval_s=1.0)
-        health_port, metrics_port = free_port_on(("127.0.0.1",)), free_port_on(("127.0.0.1",))
-        config = tmp_path / "operator.yaml"
-        config.write_text(yaml.safe_dump({
-            "prometheus": {"default": prom.url}, "namespaces": [namespace], "tick_seconds": 1,
-            "health_host": "127.0.0.1", "health_port": health_port, "metrics_port": metrics_port,
-        }))
-        operator_kubeconfig = chart_identity_kubeconfig(helm, kubectl, kube_api, k8s_client, namespace)
-        operator = start_server("operator", [*batchpilot, "operator", "--config", str(config)], tmp_path,
-                                f"http://127.0.0.1:{health_port}/healthz",
-                                env={**os.environ, "KUBECONFIG": str(operator_kubeconfig)})
-        processes.append(operator)
-        yield {"pods": pods, "namespace": namespace, "scenario": scenario, "tmp": tmp_path,
-               "operator": operator, "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics",
-               "kubeconfig": kube_api.kubeconfig,
-               "read_status": lambda: read_policy(k8s_client, namespace).get("status") or {}}
-    finally:
-        for process in reversed(processes):
-            process.stop()
+    with (
+        start_fleet(
+            k8s_client,
+            namespace,
+            scenario=scenario,
+            ips=POD_IPS,
+            labels={"app": "e2e-chat"},
+            workdir=tmp_path,
+            time_scale=TIME_SCALE,
+        ) as fleet,
+        OperatorProcess(
+            workdir=tmp_path,
+            prometheus_url=fleet.prometheus_url,
+            namespaces=[namespace],
+            kubeconfig=chart_identity_kubeconfig(kube_api, k8s_client, namespace),
+            # Fine enough for 5 s policy intervals, with half the default's timer wake-ups.
+            tick_seconds=1,
+        ).start() as operator,
+    ):
+        yield {
+            "pods": fleet.pods,
+            "namespace": namespace,
+            "scenario": scenario,
+            "tmp": tmp_path,
+            "operator": operator,
+            "metrics_url": operator.metrics_url,
+            "kubeconfig": kube_api.kubeconfig,
+            "read_status": lambda: read_policy(k8s_client, namespace).get("status") or {},
+        }
 
 
 def run_load(env: dict[str, Any], label: str) -> tuple[list[dict[str, Any]], Timeline]:
@@ -310,10 +249,24 @@ def run_load(env: dict[str, Any], label: str) -> tuple[list[dict[str, Any]], Tim
     sampler.start()
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "batchpilot.cli.main", "sim", "load", str(env["scenario"]),
-             *[arg for pod in env["pods"] for arg in ("--url", pod.gate_url)],
-             "--json", str(out), "--time-scale", str(TIME_SCALE)],
-            capture_output=True, text=True, timeout=DURATION_S / TIME_SCALE + 240, check=False)
+            [
+                sys.executable,
+                "-m",
+                "batchpilot.cli.main",
+                "sim",
+                "load",
+                str(env["scenario"]),
+                *[arg for pod in env["pods"] for arg in ("--url", pod.gate_url)],
+                "--json",
+                str(out),
+                "--time-scale",
+                str(TIME_SCALE),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=DURATION_S / TIME_SCALE + 240,
+            check=False,
+        )
     finally:
         timeline.stop()
         sampler.join()
@@ -322,20 +275,37 @@ def run_load(env: dict[str, Any], label: str) -> tuple[list[dict[str, Any]], Tim
 
 
 def read_policy(api: client.ApiClient, namespace: str) -> dict[str, Any]:
-    return client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e")
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "e2e"
+    )
 
 
-def test_operator_end_to_end(e2e: dict[str, Any], k8s_client: client.ApiClient, kubectl: Path) -> None:
+def test_operator_end_to_end(
+    e2e: dict[str, Any], k8s_client: client.ApiClient, kubectl: Path
+) -> None:
     namespace, pods = e2e["namespace"], e2e["pods"]
     custom = client.CustomObjectsApi(k8s_client)
     startup = {pod.name: pod.gate_config() for pod in pods}
     assert all(config["version"] == 1 for config in startup.values())
 
     # 1. Recommend: the operator observes and publishes; the gates keep their startup settings.
-    spec = {**POLICY_SPEC, "mode": "Recommend",
-            "actuation": {**POLICY_SPEC["actuation"], "adminPort": pods[0].admin_port}}
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "InferencePolicy", "metadata": {"name": "e2e"}, "spec": spec})
+    spec = {
+        **POLICY_SPEC,
+        "mode": "Recommend",
+        "actuation": {**POLICY_SPEC["actuation"], "adminPort": pods[0].admin_port},
+    }
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "InferencePolicy",
+            "metadata": {"name": "e2e"},
+            "spec": spec,
+        },
+    )
     off_rows, off_recorded = run_load(e2e, "recommend")
     off_timeline = off_recorded.samples
     recommended = read_policy(k8s_client, namespace)["status"]
@@ -347,7 +317,9 @@ def test_operator_end_to_end(e2e: dict[str, Any], k8s_client: client.ApiClient, 
     assert all(pod.gate_config()["version"] == 1 for pod in pods)
 
     # 2. Auto: the same workload, the operator applying its recommendations.
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e", {"spec": {"mode": "Auto"}})
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "e2e", {"spec": {"mode": "Auto"}}
+    )
     on_rows, on_recorded = run_load(e2e, "auto")
     on_timeline = on_recorded.samples
     table = kubectl_run(kubectl, e2e["kubeconfig"], "get", "infpol", "-n", namespace)
@@ -355,8 +327,15 @@ def test_operator_end_to_end(e2e: dict[str, Any], k8s_client: client.ApiClient, 
     auto_status = read_policy(k8s_client, namespace)["status"]
     events = client.CoreV1Api(k8s_client).list_namespaced_event(namespace)
     reasons = {event.reason for event in events.items}
-    pod_records = {pod.name: (client.CoreV1Api(k8s_client).read_namespaced_pod(pod.name, namespace)
-                              .metadata.annotations or {}).get(APPLIED_ANNOTATION) for pod in pods}
+    pod_records = {
+        pod.name: (
+            client.CoreV1Api(k8s_client)
+            .read_namespaced_pod(pod.name, namespace)
+            .metadata.annotations
+            or {}
+        ).get(APPLIED_ANNOTATION)
+        for pod in pods
+    }
 
     # 3. Delete: the finalizer puts the gates' startup settings back.
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "e2e")
@@ -370,12 +349,23 @@ def test_operator_end_to_end(e2e: dict[str, Any], k8s_client: client.ApiClient, 
 
     wait_for(gone, "the policy deleted (finalizer done)", 60)
     restored = {pod.name: pod.gate_config() for pod in pods}
-    annotations_after = {pod.name: client.CoreV1Api(k8s_client).read_namespaced_pod(pod.name, namespace)
-                         .metadata.annotations or {} for pod in pods}
+    annotations_after = {
+        pod.name: client.CoreV1Api(k8s_client)
+        .read_namespaced_pod(pod.name, namespace)
+        .metadata.annotations
+        or {}
+        for pod in pods
+    }
     operator_metrics = http_get(e2e["metrics_url"])
 
-    report = build_report(off_rows, on_rows, on_recorded, auto_status, table,
-                          operator_metrics[1].decode() if operator_metrics else "")
+    report = build_report(
+        off_rows,
+        on_rows,
+        on_recorded,
+        auto_status,
+        table,
+        operator_metrics[1].decode() if operator_metrics else "",
+    )
     report["recommendations_recommend_mode"] = off_recorded.recommendations
     write_report(report)
 
@@ -391,12 +381,18 @@ def test_operator_end_to_end(e2e: dict[str, Any], k8s_client: client.ApiClient, 
     assert reaction["reached_at_scenario_s"] is not None, reaction
     assert reaction["steps_after_shift"] <= REACTION_STEPS, reaction
     assert reaction["in_band_at_end"], reaction
-    assert all(deadline is not None and deadline <= POLICY_SPEC["slo"]["ttftMs"]
-               for deadline in reaction["deadline_at_end_ms"]), reaction
+    assert all(
+        deadline is not None and deadline <= POLICY_SPEC["slo"]["ttftMs"]
+        for deadline in reaction["deadline_at_end_ms"]
+    ), reaction
     # Goodput after the shift: operator on beats operator off.
-    assert report["after_shift"]["on"]["goodput_rps"] > report["after_shift"]["off"]["goodput_rps"], report
+    assert (
+        report["after_shift"]["on"]["goodput_rps"] > report["after_shift"]["off"]["goodput_rps"]
+    ), report
     # Every pod carries the record of what was applied while the policy ran.
-    assert all(record and json.loads(record)["policy"] == "e2e" for record in pod_records.values()), pod_records
+    assert all(
+        record and json.loads(record)["policy"] == "e2e" for record in pod_records.values()
+    ), pod_records
     # Delete restored the startup settings and removed the record.
     for pod in pods:
         assert restored[pod.name]["knobs"] == startup[pod.name]["knobs"], restored
@@ -404,19 +400,38 @@ def test_operator_end_to_end(e2e: dict[str, Any], k8s_client: client.ApiClient, 
         assert APPLIED_ANNOTATION not in annotations_after[pod.name]
     # `kubectl get infpol` reads well: the columns, and this policy's row.
     header, row = table.splitlines()[:2]
-    assert re.split(r"\s{2,}", header.strip()) == ["NAME", "MODE", "PODS", "BATCH CAP", "SLO MET", "AGE"]
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "NAME",
+        "MODE",
+        "PODS",
+        "BATCH CAP",
+        "SLO MET",
+        "AGE",
+    ]
     values = re.split(r"\s{2,}", row.strip())
     assert values[:3] == ["e2e", "Auto", "2/2"], row
-    assert values[3].isdigit() and int(values[3]) == auto_status["recommendation"]["knobs"]["maxConcurrency"]
+    assert (
+        values[3].isdigit()
+        and int(values[3]) == auto_status["recommendation"]["knobs"]["maxConcurrency"]
+    )
     assert values[4] in ("True", "False", "Unknown")
     assert "APPLIED" in wide.splitlines()[0] and "REASON" in wide.splitlines()[0]
 
 
-def build_report(off_rows: list[dict[str, Any]], on_rows: list[dict[str, Any]], recorded: Timeline,
-                 auto_status: dict[str, Any], table: str, operator_metrics: str) -> dict[str, Any]:
+def build_report(
+    off_rows: list[dict[str, Any]],
+    on_rows: list[dict[str, Any]],
+    recorded: Timeline,
+    auto_status: dict[str, Any],
+    table: str,
+    operator_metrics: str,
+) -> dict[str, Any]:
     on_timeline = recorded.samples
     before = {"off": phase_summary(off_rows, 0, SHIFT_S), "on": phase_summary(on_rows, 0, SHIFT_S)}
-    after = {"off": phase_summary(off_rows, SHIFT_S, DURATION_S), "on": phase_summary(on_rows, SHIFT_S, DURATION_S)}
+    after = {
+        "off": phase_summary(off_rows, SHIFT_S, DURATION_S),
+        "on": phase_summary(on_rows, SHIFT_S, DURATION_S),
+    }
     # Settings per pod over time, only where they changed.
     changes: list[dict[str, Any]] = []
     last: dict[str, int] = {}
@@ -424,37 +439,60 @@ def build_report(off_rows: list[dict[str, Any]], on_rows: list[dict[str, Any]], 
         if last.get(sample["pod"]) != sample["version"]:
             last[sample["pod"]] = sample["version"]
             changes.append(sample)
+
     def in_band(pod_samples: list[dict[str, Any]]) -> bool:
         budgets = [sample["knobs"]["max_inflight_tokens"] for sample in pod_samples]
-        return bool(budgets) and all(b is not None and KV_BAND[0] <= b <= KV_BAND[1] for b in budgets)
+        return bool(budgets) and all(
+            b is not None and KV_BAND[0] <= b <= KV_BAND[1] for b in budgets
+        )
 
     by_time: dict[float, list[dict[str, Any]]] = {}
     for sample in on_timeline:
         by_time.setdefault(sample["scenario_s"], []).append(sample)
-    reached = next((t for t, group in sorted(by_time.items())
-                    if t >= SHIFT_S and len(group) == len(POD_IPS) and in_band(group)), None)
+    reached = next(
+        (
+            t
+            for t, group in sorted(by_time.items())
+            if t >= SHIFT_S and len(group) == len(POD_IPS) and in_band(group)
+        ),
+        None,
+    )
     last_per_pod = {sample["pod"]: sample for sample in on_timeline}
     step_s = INTERVAL_S * TIME_SCALE
-    step_lines = [line for line in operator_metrics.splitlines()
-                  if line.startswith(("batchpilot_operator_control_step_duration_seconds_count",
-                                      "batchpilot_operator_control_step_duration_seconds_sum",
-                                      "batchpilot_operator_status_writes_total",
-                                      "batchpilot_operator_decisions_total",
-                                      "batchpilot_operator_actuations_total"))]
+    step_lines = [
+        line
+        for line in operator_metrics.splitlines()
+        if line.startswith(
+            (
+                "batchpilot_operator_control_step_duration_seconds_count",
+                "batchpilot_operator_control_step_duration_seconds_sum",
+                "batchpilot_operator_status_writes_total",
+                "batchpilot_operator_decisions_total",
+                "batchpilot_operator_actuations_total",
+            )
+        )
+    ]
     return {
-        "time_scale": TIME_SCALE, "shift_scenario_s": SHIFT_S, "duration_scenario_s": DURATION_S,
+        "time_scale": TIME_SCALE,
+        "shift_scenario_s": SHIFT_S,
+        "duration_scenario_s": DURATION_S,
         "slo_scenario_ms": {"ttft": SLO_TTFT_MS, "tpot": SLO_TPOT_MS},
         "control_interval_wall_s": INTERVAL_S,
-        "before_shift": before, "after_shift": after,
+        "before_shift": before,
+        "after_shift": after,
         "settings_changes_auto": changes,
         "recommendations_auto_mode": recorded.recommendations,
         "kv_cache_tokens": KV_CACHE_TOKENS,
-        "reaction": {"kv_band_tokens": KV_BAND,
-                     "reached_at_scenario_s": reached,
-                     "steps_after_shift": None if reached is None else (reached - SHIFT_S) / step_s,
-                     "in_band_at_end": in_band(list(last_per_pod.values())),
-                     "deadline_at_end_ms": [s["knobs"]["queue_deadline_ms"] for s in last_per_pod.values()]},
-        "final_status": {key: auto_status.get(key) for key in ("recommendation", "applied", "model", "pods")},
+        "reaction": {
+            "kv_band_tokens": KV_BAND,
+            "reached_at_scenario_s": reached,
+            "steps_after_shift": None if reached is None else (reached - SHIFT_S) / step_s,
+            "in_band_at_end": in_band(list(last_per_pod.values())),
+            "deadline_at_end_ms": [s["knobs"]["queue_deadline_ms"] for s in last_per_pod.values()],
+        },
+        "final_status": {
+            key: auto_status.get(key) for key in ("recommendation", "applied", "model", "pods")
+        },
         "kubectl_get_infpol": table,
         "operator_metrics": step_lines,
     }
@@ -464,18 +502,24 @@ def write_report(report: dict[str, Any]) -> None:
     out = Path(os.environ.get("BATCHPILOT_E2E_OUT", ROOT / "out" / "e2e-operator.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    lines = [f"e2e operator timeline -> {out}",
-             f"{'phase':<14}{'operator':<10}{'goodput/s':>10}{'SLO att.':>10}{'TTFT p99':>10}{'TPOT p99':>10}{'shed':>6}"]
+    lines = [
+        f"e2e operator timeline -> {out}",
+        f"{'phase':<14}{'operator':<10}{'goodput/s':>10}{'SLO att.':>10}{'TTFT p99':>10}{'TPOT p99':>10}{'shed':>6}",
+    ]
     for phase in ("before_shift", "after_shift"):
         for side in ("off", "on"):
             s = report[phase][side]
-            lines.append(f"{phase:<14}{side:<10}{s['goodput_rps']:>10.3f}{s['slo_attainment']:>10.1%}"
-                         f"{_ms(s['ttft_p99_ms']):>10}{_ms(s['tpot_p99_ms']):>10}{s['shed']:>6}")
+            lines.append(
+                f"{phase:<14}{side:<10}{s['goodput_rps']:>10.3f}{s['slo_attainment']:>10.1%}"
+                f"{_ms(s['ttft_p99_ms']):>10}{_ms(s['tpot_p99_ms']):>10}{s['shed']:>6}"
+            )
     lines.append("gate settings (Auto), scenario s: pod version cap/tokens/discipline/deadline")
     for change in report["settings_changes_auto"]:
         k = change["knobs"]
-        lines.append(f"  {change['scenario_s']:>7.1f} {change['pod']} v{change['version']} "
-                     f"{k['max_concurrency']}/{k['max_inflight_tokens']}/{k['discipline']}/{k['queue_deadline_ms']}")
+        lines.append(
+            f"  {change['scenario_s']:>7.1f} {change['pod']} v{change['version']} "
+            f"{k['max_concurrency']}/{k['max_inflight_tokens']}/{k['discipline']}/{k['queue_deadline_ms']}"
+        )
     lines.append(report["kubectl_get_infpol"].rstrip())
     print("\n".join(lines))
 

@@ -329,12 +329,6 @@ def _sim_generated_tokens(sim: SimProcess) -> float:
     return sum(values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sim serve keeps generating for a client that left: LiveEngine.abandon "
-    "(sim/serve.py) only stops routing events and never removes the request from the "
-    "Replica, unlike vLLM, which aborts on disconnect",
-)
 def test_engine_stops_generating_when_its_client_leaves(tmp_path: Path) -> None:
     sim = start_sim(tmp_path, time_scale=1.0)
     try:

@@ -391,7 +391,9 @@ def test_request_admitted_before_its_deadline_is_served() -> None:
 
 
 def test_hundred_reconfigurations_during_500_streams_lose_nothing() -> None:
-    rng = random.Random(4)
+    # Two generators: the clients' draws interleave with the writer's in an
+    # order the scheduler decides, and the writes must not depend on it.
+    client_rng, config_rng = random.Random(4), random.Random(5)
     max_tokens = 6
 
     async def scenario() -> None:
@@ -403,17 +405,23 @@ def test_hundred_reconfigurations_during_500_streams_lose_nothing() -> None:
             async def one() -> tuple[int, str]:
                 async with client_slots:
                     return await stack.complete(
-                        max_tokens=max_tokens, **{"x-priority": str(rng.randint(0, 3))}
+                        max_tokens=max_tokens, **{"x-priority": str(client_rng.randint(0, 3))}
                     )
 
+            changes = 0
+
             async def reconfigure() -> None:
+                nonlocal changes
+                applied = stack.gate.gate.queue.knobs
                 for _ in range(100):
                     knobs = Knobs(
-                        max_concurrency=rng.randint(1, 32),
-                        max_inflight_tokens=rng.choice([None, 200, 5000]),
-                        discipline=rng.choice(["fcfs", "shortest-prompt-first", "priority"]),
-                        aging_ms=rng.choice([10, 2000]),
+                        max_concurrency=config_rng.randint(1, 32),
+                        max_inflight_tokens=config_rng.choice([None, 200, 5000]),
+                        discipline=config_rng.choice(["fcfs", "shortest-prompt-first", "priority"]),
+                        aging_ms=config_rng.choice([10, 2000]),
                     )
+                    changes += knobs != applied
+                    applied = knobs
                     status, _ = await stack.put_config(knobs.to_mapping())
                     assert status == 200
                     await asyncio.sleep(0.01)
@@ -425,8 +433,9 @@ def test_hundred_reconfigurations_during_500_streams_lose_nothing() -> None:
             for _, text in results:
                 assert sse_indices(text) == list(range(max_tokens))
             config = await stack.get_config()
-            # Every write changes something (seeded), so 100 bumps from version 1.
-            assert config["version"] == 101
+            # One version per write that changed something (a repeat is not a change).
+            assert changes > 90
+            assert config["version"] == 1 + changes
             queue = stack.gate.gate.queue
             assert (queue.queued, queue.in_flight, queue.inflight_tokens) == (0, 0, 0)
             assert stack.engine.max_running <= 32

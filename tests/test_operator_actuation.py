@@ -54,6 +54,10 @@ class ScriptedStepper:
     outage: str | None = None
     last_known_good: Knobs = field(default_factory=Knobs)
     calls: list[tuple[str, ...]] = field(default_factory=list)
+    resumed: list[Knobs] = field(default_factory=list)
+
+    def resume(self, fleet_setting: Knobs) -> None:
+        self.resumed.append(fleet_setting)
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision:
         self.calls.append(tuple(pods))

@@ -125,6 +125,10 @@ def test_applied_record_round_trips_and_feeds_the_gate_annotation() -> None:
     # The gate's own Downward API parser reads the knobs annotation we write.
     downward_file = "\n".join(f"{key}={json.dumps(value)}" for key, value in annotations.items())
     assert knobs_from_annotations(downward_file) == record.knobs
+    # A canary's record says so; others keep the bytes they had before the flag existed.
+    canary = AppliedRecord("chat", Knobs(max_concurrency=64), 8, "2026-05-01T12:01:00Z", canary=True)
+    assert AppliedRecord.from_json(canary.to_json()) == canary
+    assert '"canary":true' in canary.to_json() and "canary" not in record.to_json()
 
 
 @pytest.mark.parametrize(

@@ -5,17 +5,15 @@ the liveness endpoint and /metrics."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
-from stack.process import ManagedProcess, free_loopback_port, http_get
+from stack.operator_process import OperatorProcess
+from stack.process import http_get
 
 GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 # Policies step every 2 s here, the operator ticks every 0.5 s.
@@ -24,23 +22,10 @@ INTERVAL_S = 2
 
 @pytest.fixture
 def operator(kube_api: Any, inferencepolicy_crd: None, namespace: str, prometheus: Callable[..., Any],
-             tmp_path: Path) -> Iterator[dict[str, Any]]:
-    prom = prometheus([])
-    health_port, metrics_port = free_loopback_port(), free_loopback_port()
-    config = tmp_path / "operator.yaml"
-    config.write_text(yaml.safe_dump({
-        "prometheus": {"default": prom.url}, "namespaces": [namespace], "tick_seconds": 0.5,
-        "health_host": "127.0.0.1", "health_port": health_port, "metrics_port": metrics_port,
-    }))
-    process = ManagedProcess("operator", [sys.executable, "-m", "batchpilot.cli.main", "operator", "--config",
-                                          str(config)], tmp_path / "operator.log",
-                             {**os.environ, "KUBECONFIG": str(kube_api.kubeconfig)})
-    health = f"http://127.0.0.1:{health_port}/healthz"
-    try:
-        process.wait_until(lambda: (http_get(health) or (0, b""))[0] == 200, 60, "answering /healthz")
-        yield {"health": health, "metrics": f"http://127.0.0.1:{metrics_port}/metrics", "process": process}
-    finally:
-        process.stop()
+             tmp_path: Path) -> Iterator[OperatorProcess]:
+    with OperatorProcess(workdir=tmp_path, kubeconfig=kube_api.kubeconfig, namespaces=[namespace],
+                         prometheus_url=prometheus([]).url).start() as running:
+        yield running
 
 
 def create_policy(api: client.ApiClient, namespace: str, name: str, **spec: Any) -> None:
@@ -74,7 +59,7 @@ def metric(url: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
-def test_errors_become_conditions_and_one_event(operator: dict[str, Any], k8s_client: client.ApiClient,
+def test_errors_become_conditions_and_one_event(operator: OperatorProcess, k8s_client: client.ApiClient,
                                                 namespace: str) -> None:
     create_policy(k8s_client, namespace, "bad-endpoint", selector={"matchLabels": {"app": "x"}},
                   metrics={"endpoint": "nowhere"})
@@ -89,24 +74,24 @@ def test_errors_become_conditions_and_one_event(operator: dict[str, Any], k8s_cl
     invalid = [e for e in events if e.reason == "InvalidSpec" and e.involved_object.name == "bad-endpoint"]
     assert len(invalid) == 1 and invalid[0].type == "Warning"
     # The operator is still alive, and its probe (which kopf caches for 10 s) counts both policies.
-    assert operator["process"].running()
-    eventually(lambda: json.loads(http_get(operator["health"])[1])["timers"]["policies"] == 2,
+    assert operator.running()
+    eventually(lambda: json.loads(http_get(operator.health_url)[1])["timers"]["policies"] == 2,
                "the liveness probe counting both policies", timeout_s=20)
 
 
-def test_no_status_write_while_nothing_changes(operator: dict[str, Any], k8s_client: client.ApiClient,
+def test_no_status_write_while_nothing_changes(operator: OperatorProcess, k8s_client: client.ApiClient,
                                                namespace: str, make_serving_pod: Callable[..., Any]) -> None:
     for index, ip in enumerate(("127.0.0.2", "127.0.0.3")):
         make_serving_pod(namespace, f"quiet-{index}", pod_ip=ip, ports={"admin": 9090}, labels={"app": "quiet"})
     create_policy(k8s_client, namespace, "quiet", selector={"matchLabels": {"app": "quiet"}})
     eventually(lambda: (read_policy(k8s_client, namespace, "quiet").get("status") or {}).get("recommendation"),
                "a recommendation published")
-    eventually(lambda: metric(operator["metrics"], "batchpilot_operator_decisions_total") >= 2, "two steps")
+    eventually(lambda: metric(operator.metrics_url, "batchpilot_operator_decisions_total") >= 2, "two steps")
     settled = read_policy(k8s_client, namespace, "quiet")
-    decisions_before = metric(operator["metrics"], "batchpilot_operator_decisions_total")
+    decisions_before = metric(operator.metrics_url, "batchpilot_operator_decisions_total")
     time.sleep(4 * INTERVAL_S)
     later = read_policy(k8s_client, namespace, "quiet")
-    assert metric(operator["metrics"], "batchpilot_operator_decisions_total") >= decisions_before + 2
+    assert metric(operator.metrics_url, "batchpilot_operator_decisions_total") >= decisions_before + 2
     # Steps ran, nothing they found changed: not one write to the policy.
     assert later["metadata"]["resourceVersion"] == settled["metadata"]["resourceVersion"]
     status = later["status"]

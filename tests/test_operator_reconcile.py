@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import APPLIED_ANNOTATION
+from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
 from batchpilot.operator.metrics import OperatorMetrics
-from batchpilot.operator.reconcile import Operator, TimersStalled, next_due, pod_info
+from batchpilot.operator.reconcile import Operator, TimersStalled, fleet_setting, next_due, pod_info
 
 
 @pytest.mark.parametrize(
@@ -97,3 +98,35 @@ def test_liveness_fails_only_when_timers_stall(policies: int, last_tick: float |
     else:
         with pytest.raises(TimersStalled, match="no policy timer fired for 201 s"):
             op.liveness(now)
+
+
+FLEET, CANARY = Knobs(max_concurrency=32), Knobs(max_concurrency=48)
+
+
+def recorded(name: str, knobs: Knobs, at: str, policy: str = "chat", canary: bool = False) -> Any:
+    record = AppliedRecord(policy, knobs, 2, at, startup=FLEET, canary=canary)
+    return pod_info(name, {}, {APPLIED_ANNOTATION: record.to_json()}, status("True"), False)
+
+
+@pytest.mark.parametrize(
+    ("pods", "expected"),
+    [
+        # Two pods, one mid-canary: the older setting is the fleet's, whichever pod comes first.
+        ([recorded("a", CANARY, "2026-11-23T01:10:00Z"), recorded("b", FLEET, "2026-11-23T01:00:00Z")], FLEET),
+        ([recorded("a", FLEET, "2026-11-23T01:00:00Z"), recorded("b", CANARY, "2026-11-23T01:10:00Z")], FLEET),
+        # Written in the same second: the canary's record says which is which.
+        ([recorded("a", CANARY, "2026-11-23T01:00:00Z", canary=True), recorded("b", FLEET, "2026-11-23T01:00:00Z")],
+         FLEET),
+        # Only the canary has a record: the other pod still runs the startup settings it keeps.
+        ([recorded("a", CANARY, "2026-11-23T01:00:00Z", canary=True),
+          pod_info("b", {}, {}, status("True"), False)], FLEET),
+        # A majority is the fleet's setting, however recent.
+        ([recorded("a", CANARY, "2026-11-23T01:10:00Z"), recorded("b", CANARY, "2026-11-23T01:10:00Z"),
+          recorded("c", FLEET, "2026-11-23T01:00:00Z")], CANARY),
+        # Another policy's records and pods without one say nothing.
+        ([recorded("a", CANARY, "2026-11-23T01:10:00Z", policy="other"),
+          pod_info("b", {}, {}, status("True"), False)], None),
+    ],
+)
+def test_the_setting_a_policy_left_its_pods_on(pods: list[Any], expected: Knobs | None) -> None:
+    assert fleet_setting(pods, "chat") == expected

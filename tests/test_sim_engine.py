@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import random
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from batchpilot.controller.knobs import Knobs
 from batchpilot.sim.calibration import StepCostModel
 from batchpilot.sim.engine import EngineConfig, EngineConfigError, Replica
+from batchpilot.sim.serve import LiveEngine
 
 # Round numbers so expected times can be written out by hand.
 COST = StepCostModel(
@@ -387,3 +391,257 @@ def test_render_text_is_valid_exposition() -> None:
 def test_engine_config_errors_name_the_field(overrides: dict[str, object], field: str) -> None:
     with pytest.raises(EngineConfigError, match=f"^{field}:"):
         config(**overrides)
+
+
+# -- cancel: the client left (vLLM's abort) ------------------------------------
+
+CLIENT_DISCONNECT = 'batchpilot_gate_failed_total{reason="client_disconnect"}'
+
+
+def test_cancel_at_the_gate_lets_the_requests_behind_it_in() -> None:
+    # A 1,000-token gate budget: `big` does not fit beside `first` and,
+    # head of the line, holds `small` back too.
+    replica = Replica(config(), Knobs(max_inflight_tokens=1000))
+    first = replica.submit(0.0, 500, 100)
+    big = replica.submit(0.0, 800, 100)
+    small = replica.submit(0.0, 100, 50)
+    assert (big.status, small.status) == ("queued", "queued")
+    assert replica.cancel(0.01, big.request_id)
+    assert (big.status, big.cancelled_s) == ("cancelled", 0.01)
+    assert small.admitted_s == 0.01
+    snapshot = replica.snapshot()
+    assert snapshot["batchpilot_gate_queue_length"] == 0
+    assert snapshot["batchpilot_gate_inflight_tokens"] == (500 + 100) + (100 + 50)
+    # The real gate counts a client that leaves its queue nowhere.
+    assert CLIENT_DISCONNECT not in snapshot
+    drain(replica, 0.01)
+    assert first.status == small.status == "finished"
+    assert replica.snapshot()["batchpilot_gate_admitted_total"] == 2
+
+
+def test_cancel_in_the_engine_waiting_queue_leaves_the_batch_untouched() -> None:
+    # max_num_seqs=2 behind an unlimited gate: the third request waits inside the engine.
+    def run(with_third: bool) -> tuple[Replica, list[float | None]]:
+        replica = Replica(config(max_num_seqs=2))
+        batch = [replica.submit(0.0, 300, 200) for _ in range(2)]
+        if with_third:
+            third = replica.submit(0.0, 300, 200)
+            assert third.status == "waiting"
+            assert replica.cancel(0.05, third.request_id)
+            assert third.status == "cancelled"
+        else:
+            replica.advance(0.05)  # the same time slices, hence the same float sums
+        snapshot = replica.snapshot()
+        assert snapshot["vllm:num_requests_waiting"] == 0
+        assert snapshot["vllm:num_requests_running"] == 2
+        drain(replica, 0.05)
+        return replica, [r.finish_s for r in batch]
+
+    cancelled, times = run(with_third=True)
+    _, expected = run(with_third=False)
+    assert times == expected
+    assert cancelled.snapshot()[CLIENT_DISCONNECT] == 1
+    assert cancelled.snapshot()["vllm:e2e_request_latency_seconds_count"] == 2
+    assert cancelled.cancelled_count == 1
+
+
+def test_cancel_while_decoding_frees_its_blocks_and_keeps_only_the_tokens_made() -> None:
+    replica = Replica(config(), record_tokens=True)
+    idle = replica.snapshot(0.0)
+    request = replica.submit(0.0, 1000, 500)
+    events = replica.advance(0.2)  # a ~23 ms prefill, then ~5 ms decode steps
+    assert request.status == "decode"
+    step_end = replica.next_event_s()
+    assert replica.cancel(0.2, request.request_id)
+    events += replica.advance(0.2)
+    snapshot = replica.snapshot()
+    for gauge in (
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+        "batchpilot_gate_inflight_requests",
+        "batchpilot_gate_inflight_tokens",
+    ):
+        assert snapshot[gauge] == idle[gauge], gauge
+    assert snapshot[CLIENT_DISCONNECT] == 1
+    assert replica.idle
+    # Per-request series never see it, as vLLM V1 records a client abort.
+    assert snapshot["vllm:e2e_request_latency_seconds_count"] == 0
+    assert snapshot["vllm:request_generation_tokens_count"] == 0
+    made = request.generated
+    assert 30 < made < 500
+    assert request.token_times is not None and len(request.token_times) == made
+    assert max(request.token_times) <= 0.2
+    assert sum(len(e.token_times) for e in events if e.kind == "tokens") == made
+    assert events[-1].kind == "cancelled"
+    # The step in progress still ends when planned, and yields nothing for it.
+    assert replica.next_event_s() == step_end
+    replica.advance(1.0)
+    assert replica.next_event_s() is None
+    snapshot = replica.snapshot()
+    assert snapshot["vllm:generation_tokens_total"] == made
+    assert snapshot["vllm:inter_token_latency_seconds_count"] == made - 1
+    assert snapshot["vllm:prompt_tokens_total"] == 1000
+
+
+def test_cancel_mid_prefill_frees_its_chunks_and_the_step_keeps_its_length() -> None:
+    # A 512-token budget prefills a 4,000-token prompt in 8 chunks.
+    replica = Replica(config(max_num_seqs=8, max_num_batched_tokens=512))
+    request = replica.submit(0.0, 4000, 10)
+    chunk_s = [COST.step_ms(0, 0, 512, (d + 512) ** 2 - d**2) / 1000 for d in range(0, 2048, 512)]
+    t = sum(chunk_s[:3]) + chunk_s[3] / 2  # half way through the fourth chunk
+    snapshot = replica.snapshot(t)
+    assert request.status == "prefill"
+    blocks = 4 * 512 // 16  # the chunk in progress got its blocks when its step began
+    assert snapshot["vllm:kv_cache_usage_perc"] == blocks / replica.config.num_blocks
+    step_end = replica.next_event_s()
+    assert step_end == pytest.approx(sum(chunk_s), rel=1e-12)
+    assert replica.cancel(t, request.request_id)
+    snapshot = replica.snapshot()
+    assert snapshot["vllm:kv_cache_usage_perc"] == 0.0
+    assert snapshot["vllm:num_requests_running"] == 0
+    # A newcomer starts when the GPU is done with the step the cancelled chunk was in.
+    follower = replica.submit(t, 100, 1)
+    drain(replica, t, step=0.01)
+    assert follower.first_token_s == pytest.approx(
+        step_end + COST.step_ms(0, 0, 100, 100**2) / 1000, rel=1e-12
+    )
+    assert request.generated == 0
+    assert request.first_token_s is None
+    snapshot = replica.snapshot()
+    # Its prompt is counted at its first token, which never came (as in vLLM V1).
+    assert snapshot["vllm:prompt_tokens_total"] == 100
+    assert snapshot["vllm:generation_tokens_total"] == 1
+
+
+def test_cancel_of_an_unknown_ended_or_cancelled_request_changes_nothing() -> None:
+    replica = Replica(config(kv_cache_tokens=2048), Knobs(max_concurrency=1, queue_deadline_ms=50))
+    finished = replica.submit(0.0, 100, 2)
+    long = replica.submit(0.05, 100, 1000)
+    shed = replica.submit(0.06, 100, 10)  # waits > 50 ms behind `long`
+    rejected = replica.submit(0.06, 2000, 100)
+    assert replica.cancel(0.2, long.request_id)
+    t = drain(replica, 0.2)
+    assert (finished.status, long.status, shed.status, rejected.status) == (
+        "finished",
+        "cancelled",
+        "shed",
+        "rejected",
+    )
+    before = replica.snapshot()
+    for request_id in (
+        finished.request_id,
+        long.request_id,
+        shed.request_id,
+        rejected.request_id,
+        10_000,
+    ):
+        assert not replica.cancel(t, request_id), request_id
+    assert replica.snapshot() == before
+    assert long.cancelled_s == 0.2
+    assert replica.cancelled_count == 1
+    assert before[CLIENT_DISCONNECT] == 1
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_cancels_keep_kv_and_token_accounting_exact(seed: int) -> None:
+    # A small KV cache and a small prefill budget put requests in every phase,
+    # preempted ones included; a third of arrivals also cancel someone.
+    rng = random.Random(seed)
+    replica = Replica(
+        config(kv_cache_tokens=6000, max_num_seqs=32, max_num_batched_tokens=1024),
+        Knobs(max_concurrency=24),
+        record_tokens=True,
+    )
+    handles = []
+    events = []
+    hit = set()
+    t = 0.0
+    for _ in range(300):
+        t += rng.expovariate(40.0)
+        events += replica.advance(t)
+        handles.append(replica.submit(t, rng.randint(10, 1500), rng.randint(1, 200)))
+        if rng.random() < 0.3:
+            victim = rng.choice(handles)
+            hit.add(victim.status)
+            replica.cancel(t, victim.request_id)
+            assert 0.0 <= replica.snapshot()["vllm:kv_cache_usage_perc"] <= 1.0
+    while not replica.idle:
+        t += 0.01
+        events += replica.advance(t)
+    assert {"queued", "waiting", "prefill", "decode"} <= hit, hit
+    assert replica.preemptions > 0
+    snapshot = replica.snapshot()
+    for gauge in (
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "batchpilot_gate_inflight_requests",
+        "batchpilot_gate_inflight_tokens",
+    ):
+        assert snapshot[gauge] == 0, gauge
+    finished = [h for h in handles if h.status == "finished"]
+    cancelled = [h for h in handles if h.status == "cancelled"]
+    assert len(finished) + len(cancelled) == len(handles)
+    assert all(h.generated == h.output_tokens for h in finished)
+    reported: dict[int, list[float]] = {}
+    for event in events:
+        if event.kind == "tokens":
+            reported.setdefault(event.request.request_id, []).extend(event.token_times)
+    for h in cancelled:
+        assert h.generated < h.output_tokens
+        assert h.token_times == reported.get(h.request_id, [])
+        assert len(h.token_times) == h.generated
+        assert all(time_s <= h.cancelled_s for time_s in h.token_times)  # type: ignore[operator]
+    assert snapshot["vllm:generation_tokens_total"] == sum(h.generated for h in handles)
+    assert snapshot["vllm:inter_token_latency_seconds_count"] == sum(
+        max(h.generated - 1, 0) for h in handles
+    )
+    assert snapshot["vllm:prompt_tokens_total"] == sum(
+        h.prompt_tokens for h in handles if h.first_token_s is not None
+    )
+    assert snapshot["vllm:e2e_request_latency_seconds_count"] == len(finished)
+    assert snapshot[CLIENT_DISCONNECT] == sum(h.admitted_s is not None for h in cancelled)
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still false after {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
+def test_live_engine_cancels_the_request_of_an_abandoned_stream() -> None:
+    async def scenario() -> None:
+        engine = LiveEngine(config(), time_scale=1.0)
+        driver = asyncio.create_task(engine.run())
+        try:
+            stream = await engine.submit(100, 10_000, 0)  # ~50 s of decoding
+            assert (await stream.events.get())[0] == "tokens"
+            engine.abandon(stream)
+            await _until(lambda: stream.request.status == "cancelled")
+            assert engine.replica.idle
+            engine.abandon(stream)  # the handler's `finally` may repeat it
+        finally:
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+        assert engine.replica.cancelled_count == 1
+
+    asyncio.run(scenario())
+
+
+def test_live_engine_cancels_a_request_whose_client_left_before_the_driver_took_it() -> None:
+    async def scenario() -> None:
+        engine = LiveEngine(config(), time_scale=1.0)
+        submit = asyncio.create_task(engine.submit(100, 10_000, 0))
+        await asyncio.sleep(0)  # queued for the driver, which is not running yet
+        submit.cancel()
+        driver = asyncio.create_task(engine.run())
+        try:
+            await _until(lambda: engine.replica.cancelled_count == 1)
+            assert engine.replica.idle
+        finally:
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+        assert submit.cancelled()
+
+    asyncio.run(scenario())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import ipaddress
 import signal
@@ -13,7 +14,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from types import TracebackType
+from typing import Protocol, Self, TypeVar
 
 from .tools import StackError
 
@@ -38,15 +40,27 @@ def _die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def free_loopback_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago.
+def free_loopback_port(ips: Sequence[str] = ("127.0.0.1",)) -> int:
+    """A TCP port that was free on every one of `ips` a moment ago.
 
-    Another process can take it before the server binds it; the start
-    functions therefore retry with fresh ports when a bind fails.
+    Several ips: one port number for servers on different loopback
+    addresses (each serving pod listens on its own IP, on the same admin
+    port). Another process can take the port before the server binds it; the
+    start functions therefore retry with fresh ports when a bind fails.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    # A port free on the first ip may be taken on another: pick again, up to 50 times.
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((ips[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for ip in ips[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+                    other.bind((ip, port))
+        except OSError:
+            continue
+        return port
+    raise StackError(f"no port free on all of {', '.join(ips)}")
 
 
 def require_loopback(host: str, field: str) -> None:
@@ -81,6 +95,35 @@ def http_get(
     except OSError:
         # Connection refused or reset, TLS not up yet, timeout: not serving yet.
         return None
+
+
+def http_ok(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bool:
+    """Whether a GET of `url` answers 200: the readiness probe of every server here."""
+    reply = http_get(url, headers=headers, ssl_context=ssl_context)
+    return reply is not None and reply[0] == 200
+
+
+class Stoppable(abc.ABC):
+    """Something running that stop() ends; a `with` block calls stop() on the way out."""
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
 
 
 class ServerExited(StackError):
@@ -145,6 +188,19 @@ class ManagedProcess:
                 )
             time.sleep(POLL_INTERVAL_S)
 
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a lost node ends a process: no cleanup runs.
+
+        Returns once the process is gone and reaped.
+        """
+        self._popen.kill()
+        try:
+            self._popen.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired as error:
+            # Only a process stuck in the kernel (uninterruptible I/O) outlives SIGKILL.
+            raise StackError(f"{self.name} (pid {self.pid}) survived SIGKILL") from error
+        self._log.close()
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_GRACE_S. Safe to call twice."""
         if self.running():
@@ -161,7 +217,8 @@ class ManagedProcess:
 # with 3-4 engineers starting servers on one machine that is rare, and three
 # fresh picks in a row all losing the race is rarer still.
 PORT_ATTEMPTS = 3
-_ADDRESS_IN_USE = "address already in use"
+# In the log of a Go server (kube-apiserver, its etcd, Prometheus) whose port was taken.
+ADDRESS_IN_USE = "address already in use"
 
 
 class _HasProcess(Protocol):
@@ -187,7 +244,7 @@ def start_with_port_retry(
             return server
         except ServerExited:
             server.process.stop()
-            if attempt == PORT_ATTEMPTS or not server.process.log_contains(_ADDRESS_IN_USE):
+            if attempt == PORT_ATTEMPTS or not server.process.log_contains(ADDRESS_IN_USE):
                 raise
         except BaseException:
             server.process.stop()

@@ -8,14 +8,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import yaml
 
 from .process import (
     ManagedProcess,
+    Stoppable,
     free_loopback_port,
     http_get,
+    http_ok,
     require_loopback,
     start_with_port_retry,
 )
@@ -71,7 +72,7 @@ def _config(targets: Sequence[ScrapeTarget], interval_s: float, metrics_path: st
     )
 
 
-class PrometheusServer:
+class PrometheusServer(Stoppable):
     """A running Prometheus. Use as a context manager, or call stop()."""
 
     def __init__(
@@ -90,8 +91,7 @@ class PrometheusServer:
         self._target_count = target_count
 
     def _ready_and_scraped(self) -> bool:
-        ready = http_get(f"{self.url}/-/ready")
-        if ready is None or ready[0] != 200:
+        if not http_ok(f"{self.url}/-/ready"):
             return False
         reply = http_get(f"{self.url}/api/v1/targets?state=active")
         if reply is None or reply[0] != 200:
@@ -107,17 +107,6 @@ class PrometheusServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
             shutil.rmtree(self.workdir / "data", ignore_errors=True)
-
-    def __enter__(self) -> PrometheusServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def start_prometheus(

@@ -3,12 +3,13 @@
 scripts/dev-setup installs every binary. The stack runs them by absolute path,
 never by a PATH lookup, so plain `pytest` works without scripts/test and a system
 kubectl (this image has Google Cloud SDK's 1.32 dispatcher at /usr/bin/kubectl)
-is never picked up by mistake. Only Debian's prometheus is looked up on PATH,
-where its package puts it.
+is never picked up by mistake. Only Debian's prometheus and openssl are looked
+up on PATH, where their packages put them; batchpilot itself runs as
+`python -m batchpilot.cli.main` under this interpreter (BATCHPILOT_CLI).
 
     $BATCHPILOT_CACHE_DIR/bin/kube-apiserver-etcd    scripts/build-kube-apiserver
     $BATCHPILOT_CACHE_DIR/tools/bin/{kubectl,helm}   scripts/dev-setup
-    prometheus (on PATH, /usr/bin from Debian)       scripts/dev-setup
+    prometheus, openssl (on PATH, from Debian)       scripts/dev-setup
 
 BATCHPILOT_CACHE_DIR defaults to $XDG_CACHE_HOME/batchpilot, i.e.
 ~/.cache/batchpilot, the same rule as the scripts. Paths are resolved on every
@@ -19,9 +20,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 SETUP_FIX = "run scripts/dev-setup"
+# This interpreter, so that the virtualenv's batchpilot and packages run.
+BATCHPILOT_CLI = (sys.executable, "-m", "batchpilot.cli.main")
 
 
 class StackError(RuntimeError):
@@ -70,3 +75,11 @@ def openssl_path() -> Path:
     if found is None:
         raise StackError(f"openssl not found on PATH: {SETUP_FIX} (installs Debian's openssl)")
     return Path(found)
+
+
+def run_openssl(*args: str) -> None:
+    """Run `openssl args...`; raise StackError with its stderr when it fails."""
+    argv = [str(openssl_path()), *args]
+    completed = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        raise StackError(f"{' '.join(argv)} failed: {completed.stderr.strip()}")
