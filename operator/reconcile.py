@@ -19,6 +19,7 @@ import asyncio
 import math
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -330,7 +331,10 @@ async def _step(
 
     if not runtime.resumed:
         runtime.resumed = True
-        if (left_on := fleet_setting(ready, runtime.name)) is not None:
+        left_on = fleet_setting(ready, runtime.name)
+        if left_on is None:
+            left_on = await _startup_setting(op, parsed, ready)
+        if left_on is not None:
             stepper.resume(left_on)
     names = [pod.name for pod in ready]
     waiting = time.perf_counter()
@@ -603,6 +607,29 @@ def fleet_setting(pods: Iterable[PodInfo], policy: str) -> Knobs | None:
     most = max(len(times) for times in applied.values())
     tied = [knobs for knobs, times in applied.items() if len(times) == most]
     return min(tied, key=lambda knobs: max(applied[knobs]))
+
+
+async def _startup_setting(
+    op: Operator, parsed: PolicySpec, ready: Sequence[PodInfo]
+) -> Knobs | None:
+    """The most common startup setting the pods' gates report (None: no gate answered).
+
+    With no records, the policy never finished a change on these pods: they
+    run their startup settings, unless an operator was killed between its
+    first gate write and that pod's record, which the gate's own report of
+    its startup settings sees through.
+    """
+
+    async def startup(pod: PodInfo) -> Knobs | None:
+        assert pod.ip is not None
+        try:
+            config = await op.gates.read(pod.ip, parsed.actuation.admin_port)
+        except GateError:
+            return None
+        return config.startup or config.knobs
+
+    answers = [knobs for knobs in await asyncio.gather(*map(startup, ready)) if knobs]
+    return Counter(answers).most_common(1)[0][0] if answers else None
 
 
 def _ours(pod: PodInfo, policy: str) -> bool:

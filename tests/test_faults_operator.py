@@ -463,8 +463,11 @@ def test_operator_restarted_after_a_partial_rollout_converges_and_restores(
             await revived.start()
             stack.gates[1] = revived
             try:
-                stack.restart_operator(ScriptedStepper([TARGET]))
+                restarted = ScriptedStepper([TARGET])
+                stack.restart_operator(restarted)
                 resumed = await stack.cycle()
+                # chat-0's record is the only one: the fleet was left on TARGET.
+                assert restarted.resumed == [TARGET]
                 assert resumed.report is not None and resumed.report.actuation is not None
                 assert resumed.report.actuation.laggards == ()
                 assert [gate.gate.queue.knobs for gate in stack.gates] == [TARGET, TARGET]
@@ -488,8 +491,12 @@ def test_operator_killed_between_gate_write_and_annotation_still_restores_startu
             # target, no pod carries a record yet.
             await stack.op.gates.write(IPS[0], stack.admin_port, TOKEN, TARGET)
             assert stack.records() == [None, None]
-            stack.restart_operator(ScriptedStepper([TARGET]))
+            restarted = ScriptedStepper([TARGET])
+            stack.restart_operator(restarted)
             await stack.cycle()
+            # No record to resume from: the gates' own startup settings are
+            # the fleet's, not the setting the killed operator left on one.
+            assert restarted.resumed == [STARTUP]
             assert [gate.gate.queue.knobs for gate in stack.gates] == [TARGET, TARGET]
             await stack.cycle(mode="Off", generation=2)
             assert [gate.gate.queue.knobs for gate in stack.gates] == [STARTUP, STARTUP]
