@@ -24,31 +24,28 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import aiohttp
 import pytest
 from kubernetes import client
 from stack import PrometheusServer, ScrapeTarget
+from stack.in_process import in_process_operator, pod_infos, start_gates
 from test_operator_actuation import ScriptedStepper
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.server import GateServer
-from batchpilot.gate.settings import load_settings
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import AppliedRecord, GateClient
+from batchpilot.operator.gates import AppliedRecord
 from batchpilot.operator.metrics import OperatorMetrics
 from batchpilot.operator.reconcile import (
     CycleOutcome,
     Operator,
     PodInfo,
     PolicyRuntime,
-    pod_info,
     run_cycle,
 )
 from batchpilot.operator.status import Problem, build_status
@@ -135,20 +132,7 @@ class Stack:
     runtime: PolicyRuntime
 
     def pods(self) -> list[PodInfo]:
-        infos = []
-        for pod in client.CoreV1Api(self.api).list_namespaced_pod(self.namespace).items:
-            body = self.api.sanitize_for_serialization(pod)
-            meta = body["metadata"]
-            infos.append(
-                pod_info(
-                    meta["name"],
-                    meta.get("labels") or {},
-                    meta.get("annotations") or {},
-                    body.get("status") or {},
-                    meta.get("deletionTimestamp") is not None,
-                )
-            )
-        return infos
+        return pod_infos(self.api, self.namespace)
 
     def spec(self, mode: str = "Auto") -> dict[str, Any]:
         return {
@@ -220,25 +204,7 @@ def stack_factory(
     @asynccontextmanager
     async def make() -> AsyncIterator[Stack]:
         async with AsyncExitStack() as exits:
-            gates: list[GateServer] = []
-            admin_port = 0
-            for ip in IPS:
-                gate = GateServer(
-                    load_settings(
-                        {
-                            "listen": f"{ip}:0",
-                            "admin": f"{ip}:{admin_port}",
-                            "upstream": "http://127.0.0.1:9",
-                            "token": TOKEN,
-                            "knobs": STARTUP.to_mapping(),
-                        },
-                        {},
-                    )
-                )
-                await gate.start()
-                exits.push_async_callback(gate.stop)
-                admin_port = gate.admin_port
-                gates.append(gate)
+            gates, admin_port = await start_gates(exits, [(ip, TOKEN) for ip in IPS], STARTUP)
             for index, ip in enumerate(IPS):
                 make_serving_pod(
                     namespace,
@@ -262,14 +228,8 @@ def stack_factory(
             proxy = _serve(FaultProxy(server.url))
             stack_ref: list[Stack] = []
             exits.callback(lambda: _close(stack_ref[0].proxy))
-            session = await exits.enter_async_context(aiohttp.ClientSession())
-            op = Operator(
-                config=OperatorConfig(prometheus={"default": proxy.url}),
-                gates=GateClient(session, 2.0),
-                kube=k8s_client,
-                metrics=OperatorMetrics(),
-                step_slots=asyncio.Semaphore(2),
-                step_threads=exits.enter_context(ThreadPoolExecutor(2)),
+            op = await in_process_operator(
+                exits, k8s_client, OperatorConfig(prometheus={"default": proxy.url})
             )
             stack = Stack(
                 k8s_client,
@@ -453,16 +413,15 @@ def test_operator_restarted_after_a_partial_rollout_converges_and_restores(
     async def scenario() -> None:
         async with stack_factory() as stack:
             stack.op.stepper_factory = lambda policy, prometheus: ScriptedStepper([TARGET])
-            admin = stack.gates[1].settings.admin
             await stack.gates[1].stop()
             partial = await stack.cycle()
             assert partial.report is not None and partial.report.actuation is not None
             assert partial.report.actuation.changed == ("chat-0",)
-            # chat-1's gate is back; the operator that started the rollout is gone.
-            revived = GateServer(load_settings(_gate_settings(admin), {}))
-            await revived.start()
-            stack.gates[1] = revived
-            try:
+            async with AsyncExitStack() as revival:
+                # chat-1's gate is back; the operator that started the rollout is gone.
+                (stack.gates[1],), _ = await start_gates(
+                    revival, [(IPS[1], TOKEN)], STARTUP, stack.admin_port
+                )
                 restarted = ScriptedStepper([TARGET])
                 stack.restart_operator(restarted)
                 resumed = await stack.cycle()
@@ -476,8 +435,6 @@ def test_operator_restarted_after_a_partial_rollout_converges_and_restores(
                 assert [r.startup if r else None for r in records] == [STARTUP, STARTUP]
                 await stack.cycle(mode="Off", generation=2)
                 assert [gate.gate.queue.knobs for gate in stack.gates] == [STARTUP, STARTUP]
-            finally:
-                await revived.stop()
 
     asyncio.run(scenario())
 
@@ -502,14 +459,3 @@ def test_operator_killed_between_gate_write_and_annotation_still_restores_startu
             assert [gate.gate.queue.knobs for gate in stack.gates] == [STARTUP, STARTUP]
 
     asyncio.run(scenario())
-
-
-def _gate_settings(admin: str) -> dict[str, Any]:
-    ip = admin.rsplit(":", 1)[0]
-    return {
-        "listen": f"{ip}:0",
-        "admin": admin,
-        "upstream": "http://127.0.0.1:9",
-        "token": TOKEN,
-        "knobs": STARTUP.to_mapping(),
-    }

@@ -11,30 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import pytest
 from kubernetes import client
+from stack.in_process import in_process_operator, pod_infos, start_gates
 
 from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.annotations import KNOBS_ANNOTATION
 from batchpilot.gate.server import GateServer
-from batchpilot.gate.settings import load_settings
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord, GateClient
-from batchpilot.operator.metrics import OperatorMetrics
+from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
 from batchpilot.operator.reconcile import (
     CycleOutcome,
     Operator,
     PodInfo,
     PolicyRuntime,
-    pod_info,
     run_cycle,
 )
 from batchpilot.operator.status import Problem
@@ -81,14 +77,7 @@ class Stack:
     op: Operator
 
     def pods(self) -> list[PodInfo]:
-        listed = client.CoreV1Api(self.api).list_namespaced_pod(self.namespace)
-        infos = []
-        for pod in listed.items:
-            body = self.api.sanitize_for_serialization(pod)
-            meta = body["metadata"]
-            infos.append(pod_info(meta["name"], meta.get("labels") or {}, meta.get("annotations") or {},
-                                  body.get("status") or {}, meta.get("deletionTimestamp") is not None))
-        return infos
+        return pod_infos(self.api, self.namespace)
 
     def annotations(self, pod: str) -> dict[str, str]:
         return client.CoreV1Api(self.api).read_namespaced_pod(pod, self.namespace).metadata.annotations or {}
@@ -118,30 +107,15 @@ def stack_factory(k8s_client: client.ApiClient, namespace: str, make_serving_pod
     @asynccontextmanager
     async def make(stepper: ScriptedStepper, ready: Sequence[bool] = (True, True)) -> AsyncIterator[Stack]:
         async with AsyncExitStack() as exits:
-            gates: list[GateServer] = []
-            admin_port = 0
-            for ip in IPS:
-                # Both gates on one admin port number (the policy has one), each on its pod IP.
-                settings = load_settings({
-                    "listen": f"{ip}:0", "admin": f"{ip}:{admin_port}", "upstream": "http://127.0.0.1:9",
-                    "token": TOKEN, "knobs": STARTUP.to_mapping(),
-                }, {})
-                gate = GateServer(settings)
-                await gate.start()
-                exits.push_async_callback(gate.stop)
-                admin_port = gate.admin_port
-                gates.append(gate)
+            gates, admin_port = await start_gates(exits, [(ip, TOKEN) for ip in IPS], STARTUP)
             for index, (ip, is_ready) in enumerate(zip(IPS, ready, strict=True)):
                 make_serving_pod(namespace, f"chat-{index}", pod_ip=ip, ports={"admin": admin_port},
                                  labels={"app": "chat"}, ready=is_ready)
             make_serving_pod(namespace, "other", pod_ip="127.0.0.4", ports={"admin": admin_port},
                              labels={"app": "other"})
-            session = await exits.enter_async_context(aiohttp.ClientSession())
-            op = Operator(
-                config=OperatorConfig(prometheus={"default": "http://127.0.0.1:9"}),
-                gates=GateClient(session, 2.0), kube=k8s_client, metrics=OperatorMetrics(),
-                step_slots=asyncio.Semaphore(2), step_threads=exits.enter_context(ThreadPoolExecutor(2)),
-                stepper_factory=lambda policy, prometheus: stepper,
+            op = await in_process_operator(
+                exits, k8s_client, OperatorConfig(prometheus={"default": "http://127.0.0.1:9"}),
+                lambda policy, prometheus: stepper,
             )
             yield Stack(k8s_client, namespace, gates, admin_port, op)
 

@@ -21,27 +21,24 @@ import base64
 import json
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from kubernetes import client
 from stack import create_namespace, unique_name
+from stack.in_process import in_process_operator, start_gates
 from test_operator_actuation import ScriptedStepper
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.server import GateServer
-from batchpilot.gate.settings import load_settings
 from batchpilot.operator import handlers
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import APPLIED_ANNOTATION, GateClient
-from batchpilot.operator.metrics import OperatorMetrics
+from batchpilot.operator.gates import APPLIED_ANNOTATION
 from batchpilot.operator.reconcile import (
     CycleOutcome,
     Operator,
@@ -144,24 +141,9 @@ def tenants_factory(
     @asynccontextmanager
     async def make() -> AsyncIterator[Tenants]:
         async with AsyncExitStack() as exits:
-            gates, admin_port = [], 0
-            for ip, token in ((IP_A, TOKEN_A), (IP_B, TOKEN_B)):
-                gate = GateServer(
-                    load_settings(
-                        {
-                            "listen": f"{ip}:0",
-                            "admin": f"{ip}:{admin_port}",
-                            "upstream": "http://127.0.0.1:9",
-                            "token": token,
-                            "knobs": STARTUP.to_mapping(),
-                        },
-                        {},
-                    )
-                )
-                await gate.start()
-                exits.push_async_callback(gate.stop)
-                admin_port = gate.admin_port
-                gates.append(gate)
+            gates, admin_port = await start_gates(
+                exits, [(IP_A, TOKEN_A), (IP_B, TOKEN_B)], STARTUP
+            )
             # Same labels in both namespaces: only the namespace tells them apart.
             make_serving_pod(
                 namespace,
@@ -177,21 +159,14 @@ def tenants_factory(
                 ports={"admin": admin_port},
                 labels={"app": "chat"},
             )
-            session = await exits.enter_async_context(aiohttp.ClientSession())
             calls: list[str] = []
 
             def stepper_factory(policy: Any, prometheus: Any) -> ScriptedStepper:
                 calls.append(policy.namespace)
                 return ScriptedStepper([TARGET])
 
-            op = Operator(
-                config=OperatorConfig(prometheus=PROMETHEUS_ENDPOINTS),
-                gates=GateClient(session, 2.0),
-                kube=k8s_client,
-                metrics=OperatorMetrics(),
-                step_slots=asyncio.Semaphore(2),
-                step_threads=exits.enter_context(ThreadPoolExecutor(2)),
-                stepper_factory=stepper_factory,
+            op = await in_process_operator(
+                exits, k8s_client, OperatorConfig(prometheus=PROMETHEUS_ENDPOINTS), stepper_factory
             )
             yield Tenants(
                 k8s_client, namespace, other_namespace, gates[0], gates[1], admin_port, op, calls

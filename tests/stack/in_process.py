@@ -1,0 +1,102 @@
+"""The operator's parts run in the test's own event loop, against the real API server.
+
+For tests that drive `reconcile.run_cycle` themselves (no kopf): real gates on
+pod IPs, the pod index as kopf builds it, and an `Operator` wired as
+`operator_configure` wires it.
+
+    async with AsyncExitStack() as exits:
+        gates, admin_port = await start_gates(exits, [("127.0.0.2", TOKEN)], STARTUP)
+        op = await in_process_operator(exits, api, OperatorConfig(...), stepper_factory)
+        await run_cycle(op, runtime, ..., pods=pod_infos(api, namespace), ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+
+import aiohttp
+from kubernetes import client
+
+from batchpilot.controller.knobs import Knobs
+from batchpilot.gate.server import GateServer
+from batchpilot.gate.settings import load_settings
+from batchpilot.operator.config import OperatorConfig
+from batchpilot.operator.control import ControllerStepper, StepperFactory
+from batchpilot.operator.gates import GateClient
+from batchpilot.operator.metrics import OperatorMetrics
+from batchpilot.operator.reconcile import Operator, PodInfo, pod_info
+
+GATE_TIMEOUT_S = 2.0
+
+
+async def start_gates(
+    exits: AsyncExitStack,
+    ips_and_tokens: Sequence[tuple[str, str]],
+    startup: Knobs,
+    admin_port: int = 0,
+) -> tuple[list[GateServer], int]:
+    """One gate per (pod IP, admin token), all on one admin port number (a
+    policy names one; 0: the first gate picks it), running `startup`; stopped
+    when `exits` closes. Returns the gates and that port. Their engine
+    address answers nothing."""
+    gates: list[GateServer] = []
+    for ip, token in ips_and_tokens:
+        gate = GateServer(
+            load_settings(
+                {
+                    "listen": f"{ip}:0",
+                    "admin": f"{ip}:{admin_port}",
+                    "upstream": "http://127.0.0.1:9",
+                    "token": token,
+                    "knobs": startup.to_mapping(),
+                },
+                {},
+            )
+        )
+        await gate.start()
+        exits.push_async_callback(gate.stop)
+        admin_port = gate.admin_port
+        gates.append(gate)
+    return gates, admin_port
+
+
+async def in_process_operator(
+    exits: AsyncExitStack,
+    api: client.ApiClient,
+    config: OperatorConfig,
+    stepper_factory: StepperFactory = ControllerStepper,
+) -> Operator:
+    """An Operator as `operator_configure` builds it (the real controller
+    unless `stepper_factory` says otherwise); its clients close with `exits`."""
+    session = await exits.enter_async_context(aiohttp.ClientSession())
+    return Operator(
+        config=config,
+        gates=GateClient(session, GATE_TIMEOUT_S),
+        kube=api,
+        metrics=OperatorMetrics(),
+        step_slots=asyncio.Semaphore(2),
+        step_threads=exits.enter_context(ThreadPoolExecutor(2)),
+        stepper_factory=stepper_factory,
+    )
+
+
+def pod_infos(api: client.ApiClient, namespace: str) -> list[PodInfo]:
+    """The pods of `namespace` as kopf's pod index keeps them."""
+    listed = client.CoreV1Api(api).list_namespaced_pod(namespace)
+    infos = []
+    for pod in listed.items:
+        body = api.sanitize_for_serialization(pod)
+        meta = body["metadata"]
+        infos.append(
+            pod_info(
+                meta["name"],
+                meta.get("labels") or {},
+                meta.get("annotations") or {},
+                body.get("status") or {},
+                meta.get("deletionTimestamp") is not None,
+            )
+        )
+    return infos
