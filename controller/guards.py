@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -81,11 +81,7 @@ def stabilize(policy: Policy, state: GuardState, rec: Recommendation) -> Recomme
     recent = [knobs for t, knobs in state.history if t > state.now_s - window] + [rec.target]
     changes: dict[str, Any] = {}
     reasons: list[Reason] = []
-    for knob in NUMERIC_KNOBS:
-        if not policy.steers(knob):
-            continue
-        current = policy.effective(knob, getattr(state.current, knob))
-        wanted = policy.effective(knob, getattr(rec.target, knob))
+    for knob, current, wanted in _steered(policy, state.current, rec.target):
         values = [policy.effective(knob, getattr(k, knob)) for k in recent]
         if wanted > current:
             agreed = max(current, min(values))
@@ -136,11 +132,7 @@ def limit_step(policy: Policy, state: GuardState, rec: Recommendation) -> Recomm
         factor *= factor
     changes: dict[str, Any] = {}
     reasons: list[Reason] = []
-    for knob in NUMERIC_KNOBS:
-        if not policy.steers(knob):
-            continue
-        current = policy.effective(knob, getattr(state.current, knob))
-        wanted = policy.effective(knob, getattr(rec.target, knob))
+    for knob, current, wanted in _steered(policy, state.current, rec.target):
         if math.isinf(current) or current == wanted:
             # Setting a limit where there was none is not a step from anything.
             continue
@@ -169,23 +161,18 @@ def skip_small_changes(policy: Policy, state: GuardState, rec: Recommendation) -
     threshold = policy.behavior.min_change_fraction
     changes: dict[str, Any] = {}
     reasons: list[Reason] = []
-    for knob in NUMERIC_KNOBS:
-        if not policy.steers(knob):
-            continue
-        current_value = getattr(state.current, knob)
-        wanted_value = getattr(rec.target, knob)
-        current = policy.effective(knob, current_value)
-        wanted = policy.effective(knob, wanted_value)
+    for knob, current, wanted in _steered(policy, state.current, rec.target):
         if current == wanted or math.isinf(current) or math.isinf(wanted):
             continue
         if abs(wanted - current) < threshold * current:
+            current_value = getattr(state.current, knob)
             changes[knob] = current_value
             reasons.append(
                 Reason(
                     "guard:min-change",
                     f"change below {threshold:.0%} is not worth a reconfiguration",
                     knob,
-                    wanted_value,
+                    getattr(rec.target, knob),
                     current_value,
                 )
             )
@@ -286,6 +273,14 @@ def _score_gap(pod: str, scores: Mapping[str, float]) -> float | None:
     if not others:
         return None
     return scores[pod] - statistics.fmean(others)
+
+
+def _steered(policy: Policy, current: Knobs, target: Knobs) -> Iterator[tuple[str, float, float]]:
+    """(knob, current, wanted) for each numeric knob the policy steers, as
+    effective numbers (no limit is +inf), the form every step guard compares."""
+    for knob in NUMERIC_KNOBS:
+        if policy.steers(knob):
+            yield knob, policy.effective(knob, getattr(current, knob)), policy.effective(knob, getattr(target, knob))
 
 
 def _assign(pods: Sequence[str], default: Knobs, overrides: Mapping[str, Knobs]) -> dict[str, Knobs]:
