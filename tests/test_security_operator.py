@@ -31,7 +31,7 @@ import pytest
 import yaml
 from kubernetes import client
 from stack import create_namespace, unique_name
-from stack.in_process import in_process_operator, start_gates
+from stack.in_process import as_pod_info, in_process_operator, start_gates
 from test_operator_actuation import ScriptedStepper
 
 from batchpilot.controller.knobs import Knobs
@@ -44,7 +44,6 @@ from batchpilot.operator.reconcile import (
     Operator,
     PodInfo,
     PolicyRuntime,
-    pod_info,
     run_cycle,
 )
 from batchpilot.operator.status import Problem, build_status
@@ -93,17 +92,7 @@ class Tenants:
         """namespace -> pods, built from every pod in the cluster as the kopf index is."""
         index: dict[str, list[PodInfo]] = {}
         for pod in client.CoreV1Api(self.api).list_pod_for_all_namespaces().items:
-            body = self.api.sanitize_for_serialization(pod)
-            meta = body["metadata"]
-            index.setdefault(meta["namespace"], []).append(
-                pod_info(
-                    meta["name"],
-                    meta.get("labels") or {},
-                    meta.get("annotations") or {},
-                    body.get("status") or {},
-                    meta.get("deletionTimestamp") is not None,
-                )
-            )
+            index.setdefault(pod.metadata.namespace, []).append(as_pod_info(self.api, pod))
         return index
 
     def annotations(self, namespace: str, pod: str) -> dict[str, str]:

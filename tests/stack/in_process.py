@@ -85,18 +85,19 @@ async def in_process_operator(
 
 def pod_infos(api: client.ApiClient, namespace: str) -> list[PodInfo]:
     """The pods of `namespace` as kopf's pod index keeps them."""
-    listed = client.CoreV1Api(api).list_namespaced_pod(namespace)
-    infos = []
-    for pod in listed.items:
-        body = api.sanitize_for_serialization(pod)
-        meta = body["metadata"]
-        infos.append(
-            pod_info(
-                meta["name"],
-                meta.get("labels") or {},
-                meta.get("annotations") or {},
-                body.get("status") or {},
-                meta.get("deletionTimestamp") is not None,
-            )
-        )
-    return infos
+    return [
+        as_pod_info(api, pod) for pod in client.CoreV1Api(api).list_namespaced_pod(namespace).items
+    ]
+
+
+def as_pod_info(api: client.ApiClient, pod: client.V1Pod) -> PodInfo:
+    """One listed pod as kopf's pod index keeps it."""
+    body = api.sanitize_for_serialization(pod)
+    meta = body["metadata"]
+    return pod_info(
+        meta["name"],
+        meta.get("labels") or {},
+        meta.get("annotations") or {},
+        body.get("status") or {},
+        meta.get("deletionTimestamp") is not None,
+    )
