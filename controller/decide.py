@@ -26,12 +26,18 @@ replica) and the fitted model:
   serves more requests per second of prefill, which is what goodput counts;
   its aging keeps long prompts from starving. Without a queue it changes
   nothing.
-- **Prefill budget per step** (runtime-tunable engines only): the chunk whose
-  prefill costs half the TPOT objective, so that no single step can spend
-  a short answer's whole budget, but never below the p90 prompt: a typical
-  prompt still prefills in one step (its TTFT unchanged), and every chunk
-  pays a fixed per-step cost that the step model does not see, which
-  smaller chunks multiply.
+- **Prefill budget per step** (runtime-tunable engines only): the largest
+  chunk with which a step still meets the TPOT objective (with the limit's
+  margin) on top of the decodes it carries. Under prompt-heavy load nearly
+  every step carries a full chunk, so a short answer's mean time per token
+  is that step time; a larger chunk only buys prefill throughput the SLO
+  cannot pay for. Never so small that the engine falls behind the prompt
+  tokens arriving (a prefill backlog inside the engine fails every request
+  in it), nor that a p90 prompt needs more than `CHUNK_TTFT_SHARE` of the
+  TTFT objective to prefill. Decided first: the chunk caps the sequences
+  the engine can run (model.engine_running_capacity), and an admission
+  limit above that would only move the queue from the gate, with its
+  deadline and discipline, into the engine.
 
 Before there is a step model, a feedback rule sets the limit: scaled by the
 TPOT headroom (objective / measured quantile), at most 30% down and x2 up
@@ -60,7 +66,9 @@ from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.model import (
     LengthMix,
     Prediction,
+    StepModel,
     WorkloadModel,
+    engine_running_capacity,
     running_limit,
 )
 from batchpilot.controller.observe import Observation, PodObservation
@@ -111,8 +119,9 @@ KV_SHARE = 0.95
 # The batch cap behind a token budget: twice the sequences the budget
 # admits at the current mix, so it only stops a flood of tiny requests.
 CAP_OVER_BUDGET = 2.0
-# Half the TPOT objective per prefill chunk (see the module docstring).
-CHUNK_SHARE_OF_TPOT = 0.5
+# Share of the TTFT objective a p90 prompt may spend prefilling chunk by
+# chunk; the rest is for queueing.
+CHUNK_TTFT_SHARE = 0.25
 
 
 @dataclass(slots=True)
@@ -200,6 +209,13 @@ def recommend(
     )
     if breach:
         urgent = True
+    # The chunk first: it bounds how many sequences the engine can run,
+    # which the admission limit must not exceed.
+    if policy.steers("max_num_batched_tokens") and model.step is not None:
+        chunk_reason = _prefill_chunk(policy, current, est, model.step)
+        if chunk_reason is not None:
+            current = current.with_changes(max_num_batched_tokens=chunk_reason.data["chunkTokens"])
+            reasons.append(chunk_reason)
     target, limit_reasons = _admission_limit(policy, model, current, est, memory, breach)
     reasons.extend(limit_reasons)
     target, other_reasons = _queue_settings(policy, target, est, model)
@@ -313,6 +329,17 @@ def _admission_limit(
     if est.preempting and est.inflight_tokens:
         limit = min(limit, est.inflight_tokens * 0.9 / mix.budget_per_seq)
         reasons.append(Reason("decide", "engine preempting: budget below the tokens in flight"))
+    engine_room = engine_running_capacity(policy, current, mix)
+    if limit > engine_room:
+        limit = engine_room
+        reasons.append(
+            Reason(
+                "decide",
+                "admission limit at what the engine's tokens per step can run: more would only queue "
+                "inside the engine, past the gate's deadline and discipline",
+                data={"engineRoomSeqs": engine_room},
+            )
+        )
     return _apply_limit(policy, current, knob, limit, mix, memory), reasons
 
 
@@ -445,23 +472,56 @@ def _queue_settings(
         )
     if policy.steers("discipline"):
         changes["discipline"] = _preferred_discipline(policy)
-    if policy.steers("max_num_batched_tokens") and model.step is not None:
-        per_token = model.step.prefill_cost(est.mix)
-        if per_token > 0:
-            chunk = max(CHUNK_SHARE_OF_TPOT * policy.slo.tpot_ms / 1000.0 / per_token, est.mix.prompt_p90)
-            changes["max_num_batched_tokens"] = max(16, round(chunk))
-            reasons.append(
-                Reason(
-                    "decide",
-                    "prefill chunk costing half the TPOT objective, at least the p90 prompt",
-                    data={
-                        "prefillUsPerToken": per_token * 1e6,
-                        "promptP90": est.mix.prompt_p90,
-                        "chunkTokens": round(chunk),
-                    },
-                )
-            )
     return target.with_changes(**changes), reasons
+
+
+def _prefill_chunk(policy: Policy, current: Knobs, est: Estimates, step: StepModel) -> Reason | None:
+    """The prefill budget per step (see the module docstring), as a reason carrying it.
+
+    The engine's budget counts the running decodes' tokens too, so each
+    bound is those plus the prefill tokens it allows per step.
+    """
+    per_token = step.prefill_cost(est.mix)
+    if per_token <= 0:
+        return None
+    margin = TPOT_MARGIN + (ITL_ESTIMATE_MARGIN if est.tpot_estimated else 0.0)
+    objective_s = policy.slo.tpot_ms / 1000.0 * (1.0 - margin)
+    # The decodes a step carries: what runs now, within the current limit.
+    running = running_limit(policy, current, est.mix)
+    if est.running is not None:
+        running = min(running, est.running)
+    decode_s = step.decode_step(running, est.mix)
+    fits_tpot = running + max(objective_s - decode_s, 0.0) / per_token
+    # Prefill throughput x tokens per step must match the prompt tokens
+    # arriving: x / (decode_s + per_token * x) >= rate.
+    prefill_rate = est.arrival_rps * est.mix.prompt_mean
+    prefill_load = prefill_rate * per_token
+    # Past the engine's prefill capacity no chunk keeps up: the largest
+    # allowed wastes the least on per-step costs.
+    largest = policy.bounds["max_num_batched_tokens"].high or policy.engine.max_num_batched_tokens
+    keeps_up = (
+        running + prefill_rate * decode_s / (1.0 - prefill_load) if prefill_load < 1.0 else float(largest)
+    )
+    ttft_floor = running + est.mix.prompt_p90 * objective_s / (CHUNK_TTFT_SHARE * policy.slo.ttft_ms / 1000.0)
+    chunk = max(fits_tpot, keeps_up, ttft_floor, 16.0)
+    if chunk == fits_tpot:
+        message = "prefill chunk: the largest whose step, with the decodes it carries, meets the TPOT objective"
+    elif chunk == keeps_up:
+        message = "prefill chunk: the smallest that keeps up with the prompt tokens arriving (TPOT objective out of reach)"
+    else:
+        message = "prefill chunk: the smallest that prefills a p90 prompt within its share of the TTFT objective"
+    return Reason(
+        "decide",
+        message,
+        data={
+            "prefillUsPerToken": per_token * 1e6,
+            "decodeStepMs": decode_s * 1e3,
+            "fitsTpotTokens": round(fits_tpot),
+            "keepsUpTokens": round(keeps_up),
+            "ttftFloorTokens": round(ttft_floor),
+            "chunkTokens": round(chunk),
+        },
+    )
 
 
 def _prefill_ms(est: Estimates, model: WorkloadModel, slo_ttft_ms: int) -> float:

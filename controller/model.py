@@ -17,14 +17,18 @@ phase and must still extrapolate to knob settings it has not tried:
    (positive=True)` on a ridge-augmented system: a negative cost is never
    physical, and the small penalty splits weight over terms that one
    traffic mix cannot tell apart, e.g. per-sequence and per-context-token
-   costs at a constant context length). Little's law then predicts any
+   costs at a constant context length). The fixed cost and the prefill
+   cost are such a pair within one phase; a roofline prior (d0/c1 near the
+   GPU's FLOPs per byte, `KNEE_TOKENS`) splits them. Little's law then predicts any
    setting: below capacity B = lambda*E[o]*T, so
    T = d0 / (1 - lambda*((c1+c2a)*E[p] + (d1+d2*s)*E[o])); at a concurrency
    limit B every finishing request admits another, so
    T = d0 + B*(d1 + d2*s + (c1+c2a)*E[p]/E[o]) and throughput B/(E[o]*T).
    The constants belong to the engine, not to the traffic, so they stay
    valid across a shift in the length mix: only the length moments change,
-   and they are measured every window.
+   and they are measured every window. The engine's tokens per step (its
+   prefill chunk) caps the sequences that decode at once, and bounds the
+   TPOT quantile by the longest step it allows.
 
 2. Residual regressors, scikit-learn `BayesianRidge`, of what physics leaves
    out, in log space (see `WorkloadModel`): the per-request TPOT quantile
@@ -59,7 +63,7 @@ from batchpilot.controller.observe import Histogram, PodObservation
 from batchpilot.controller.policy import Policy
 
 # Samples kept: 512 pod-windows is 4+ hours of one pod at 30 s, or eight
-# intervals of a 64-pod policy; 16 floats (128 bytes) each.
+# intervals of a 64-pod policy; 17 floats (136 bytes) each.
 RING_CAPACITY = 512
 # The step model needs more windows than it has constants (5) to be fitted
 # at all.
@@ -72,6 +76,18 @@ MIN_RESIDUAL_SAMPLES = 12
 # split exactly collinear terms, small enough not to bias a fit the data do
 # determine (the synthetic engine of the tests is recovered within 0.1%).
 STEP_RIDGE_ALPHA = 1e-6
+# The roofline prior on the prefill cost per token, c1: a step reads the
+# weights once (d0) and a prefilled token costs two FLOPs per weight, so
+# d0 / c1 is the GPU's FLOPs per byte of memory traffic, the roofline knee:
+# 295 for an H100 in bf16, 206 for an H200, 156 for an A100 (the
+# calibration data measure 378 and 209 on the H100 and A100). Within one
+# traffic phase the prompt tokens per step barely move, so d0 and c1 cannot
+# be told apart from the windows alone; without the prior the ridge gave the
+# whole step to d0 and priced a prompt token 5-20x too low.
+KNEE_TOKENS = 300.0
+# The prior weighs as much as one window: the data overrule it wherever
+# the prompt load varies between windows.
+KNEE_PRIOR_WEIGHT = 1.0
 # The residual models weigh a window by 0.5^(age / half-life): the tail a
 # limit produces drifts with the traffic's burstiness, which the features
 # do not capture; 20 intervals (10 minutes at 30 s) keeps a phase's worth.
@@ -262,6 +278,10 @@ def _step_seconds(pod: PodObservation) -> float | None:
     return None
 
 
+# Position of c1 among the load columns (d1, d2, c1, c2) of the step fit.
+_C1_COLUMN = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Physics:
     """What the step model predicts for one setting under one load."""
@@ -310,13 +330,17 @@ class StepModel:
         # scale-sensitive in its stopping rule, so fit on unit columns.
         scale = np.maximum(np.abs(design).max(axis=0), 1e-12)
         # Ridge as non-negative least squares on an augmented system: a
-        # column of ones for d0 (not penalised), and sqrt(alpha) * identity
-        # rows that pull the four load terms towards zero. (sklearn's
+        # column of ones for d0 (not penalised), sqrt(alpha) * identity rows
+        # that pull d1, d2 and c2 towards zero, and one row that pulls c1
+        # towards d0 / KNEE_TOKENS (the roofline prior). (sklearn's
         # Ridge(positive=True) solves this with L-BFGS, which stops ~10% off
         # the optimum at this conditioning; the NNLS solver is exact.)
         width = design.shape[1]
         unit = np.column_stack([np.ones(len(step)), design / scale])
         penalty = np.column_stack([np.zeros(width), math.sqrt(STEP_RIDGE_ALPHA) * np.eye(width)])
+        penalty[_C1_COLUMN] = 0.0
+        penalty[_C1_COLUMN, 0] = math.sqrt(KNEE_PRIOR_WEIGHT)
+        penalty[_C1_COLUMN, 1 + _C1_COLUMN] = -math.sqrt(KNEE_PRIOR_WEIGHT) * KNEE_TOKENS / scale[_C1_COLUMN]
         regression = LinearRegression(positive=True, fit_intercept=False).fit(
             np.vstack([unit, penalty]), np.concatenate([step, np.zeros(width)])
         )
@@ -332,6 +356,10 @@ class StepModel:
         """Seconds of step time per prompt token prefilled."""
         return self.c1 + self.c2 * mix.attention_per_token
 
+    def decode_step(self, running: float, mix: LengthMix) -> float:
+        """Step time of `running` decodes alone, without prefill."""
+        return self.d0 + running * (self.d1 + self.d2 * mix.context_per_seq)
+
     def per_sequence_cost(self, mix: LengthMix) -> float:
         """Marginal step time of one more running sequence when every finish admits a new one."""
         return float(self._per_sequence(mix.prompt_mean, mix.output_mean, mix.context_per_seq, mix.attention_per_token))
@@ -340,11 +368,14 @@ class StepModel:
         """Running sequences at which a saturated engine's step time reaches `step_s`."""
         return max(0.0, (step_s - self.d0) / self.per_sequence_cost(mix))
 
-    def predict(self, limit: float, arrival_rps: float, mix: LengthMix, *, overload: bool = False) -> Physics:
+    def predict(
+        self, limit: float, arrival_rps: float, mix: LengthMix, *, chunk: float = math.inf, overload: bool = False
+    ) -> Physics:
         """Steady state under `limit` running sequences at most, with `arrival_rps` offered.
 
-        `overload`: as if demand exceeded what the limit admits (a burst),
-        the case a limit exists for.
+        `chunk`: the engine's tokens per step (see `steady`). `overload`: as
+        if demand exceeded what the limit admits (a burst), the case a limit
+        exists for.
         """
         step, running, throughput, saturated = self.steady(
             np.array([limit]),
@@ -353,6 +384,7 @@ class StepModel:
             mix.output_mean,
             mix.context_per_seq,
             mix.attention_per_token,
+            chunk=chunk,
             overload=overload,
         )
         return Physics(float(step[0]), float(running[0]), float(throughput[0]), bool(saturated[0]))
@@ -366,9 +398,19 @@ class StepModel:
         context: np.ndarray | float,
         attention: np.ndarray | float,
         *,
+        chunk: np.ndarray | float = math.inf,
         overload: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(step, running, throughput, saturated) per element; see `predict`."""
+        """(step, running, throughput, saturated) per element; see `predict`.
+
+        `chunk`: the engine's tokens per step (decode tokens included, as
+        vLLM counts them). In steady state a step's budget splits o:p between
+        decodes and the prefill that replaces finished requests, so at most
+        chunk*o/(p+o) sequences decode at once: the chunk limits the running
+        sequences as an admission limit would, and what it admits beyond
+        that waits inside the engine.
+        """
+        limit = np.minimum(limit, chunk * output / (prompt + output))
         decode = self.d1 + self.d2 * context
         load = arrival * ((self.c1 + self.c2 * attention) * prompt + decode * output)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -381,6 +423,22 @@ class StepModel:
         running = np.where(free, running_free, running_cap)
         throughput = np.where(free, arrival, running_cap / (output * step_cap))
         return step, running, throughput, ~free
+
+    def longest_step(
+        self,
+        running: np.ndarray | float,
+        chunk: np.ndarray | float,
+        context: np.ndarray | float,
+        attention: np.ndarray | float,
+    ) -> np.ndarray | float:
+        """A step of `running` decodes that also fills the rest of the chunk with prefill.
+
+        No request's mean time per token can exceed it: where the chunk is
+        small, this and not the tail over the mean step bounds the TPOT
+        quantile (every step then costs about the same).
+        """
+        prefill = np.maximum(chunk - running, 0.0)
+        return self.d0 + running * (self.d1 + self.d2 * context) + (self.c1 + self.c2 * attention) * prefill
 
     def _per_sequence(
         self, prompt: np.ndarray | float, output: np.ndarray | float, context: np.ndarray | float, attention: np.ndarray | float
@@ -397,6 +455,16 @@ def running_limit(policy: Policy, knobs: Knobs, mix: LengthMix) -> float:
     cap = policy.effective("max_concurrency", knobs.max_concurrency)
     budget = policy.effective("max_inflight_tokens", knobs.max_inflight_tokens)
     return min(cap, budget / mix.budget_per_seq)
+
+
+def engine_running_capacity(policy: Policy, knobs: Knobs, mix: LengthMix) -> float:
+    """Sequences the engine runs at once under its tokens per step (see `StepModel.steady`).
+
+    chunk*o/(p+o) decode in steady state; add those prefilling (the chunk's
+    prefill share over a prompt's length) and one being admitted.
+    """
+    chunk = policy.effective("max_num_batched_tokens", knobs.max_num_batched_tokens)
+    return chunk * (mix.output_mean + 1.0) / (mix.prompt_mean + mix.output_mean) + 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +504,7 @@ _COLUMNS = (
     "throughput",  # completed requests/s
     "spf",  # shortest-prompt-first in effect
     "deadline",  # queue deadline as a share of the TTFT objective (1.5: none)
+    "chunk",  # engine tokens per step (max_num_batched_tokens) in effect
     "window",  # number of the window it came from
 )
 _COL = {name: index for index, name in enumerate(_COLUMNS)}
@@ -456,7 +525,7 @@ class WorkloadModel:
     - ttft: log TTFT quantile itself (queueing has no physics here; the
       decision sets the deadline from the engine's TTFT directly).
 
-    The ring buffer is one float array (RING_CAPACITY x 16 columns, 64 KiB),
+    The ring buffer is one float array (RING_CAPACITY x 17 columns, 68 KiB),
     so a refit is a handful of vectorised numpy operations however many pods
     report.
     """
@@ -532,8 +601,12 @@ class WorkloadModel:
         limits = np.array([running_limit(self._policy, k, mix) for k in candidates])
         arrival = np.full(len(candidates), arrival_rps)
         shape = (mix.prompt_mean, mix.output_mean, mix.context_per_seq, mix.attention_per_token)
-        step_over, running_over, throughput_over, _ = self.step.steady(limits, arrival, *shape, overload=True)
-        _, _, throughput_offered, _ = self.step.steady(limits, arrival, *shape)
+        chunks = np.array([self._chunk(k) for k in candidates])
+        step_over, running_over, throughput_over, _ = self.step.steady(
+            limits, arrival, *shape, chunk=chunks, overload=True
+        )
+        _, _, throughput_offered, _ = self.step.steady(limits, arrival, *shape, chunk=chunks)
+        longest = self.step.longest_step(running_over, chunks, mix.context_per_seq, mix.attention_per_token)
         rows = self._features(
             limits,
             np.full(len(candidates), mix.output_mean),
@@ -548,7 +621,7 @@ class WorkloadModel:
         ttft, ttft_std = self._predict("ttft", rows, math.nan, math.inf)
         gain, _ = self._predict("throughput", rows, 0.0, math.inf)
         return Prediction(
-            log_tpot=np.log(step_over) + tail,
+            log_tpot=np.minimum(np.log(step_over) + tail, np.log(longest)),
             log_tpot_std=tail_std,
             log_ttft=ttft,
             log_ttft_std=ttft_std,
@@ -578,6 +651,9 @@ class WorkloadModel:
         """How much one window's log value scatters around the model's expectation."""
         regressor = self._regressors.get(name)
         return None if regressor is None else float(1.0 / math.sqrt(regressor.alpha_))
+
+    def _chunk(self, knobs: Knobs) -> float:
+        return self._policy.effective("max_num_batched_tokens", knobs.max_num_batched_tokens)
 
     def _deadline_share(self, knobs: Knobs) -> float:
         # 1.5: "no deadline" sits above any deadline worth setting.
@@ -622,6 +698,7 @@ class WorkloadModel:
             math.nan if s.throughput_rps is None else s.throughput_rps,
             1.0 if s.knobs.discipline == "shortest-prompt-first" else 0.0,
             self._deadline_share(s.knobs),
+            self._chunk(s.knobs),
             float(self._window),
         ]
 
@@ -632,9 +709,9 @@ class WorkloadModel:
         assert self.step is not None
         c = _COL
         shape = (rows[:, c["prompt"]], rows[:, c["output"]], rows[:, c["context"]], rows[:, c["attention"]])
-        limit, arrival = rows[:, c["limit"]], rows[:, c["arrival"]]
-        at_limit, _, _, _ = self.step.steady(limit, arrival, *shape, overload=True)
-        _, _, offered, _ = self.step.steady(limit, arrival, *shape)
+        limit, arrival, chunk = rows[:, c["limit"]], rows[:, c["arrival"]], rows[:, c["chunk"]]
+        at_limit, _, _, _ = self.step.steady(limit, arrival, *shape, chunk=chunk, overload=True)
+        _, _, offered, _ = self.step.steady(limit, arrival, *shape, chunk=chunk)
         with np.errstate(divide="ignore", invalid="ignore"):
             tpot = np.where(rows[:, c["binding"]] > 0, np.log(rows[:, c["tpot"]]) - np.log(at_limit), np.nan)
             ttft = np.log(rows[:, c["ttft"]])

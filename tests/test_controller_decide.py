@@ -9,7 +9,8 @@ from test_controller_synthetic import TRUE, synthetic_samples
 
 from batchpilot.controller.decide import DecideMemory, initial_knobs, recommend
 from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import LengthMix, StepModel, WorkloadModel, running_limit
+from batchpilot.controller.explain import Reason, Recommendation
+from batchpilot.controller.model import LengthMix, StepModel, WorkloadModel, engine_running_capacity, running_limit
 from batchpilot.controller.observe import Histogram, Observation, PodObservation
 from batchpilot.controller.policy import EngineSpec, Policy, Slo
 
@@ -213,3 +214,56 @@ def test_a_breach_judges_an_itl_estimate_with_its_bias(per_request_tpot: bool, u
     observation = window(1000, 200, applied=applied, tpot_s=0.052 if per_request_tpot else None)
     rec = recommend(POLICY, observation, WorkloadModel(POLICY), applied, DecideMemory(), 0.052)
     assert rec.urgent is urgent
+
+
+TUNABLE = Policy.default_for(
+    Slo(2000, 40), EngineSpec(max_num_seqs=512, max_num_batched_tokens=8192, runtime_tunable=True)
+)
+
+
+def engine_model(policy: Policy) -> WorkloadModel:
+    model = WorkloadModel(policy)
+    model.step = ENGINE
+    return model
+
+
+def chunk_reason(rec: Recommendation) -> Reason:
+    return next(r for r in rec.reasons if r.message.startswith("prefill chunk"))
+
+
+def test_prompt_heavy_traffic_gets_the_largest_chunk_that_meets_tpot() -> None:
+    # Summaries: 1,900-token prompts, 55-token answers, 18 per second. A
+    # step that prefills a whole p90 prompt costs more than the objective.
+    applied = Knobs(max_concurrency=40, max_num_batched_tokens=8192)
+    observation = window(1900, 55, applied=applied, arrival=18.0, queue=2.0)
+    rec = recommend(TUNABLE, observation, engine_model(TUNABLE), applied, DecideMemory(), tpot_q_s=0.03)
+    chunk = rec.target.max_num_batched_tokens
+    assert chunk is not None
+    why = chunk_reason(rec)
+    assert "meets the TPOT objective" in why.message
+    assert chunk == why.data["fitsTpotTokens"] < 1900
+    # Saturated at that chunk, a step that carries a full chunk stays within
+    # the objective (a whole p90 prompt's step would cost ~46 ms) ...
+    m = mix_of(1900, 55)
+    running = ENGINE.predict(512, 1e6, m, chunk=chunk, overload=True).running
+    assert ENGINE.longest_step(running, chunk, m.context_per_seq, m.attention_per_token) <= 0.040
+    # ... and the admission limit admits no more than that chunk can run.
+    assert running_limit(TUNABLE, rec.target, m) <= engine_running_capacity(TUNABLE, rec.target, m) * 1.001
+
+
+def test_a_chunk_keeps_up_with_the_prompts_even_past_the_tpot_objective() -> None:
+    # 400 long answers decoding: their steps alone use the TPOT objective,
+    # yet the prompts arriving must still be prefilled.
+    applied = Knobs(max_concurrency=400, max_num_batched_tokens=8192)
+    observation = window(1000, 600, applied=applied, arrival=40.0, queue=5.0)
+    rec = recommend(TUNABLE, observation, engine_model(TUNABLE), applied, DecideMemory(), tpot_q_s=0.03)
+    why = chunk_reason(rec)
+    assert "keeps up" in why.message
+    assert why.data["keepsUpTokens"] > why.data["fitsTpotTokens"]
+    assert rec.target.max_num_batched_tokens == why.data["keepsUpTokens"]
+
+
+def mix_of(prompt: float, output: float) -> LengthMix:
+    mix = LengthMix.from_histograms(around(prompt, 1.0), around(output, 1.0))
+    assert mix is not None
+    return mix

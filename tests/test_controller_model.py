@@ -18,8 +18,16 @@ from test_controller_synthetic import (
 )
 
 from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import LengthMix, StepModel, WorkloadModel, estimate_tpot_quantile
+from batchpilot.controller.model import (
+    KNEE_TOKENS,
+    LengthMix,
+    Sample,
+    StepModel,
+    WorkloadModel,
+    estimate_tpot_quantile,
+)
 from batchpilot.controller.observe import Histogram
+from batchpilot.controller.policy import EngineSpec, Policy, Slo
 
 INF = math.inf
 MIXES = [mix(1000, 200), mix(1500, 30), mix(800, 1000)]
@@ -139,3 +147,76 @@ def test_untrusted_when_predictions_miss() -> None:
         # TPOT quantiles unrelated to anything the model can see
         model.add([replace(s, tpot_q_s=float(rng.uniform(0.005, 0.5))) for s in batch])
     assert not model.quality.trusted
+
+
+def one_phase_samples(count: int, seed: int, noise: float = 0.02) -> list[Sample]:
+    """Windows of one prompt-heavy traffic phase at a binding limit: the same
+    mix, the running sequences +-10% as the limit moves. Prompt tokens per
+    step then stay in proportion to the running sequences, and the windows
+    alone cannot tell the fixed cost from the prefill cost."""
+    rng = np.random.default_rng(seed)
+    engine = StepModel(**TRUE)
+    m = mix(1900, 55)
+    samples = []
+    for _ in range(count):
+        limit = 40.0 * (1 + 0.1 * rng.standard_normal())
+        truth = engine.predict(limit, 1e6, m)
+        samples.append(
+            Sample(
+                knobs=Knobs(max_concurrency=round(limit)),
+                arrival_rps=truth.throughput_rps * 1.2,
+                mix=m,
+                step_s=truth.step_s * (1 + noise * rng.standard_normal()),
+                running=truth.running,
+                prompt_tps=truth.throughput_rps * m.prompt_mean * (1 + noise * rng.standard_normal()),
+                binding=True,
+                tpot_q_s=None,
+                ttft_q_s=None,
+                throughput_rps=truth.throughput_rps,
+            )
+        )
+    return samples
+
+
+def test_one_phase_splits_the_step_by_the_roofline_prior() -> None:
+    # Without the prior this data gave the prefill half its true cost and
+    # the fixed part 1.6x its own (d0 / c1 = 1,136 tokens).
+    fitted = StepModel.fit(one_phase_samples(20, seed=4))
+    assert fitted is not None
+    assert fitted.d0 / fitted.c1 == pytest.approx(KNEE_TOKENS, rel=0.15)
+    assert fitted.c1 == pytest.approx(TRUE["c1"], rel=0.25)
+
+
+def test_the_chunk_limits_the_running_sequences() -> None:
+    step = StepModel(**TRUE)
+    m = mix(1900, 55)
+    free = step.predict(limit=100, arrival_rps=1e6, mix=m)
+    chunked = step.predict(limit=100, arrival_rps=1e6, mix=m, chunk=1300)
+    # The budget splits o:p between decodes and the prefill replacing finishes.
+    room = 1300 * 55 / (1900 + 55)
+    assert chunked.running == pytest.approx(room)
+    assert chunked.step_s == pytest.approx(TRUE["d0"] + room * step.per_sequence_cost(m))
+    assert chunked.throughput_rps == pytest.approx(room / (55 * chunked.step_s))
+    assert chunked.step_s < free.step_s
+    # A chunk that leaves room for the limit changes nothing.
+    assert step.predict(limit=100, arrival_rps=1e6, mix=m, chunk=100_000) == free
+
+
+def test_a_small_chunk_bounds_the_predicted_tpot() -> None:
+    policy = Policy.default_for(
+        Slo(2000, 40), EngineSpec(max_num_seqs=512, max_num_batched_tokens=8192, runtime_tunable=True)
+    )
+    model = WorkloadModel(policy)
+    model.add(synthetic_samples(20, seed=3, mixes=MIXES))
+    assert model.step is not None
+    m = mix(1900, 55)
+    wide = Knobs(max_concurrency=200, max_num_batched_tokens=8192)
+    narrow = Knobs(max_concurrency=200, max_num_batched_tokens=1300)
+    prediction = model.predict([wide, narrow], 1e4, m, learned=False)
+    assert prediction is not None
+    running = prediction.physics[1].running
+    longest = model.step.longest_step(running, 1300, m.context_per_seq, m.attention_per_token)
+    # Every step of the narrow setting costs about the same: no request's
+    # mean time per token exceeds the longest step.
+    assert math.exp(prediction.log_tpot[1]) == pytest.approx(longest)
+    assert prediction.log_tpot[1] < prediction.log_tpot[0]
