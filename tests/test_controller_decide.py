@@ -8,9 +8,15 @@ import pytest
 from test_controller_synthetic import TRUE, synthetic_samples
 
 from batchpilot.controller.decide import DecideMemory, initial_knobs, recommend
-from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.explain import Reason, Recommendation
-from batchpilot.controller.model import LengthMix, StepModel, WorkloadModel, engine_running_capacity, running_limit
+from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.model import (
+    LengthMix,
+    StepModel,
+    WorkloadModel,
+    engine_running_capacity,
+    running_limit,
+)
 from batchpilot.controller.observe import Histogram, Observation, PodObservation
 from batchpilot.controller.policy import EngineSpec, Policy, Slo
 
