@@ -61,9 +61,9 @@ from batchpilot.controller.knobs import DISCIPLINES, Knobs  # noqa: E402
 from batchpilot.controller.policy import EngineKind  # noqa: E402
 from batchpilot.controller.signals import Kind, Signal, signal_specs  # noqa: E402
 from batchpilot.operator.config import OperatorConfig  # noqa: E402
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION  # noqa: E402
 from batchpilot.sim.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets  # noqa: E402
 
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 SCRAPE_INTERVAL_S = 15.0
 POLICY_INTERVAL_S = 30
 WINDOW_S = 60

@@ -46,9 +46,10 @@ from stack.operator_process import OperatorProcess  # noqa: E402
 from stack.process import http_get  # noqa: E402
 from stack.tools import BATCHPILOT_CLI  # noqa: E402
 
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION  # noqa: E402
+
 POD_IPS = ("127.0.0.2", "127.0.0.3")
 NAMESPACE = "soak"
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 # Scenario SLOs (simulated time); the policy gets them divided by the time scale.
 SLO_TTFT_MS, SLO_TPOT_MS = 24_000, 400
 STEP_SUM = "batchpilot_operator_control_step_duration_seconds_sum"

@@ -55,6 +55,7 @@ from stack.process import http_get
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.gates import APPLIED_ANNOTATION
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.sim.load import RequestRecord, summarize
 from batchpilot.sim.scenario import SLO
 
@@ -68,7 +69,6 @@ pytestmark = [
     ),
 ]
 
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 POD_IPS = ("127.0.0.2", "127.0.0.3")
 # Simulated seconds per wall second.
 TIME_SCALE = 2.0

@@ -59,6 +59,7 @@ from stack.tools import BATCHPILOT_CLI
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.operator.status import knobs_summary
 
 pytestmark = [
@@ -69,7 +70,6 @@ pytestmark = [
     ),
 ]
 
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 POD_IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 LABELS = {"app": "kill-chat"}
 # Each pod also carries its index, so that a policy can select the first n.

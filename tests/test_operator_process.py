@@ -15,7 +15,8 @@ from kubernetes import client
 from stack.operator_process import OperatorProcess
 from stack.process import http_get
 
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION
+
 # Policies step every 2 s here, the operator ticks every 0.5 s.
 INTERVAL_S = 2
 
