@@ -14,6 +14,7 @@ again at a later tick, so a 409, a 429 or an outage delays it but never loses it
 | `operator_cleanup` | once at exit: closes the clients |
 | `operator_liveness` | on each liveness probe (kopf's endpoint, cached 10 s) |
 | `pods_by_namespace` | on every pod event: keeps the pod index |
+| `pods_listed` | on every pod event: marks kopf's re-lists and deletions in the pod ledger |
 | `inferencepolicy_step` | every `tick_seconds` per policy: a control step when due, the status write |
 | `inferencepolicy_mode` | when spec.mode changes: an Event |
 | `inferencepolicy_restore` | when a policy is deleted (finalizer): the pods' startup settings back |
@@ -38,8 +39,16 @@ from batchpilot.controller.policy import PolicyError
 from batchpilot.operator import reconcile
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.gates import GateClient
-from batchpilot.operator.kube import GROUP, PLURAL, VERSION, KubeError, write_policy_status
+from batchpilot.operator.kube import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    KubeError,
+    list_pod_uids,
+    write_policy_status,
+)
 from batchpilot.operator.metrics import OperatorMetrics
+from batchpilot.operator.podledger import AUDIT_RETRY_S, PodLedger
 from batchpilot.operator.spec import parse_policy
 from batchpilot.operator.status import build_status, merge_patch
 
@@ -108,6 +117,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         session = aiohttp.ClientSession()
         metrics = OperatorMetrics()
         memo.session = session
+        memo.pod_ledger = PodLedger()
         memo.status_writer = StatusWriter(kube_api, metrics, config.tick_seconds)
         memo.op = reconcile.Operator(
             config=config,
@@ -147,15 +157,28 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.index("", "v1", "pods", registry=registry, id="pods_by_namespace")
     def pods_by_namespace(
         name: str,
+        uid: str,
         namespace: str,
         labels: kopf.Labels,
         annotations: kopf.Annotations,
         status: kopf.Status,
         meta: kopf.Meta,
+        memo: kopf.Memo,
         **_: Any,
     ) -> dict[str, reconcile.PodInfo]:
+        memo.pod_ledger.seen(uid, time.monotonic())
         deleting = meta.get("deletionTimestamp") is not None
-        return {namespace: reconcile.pod_info(name, labels, annotations, status, deleting)}
+        return {namespace: reconcile.pod_info(name, uid, labels, annotations, status, deleting)}
+
+    @kopf.on.event("", "v1", "pods", registry=registry, id="pods_listed")
+    def pods_listed(
+        event: kopf.RawEvent, uid: str, namespace: str, memo: kopf.Memo, **_: Any
+    ) -> None:
+        ledger: PodLedger = memo.pod_ledger
+        if event["type"] is None:  # a listing's object: at start-up, or a re-list
+            ledger.relisted(namespace, time.monotonic())
+        elif event["type"] == "DELETED":
+            ledger.deleted(uid)
 
     @kopf.timer(
         GROUP,
@@ -178,13 +201,15 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         op.last_tick_s = time.monotonic()
         op.metrics.last_tick.set(time.time())
         runtime = op.runtime(meta.uid, meta.name, meta.namespace)
+        ledger: PodLedger = memo.pod_ledger
+        await _audit_pods(op, ledger, pods_by_namespace, meta.namespace)
         now, generation = reconcile.now_utc(), meta.get("generation", 0)
         outcome = await reconcile.run_cycle(
             op,
             runtime,
             spec=dict(spec),
             generation=generation,
-            pods=_pods(pods_by_namespace, meta.namespace),
+            pods=ledger.live(_pods(pods_by_namespace, meta.namespace)),
             now_mono=op.last_tick_s,
             now_wall=now,
         )
@@ -228,10 +253,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             log.warning(
                 "policy %s/%s: restoring without a valid spec: %s", meta.namespace, meta.name, err
             )
+        pods = memo.pod_ledger.live(_pods(pods_by_namespace, meta.namespace))
         async with runtime.lock:
-            notes = await reconcile.restore_pods(
-                op, runtime, parsed, list(_pods(pods_by_namespace, meta.namespace))
-            )
+            notes = await reconcile.restore_pods(op, runtime, parsed, list(pods))
         _post(body, notes)
         op.forget(meta.uid)
         memo.status_writer.forget(meta.uid)
@@ -309,6 +333,33 @@ def _status_retry_delay(err: KubeError, failures: int) -> float:
 
 def _pods(index: kopf.Index[str, reconcile.PodInfo], namespace: str) -> Iterable[reconcile.PodInfo]:
     return index.get(namespace, ())
+
+
+async def _audit_pods(
+    op: reconcile.Operator,
+    ledger: PodLedger,
+    index: kopf.Index[str, reconcile.PodInfo],
+    namespace: str,
+) -> None:
+    """After kopf (re-)listed the namespace's pods, set aside the index's pods
+    that the API server no longer has (podledger.py says why)."""
+    listed_s = time.monotonic()
+    if not ledger.start_audit(namespace, listed_s):
+        return
+    try:
+        live = await asyncio.to_thread(list_pod_uids, op.kube, namespace)
+    except KubeError as err:
+        ledger.audit_failed(namespace, time.monotonic())
+        log.warning("%s; the pod index is checked again in %.0f s", err, AUDIT_RETRY_S)
+        return
+    for ghost in ledger.set_aside(_pods(index, namespace), live, listed_s):
+        log.warning(
+            "pod %s/%s (uid %s) was deleted while the pod watch was down; kopf's index "
+            "still holds it, so the operator no longer counts or configures it",
+            namespace,
+            ghost.name,
+            ghost.uid,
+        )
 
 
 def _post(body: kopf.Body, notes: Iterable[reconcile.EventNote]) -> None:

@@ -2,7 +2,8 @@
 
 kopf watches policies and pods; the calls here go through the official client
 (synchronous, run in a worker thread by the caller): read the admin token from
-the policy's Secret, read a Deployment's or StatefulSet's pod selector, write
+the policy's Secret, read a Deployment's or StatefulSet's pod selector, list
+a namespace's pods after kopf re-listed them (podledger.py says why), write
 batchpilot's annotations on a pod, and write the policy's status. Nothing here
 edits a workload.
 
@@ -37,6 +38,8 @@ _MERGE_PATCH = "application/merge-patch+json"
 # The same bound as kopf's own requests (settings.networking.request_timeout):
 # a status write that hangs longer is better tried again later.
 STATUS_WRITE_TIMEOUT_S = 30.0
+# kubectl's page size: a namespace of thousands of pods comes in a few answers.
+LIST_PAGE_SIZE = 500
 
 
 class KubeError(Exception):
@@ -111,6 +114,29 @@ def write_annotations(
         raise KubeError(f"pod {namespace}/{pod}: annotating failed: {_api_reason(err)}") from err
     except HTTPError as err:
         raise KubeError(f"pod {namespace}/{pod}: API server unreachable ({err})") from err
+
+
+def list_pod_uids(api: client.ApiClient, namespace: str) -> set[str]:
+    """The uids of every pod in `namespace` now (a consistent list, page by page)."""
+    where = f"pods in namespace {namespace}"
+    uids: set[str] = set()
+    page_token = None
+    try:
+        while True:
+            page = client.CoreV1Api(api).list_namespaced_pod(
+                namespace,
+                limit=LIST_PAGE_SIZE,
+                _continue=page_token,
+                _request_timeout=STATUS_WRITE_TIMEOUT_S,
+            )
+            uids.update(pod.metadata.uid for pod in page.items)
+            page_token = page.metadata._continue
+            if not page_token:
+                return uids
+    except ApiException as err:
+        raise KubeError(f"listing {where}: {_api_reason(err)}", status=err.status) from err
+    except HTTPError as err:
+        raise KubeError(f"listing {where}: API server unreachable ({err})") from err
 
 
 def write_policy_status(

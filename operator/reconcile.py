@@ -72,6 +72,7 @@ class PodInfo:
     """What the pod index keeps of a pod: enough to select, reach and record."""
 
     name: str
+    uid: str  # a pod recreated under the same name (a StatefulSet's) is another pod
     labels: tuple[tuple[str, str], ...]
     ip: str | None
     ready: bool
@@ -88,6 +89,7 @@ class PodInfo:
 
 def pod_info(
     name: str,
+    uid: str,
     labels: Mapping[str, str],
     annotations: Mapping[str, str],
     status: Mapping[str, Any],
@@ -102,6 +104,7 @@ def pod_info(
     )
     return PodInfo(
         name=name,
+        uid=uid,
         labels=tuple(sorted(labels.items())),
         ip=status.get("podIP") or None,
         ready=ready,

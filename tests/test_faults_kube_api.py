@@ -64,6 +64,9 @@ TIMER_SLACK_S = 0.05
 # Converging takes a tick or two after a fault clears (0.5 s ticks, 2 s
 # policy intervals); a 429'd request waits 2 s per refusal.
 CONVERGE_S = 30.0
+# After an outage kopf's watches resume at their next retry and the status
+# writer writes at its next: each at most its longest backoff later.
+RESUMED_S = CONVERGE_S + max(*handlers.ERROR_BACKOFFS_S, handlers.STATUS_RETRY_MAX_S)
 
 
 def status_of(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
@@ -170,7 +173,7 @@ def test_apiserver_killed_and_restarted(
                     and s
                 ),
                 "the status the operator could not write during the outage",
-                timeout_s=CONVERGE_S,
+                timeout_s=RESUMED_S,
             )
             assert condition(status, "Ready")["reason"] == "MetricsUnavailable"
             # ...and changes made after the restart arrive through the resumed watches.
@@ -181,7 +184,7 @@ def test_apiserver_killed_and_restarted(
             eventually(
                 converged(api, namespace, "llm", generation=generation, selected=2),
                 "status for the edited spec and the new pods",
-                timeout_s=CONVERGE_S,
+                timeout_s=RESUMED_S,
             )
 
         # A graceful restart (SIGTERM: the apiserver ends the watches itself) as well.
@@ -192,10 +195,57 @@ def test_apiserver_killed_and_restarted(
             eventually(
                 converged(api, namespace, "llm", generation=generation, selected=1),
                 "status for the spec and pods changed after the graceful restart",
-                timeout_s=CONVERGE_S,
+                timeout_s=RESUMED_S,
             )
         assert generation == 3
         eventually(lambda: healthy(operator), "the operator alive and answering its probe")
+
+
+def test_pod_deleted_while_the_pod_watch_was_down(
+    own_kube_api: KubeAPIServer, prometheus: Callable[..., Any], tmp_path: Path
+) -> None:
+    """kopf re-lists pods when its watch cannot resume, and a re-list only adds to
+    its index: the pod deleted meanwhile must still leave the operator's view."""
+    kube, namespace = own_kube_api, "faults"
+    with (
+        KubeFaultProxy(kube, tmp_path) as proxy,
+        OperatorProcess(
+            workdir=tmp_path,
+            kubeconfig=proxy.kubeconfig_for(kube.token, "operator"),
+            namespaces=[namespace],
+            prometheus_url=prometheus([]).url,
+        ).start() as operator,
+    ):
+        with kube.api_client() as api:
+            add_pod(api, namespace, 0)
+            add_pod(api, namespace, 1)
+            create_policy(api, namespace, "llm", selector=SELECTOR)
+            eventually(
+                converged(api, namespace, "llm", generation=1, selected=2), "the first status"
+            )
+        # The restart ends the pod watch; the restarted apiserver's watch cache
+        # begins past that watch's resourceVersion (the status writes came
+        # after the pods' last event), so the watch cannot resume: kopf lists
+        # the pods again once the proxy lets its requests through.
+        pod_requests = rf"/namespaces/{namespace}/pods$"
+        refused = proxy.inject(429, method="GET", path=pod_requests, fraction=1.0)
+        kube.restart()
+        with kube.api_client() as api:
+            client.CoreV1Api(api).delete_namespaced_pod("llm-0", namespace, grace_period_seconds=0)
+            eventually(lambda: refused.injected >= 2, "the operator's pod watch refused")
+            proxy.clear()
+            resumed_at = time.monotonic()
+            status = eventually(
+                converged(api, namespace, "llm", generation=1, selected=1),
+                "status without the pod deleted while the pod watch was down",
+                timeout_s=RESUMED_S,
+            )
+        assert status["pods"]["ready"] == 1
+        pod_requests_after = [
+            r for r in proxy.requests if r.at_s >= resumed_at and r.path.endswith("/pods")
+        ]
+        assert any("watch=true" not in r.query for r in pod_requests_after), "no pod list"
+        assert healthy(operator)
 
 
 @pytest.fixture
@@ -304,9 +354,10 @@ def test_throttling_with_retry_after(
     assert any(r.path.endswith("/inferencepolicies/llm/status") for r in refused)
     assert any(r.method == "GET" and "watch=true" in r.query for r in refused)
     # Backing off: a refused request came back no sooner than its Retry-After.
-    # Each of the operator's request streams (a watch, the status writer, the
-    # patches of one policy) sends one request at a time, so the next request
-    # to the same method and path is the retry.
+    # Each of the operator's request streams (a watch, a listing, the status
+    # writer, the patches of one policy) sends one request at a time, so the
+    # next request with the same method, path and query is the retry. (kopf's
+    # pod listing and the operator's own, podledger.py's, share a path.)
     retries = {
         rejected: next(
             (r for r in proxy.requests if r.at_s > rejected.at_s and same_request(r, rejected)),
@@ -325,7 +376,7 @@ def test_throttling_with_retry_after(
 
 
 def same_request(one: ProxiedRequest, other: ProxiedRequest) -> bool:
-    return (one.method, one.path) == (other.method, other.path)
+    return (one.method, one.path, one.query) == (other.method, other.path, other.query)
 
 
 def test_injected_answers_are_the_apiservers(

@@ -58,16 +58,16 @@ def status(ready: str, ip: str | None = "127.0.0.2") -> dict[str, Any]:
     ],
 )
 def test_pod_readiness(pod_status: dict[str, Any], deleting: bool, ready: bool) -> None:
-    assert pod_info("p", {}, {}, pod_status, deleting).ready is ready
+    assert pod_info("p", "uid-p", {}, {}, pod_status, deleting).ready is ready
 
 
 def test_pod_info_keeps_what_selection_and_actuation_need() -> None:
-    info = pod_info("chat-0", {"b": "2", "a": "1"}, {APPLIED_ANNOTATION: "{}", "other": "x"}, status("True"), False)
+    info = pod_info("chat-0", "uid-chat-0", {"b": "2", "a": "1"}, {APPLIED_ANNOTATION: "{}", "other": "x"}, status("True"), False)
     assert info.label_map == {"a": "1", "b": "2"}
     assert info.ip == "127.0.0.2"
     assert info.applied == "{}"
     assert info.record is None  # unreadable record reads as absent
-    assert hash(info) == hash(pod_info("chat-0", {"a": "1", "b": "2"}, {APPLIED_ANNOTATION: "{}"}, status("True"), False))
+    assert hash(info) == hash(pod_info("chat-0", "uid-chat-0", {"a": "1", "b": "2"}, {APPLIED_ANNOTATION: "{}"}, status("True"), False))
 
 
 def make_operator(stall_s: float) -> Operator:
@@ -105,7 +105,7 @@ FLEET, CANARY = Knobs(max_concurrency=32), Knobs(max_concurrency=48)
 
 def recorded(name: str, knobs: Knobs, at: str, policy: str = "chat", canary: bool = False) -> Any:
     record = AppliedRecord(policy, knobs, 2, at, startup=FLEET, canary=canary)
-    return pod_info(name, {}, {APPLIED_ANNOTATION: record.to_json()}, status("True"), False)
+    return pod_info(name, f"uid-{name}", {}, {APPLIED_ANNOTATION: record.to_json()}, status("True"), False)
 
 
 @pytest.mark.parametrize(
@@ -119,13 +119,13 @@ def recorded(name: str, knobs: Knobs, at: str, policy: str = "chat", canary: boo
          FLEET),
         # Only the canary has a record: the other pod still runs the startup settings it keeps.
         ([recorded("a", CANARY, "2026-11-23T01:00:00Z", canary=True),
-          pod_info("b", {}, {}, status("True"), False)], FLEET),
+          pod_info("b", "uid-b", {}, {}, status("True"), False)], FLEET),
         # A majority is the fleet's setting, however recent.
         ([recorded("a", CANARY, "2026-11-23T01:10:00Z"), recorded("b", CANARY, "2026-11-23T01:10:00Z"),
           recorded("c", FLEET, "2026-11-23T01:00:00Z")], CANARY),
         # Another policy's records and pods without one say nothing.
         ([recorded("a", CANARY, "2026-11-23T01:10:00Z", policy="other"),
-          pod_info("b", {}, {}, status("True"), False)], None),
+          pod_info("b", "uid-b", {}, {}, status("True"), False)], None),
     ],
 )
 def test_the_setting_a_policy_left_its_pods_on(pods: list[Any], expected: Knobs | None) -> None:

@@ -96,6 +96,7 @@ def as_pod_info(api: client.ApiClient, pod: client.V1Pod) -> PodInfo:
     meta = body["metadata"]
     return pod_info(
         meta["name"],
+        meta["uid"],
         meta.get("labels") or {},
         meta.get("annotations") or {},
         body.get("status") or {},
