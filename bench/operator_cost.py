@@ -34,13 +34,12 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from stack.apiserver import start_kube_apiserver  # noqa: E402
 from stack.kube import create_crd, create_namespace, create_serving_pod  # noqa: E402
-from stack.process import ManagedProcess, free_loopback_port, http_get  # noqa: E402
+from stack.process import ManagedProcess, free_loopback_port, http_get, serve_in_thread  # noqa: E402
 from stack.prometheus import start_prometheus  # noqa: E402
 
 from batchpilot.controller.knobs import DISCIPLINES, Knobs  # noqa: E402
@@ -168,13 +167,8 @@ def serving(exporter: Exporter) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass  # one line per scrape is noise
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
+    with serve_in_thread(Handler) as port:
+        yield f"127.0.0.1:{port}"
 
 
 # -- the operator process -----------------------------------------------------------

@@ -457,13 +457,18 @@ def running_limit(policy: Policy, knobs: Knobs, mix: LengthMix) -> float:
     return min(cap, budget / mix.budget_per_seq)
 
 
+def engine_chunk(policy: Policy, knobs: Knobs) -> float:
+    """The engine's tokens per step in effect: max_num_batched_tokens, else the engine's own."""
+    return policy.effective("max_num_batched_tokens", knobs.max_num_batched_tokens)
+
+
 def engine_running_capacity(policy: Policy, knobs: Knobs, mix: LengthMix) -> float:
     """Sequences the engine runs at once under its tokens per step (see `StepModel.steady`).
 
     chunk*o/(p+o) decode in steady state; add those prefilling (the chunk's
     prefill share over a prompt's length) and one being admitted.
     """
-    chunk = policy.effective("max_num_batched_tokens", knobs.max_num_batched_tokens)
+    chunk = engine_chunk(policy, knobs)
     return chunk * (mix.output_mean + 1.0) / (mix.prompt_mean + mix.output_mean) + 1.0
 
 
@@ -601,7 +606,7 @@ class WorkloadModel:
         limits = np.array([running_limit(self._policy, k, mix) for k in candidates])
         arrival = np.full(len(candidates), arrival_rps)
         shape = (mix.prompt_mean, mix.output_mean, mix.context_per_seq, mix.attention_per_token)
-        chunks = np.array([self._chunk(k) for k in candidates])
+        chunks = np.array([engine_chunk(self._policy, k) for k in candidates])
         step_over, running_over, throughput_over, _ = self.step.steady(
             limits, arrival, *shape, chunk=chunks, overload=True
         )
@@ -652,9 +657,6 @@ class WorkloadModel:
         regressor = self._regressors.get(name)
         return None if regressor is None else float(1.0 / math.sqrt(regressor.alpha_))
 
-    def _chunk(self, knobs: Knobs) -> float:
-        return self._policy.effective("max_num_batched_tokens", knobs.max_num_batched_tokens)
-
     def _deadline_share(self, knobs: Knobs) -> float:
         # 1.5: "no deadline" sits above any deadline worth setting.
         if knobs.queue_deadline_ms is None:
@@ -698,7 +700,7 @@ class WorkloadModel:
             math.nan if s.throughput_rps is None else s.throughput_rps,
             1.0 if s.knobs.discipline == "shortest-prompt-first" else 0.0,
             self._deadline_share(s.knobs),
-            self._chunk(s.knobs),
+            engine_chunk(self._policy, s.knobs),
             float(self._window),
         ]
 

@@ -109,9 +109,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         # never less than the API server asked for. A 409 kopf never retries,
         # which is why the status is written by the timer (see kube.py).
         settings.networking.enforce_retry_after = False
-        # Watches need nothing more: kopf re-opens a broken watch from the last
-        # resourceVersion, each attempt with the backoffs above, for ever; the
-        # API server keeps its data across a restart, so none is missed.
+        # kopf re-opens a broken watch from the last resourceVersion, each
+        # attempt with the backoffs above, for ever, and lists again on a 410
+        # Gone; that listing misses pods deleted meanwhile (podledger.py).
 
         kube_api = _kube_client()
         session = aiohttp.ClientSession()

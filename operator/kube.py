@@ -36,8 +36,8 @@ GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
 # operations) and the API server rejects it.
 _MERGE_PATCH = "application/merge-patch+json"
 # The same bound as kopf's own requests (settings.networking.request_timeout):
-# a status write that hangs longer is better tried again later.
-STATUS_WRITE_TIMEOUT_S = 30.0
+# a status write or pod listing that hangs longer is better tried again later.
+REQUEST_TIMEOUT_S = 30.0
 # kubectl's page size: a namespace of thousands of pods comes in a few answers.
 LIST_PAGE_SIZE = 500
 
@@ -127,7 +127,7 @@ def list_pod_uids(api: client.ApiClient, namespace: str) -> set[str]:
                 namespace,
                 limit=LIST_PAGE_SIZE,
                 _continue=page_token,
-                _request_timeout=STATUS_WRITE_TIMEOUT_S,
+                _request_timeout=REQUEST_TIMEOUT_S,
             )
             uids.update(pod.metadata.uid for pod in page.items)
             page_token = page.metadata._continue
@@ -153,7 +153,7 @@ def write_policy_status(
             name,
             {"status": dict(patch)},
             _content_type=_MERGE_PATCH,
-            _request_timeout=STATUS_WRITE_TIMEOUT_S,
+            _request_timeout=REQUEST_TIMEOUT_S,
         )
     except ApiException as err:
         if err.status == 404:

@@ -13,12 +13,12 @@ import json
 import os
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from stack.process import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIT = REPO / "scripts" / "audit"
@@ -130,14 +130,8 @@ class _OneVulnerability(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def osv_with_one_vulnerability() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _OneVulnerability)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1/query"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_in_thread(_OneVulnerability) as port:
+        yield f"http://127.0.0.1:{port}/v1/query"
 
 
 def test_a_known_vulnerability_fails_the_audit(

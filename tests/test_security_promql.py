@@ -9,14 +9,14 @@ not literally its own, and above all never the victim's series.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from prometheus_api_client import PrometheusConnect
 from stack import PrometheusServer, ScrapeTarget
+from stack.process import serve_in_thread
 
 from batchpilot.controller.observe import PrometheusSource
 from batchpilot.controller.policy import Policy, PolicyError
@@ -74,22 +74,18 @@ class _Exporter(BaseHTTPRequestHandler):
 def tenant_prometheus(
     prometheus: Callable[..., PrometheusServer],
 ) -> Iterator[PrometheusConnect]:
-    exporter = ThreadingHTTPServer(("127.0.0.1", 0), _Exporter)
-    thread = threading.Thread(target=exporter.serve_forever, daemon=True)
-    thread.start()
-    address = f"127.0.0.1:{exporter.server_address[1]}"
-    server = prometheus(
-        [
-            ScrapeTarget(address, {"namespace": OWN_NAMESPACE, "pod": OWN_POD}),
-            ScrapeTarget(address, {"namespace": VICTIM_NAMESPACE, "pod": VICTIM_POD}),
-        ]
-    )
-    try:
-        yield PrometheusConnect(url=server.url, disable_ssl=True)
-    finally:
-        server.stop()
-        exporter.shutdown()
-        exporter.server_close()
+    with serve_in_thread(_Exporter) as port:
+        address = f"127.0.0.1:{port}"
+        server = prometheus(
+            [
+                ScrapeTarget(address, {"namespace": OWN_NAMESPACE, "pod": OWN_POD}),
+                ScrapeTarget(address, {"namespace": VICTIM_NAMESPACE, "pod": VICTIM_POD}),
+            ]
+        )
+        try:
+            yield PrometheusConnect(url=server.url, disable_ssl=True)
+        finally:
+            server.stop()
 
 
 def _read(

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import ctypes
 import ipaddress
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self, TypeVar
@@ -106,6 +109,23 @@ def http_ok(
     """Whether a GET of `url` answers 200: the readiness probe of every server here."""
     reply = http_get(url, headers=headers, ssl_context=ssl_context)
     return reply is not None and reply[0] == 200
+
+
+@contextlib.contextmanager
+def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """An HTTP server on a free 127.0.0.1 port, answering with `handler`; yields the port.
+
+    For the small in-test servers (exporters, fake APIs): a daemon thread
+    serves them, and the `with` block's end closes the listener.
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class Stoppable(abc.ABC):
