@@ -6,7 +6,9 @@ lengths the benchmark replays), sent at their arrival times divided by
 
 - the prompt is `prompt_tokens` token ids (exact for any engine, and the
   gate and `sim serve` count them without a tokenizer), also given as the
-  `x-prompt-tokens` header;
+  `x-prompt-tokens` header; the ids differ from request to request, since
+  an engine with prompt caching (llama.cpp's slots, vLLM's prefix cache)
+  would otherwise skip the prefill of every prompt after the first;
 - `max_tokens` = the scenario's output length, with `ignore_eos` (a vLLM
   extension) so a real engine produces all of them, and `x-output-tokens`
   for `sim serve`.
@@ -45,8 +47,15 @@ from batchpilot.sim.scenario import SLO
 from batchpilot.sim.workload import Workload
 
 OK, SHED, ERROR = "ok", "shed", "error"
-# Any token id below every vocabulary size in use; its value does not matter.
-PROMPT_TOKEN_ID = 100
+# Prompt token ids are drawn below this: every vocabulary in use is larger
+# (the generated llama.cpp model's has 110 tokens, its first 97 plain bytes).
+PROMPT_TOKEN_IDS = 97
+
+
+def prompt_ids(index: int, length: int) -> list[int]:
+    """Request `index`'s prompt: `length` token ids, seeded by the index, so a
+    replay sends the same prompts and no two requests share a prefix."""
+    return np.random.default_rng(index).integers(0, PROMPT_TOKEN_IDS, length).tolist()
 
 
 class LoadError(RuntimeError):
@@ -154,7 +163,7 @@ async def _send(
 ) -> RequestRecord:
     body = {
         "model": model,
-        "prompt": [PROMPT_TOKEN_ID] * record.prompt_tokens,
+        "prompt": prompt_ids(record.index, record.prompt_tokens),
         "max_tokens": record.output_tokens,
         "ignore_eos": True,
         "stream": True,

@@ -17,8 +17,11 @@ from typing import Any, TypeVar
 import pytest
 from kubernetes import client
 
+from batchpilot.sim.llamacpp import DEFAULT_SERVER_OPTIONS, ServerOptions
+
 from .apiserver import KubeAPIServer, start_kube_apiserver
 from .kube import ServingPod, create_namespace, create_serving_pod, unique_name
+from .llamacpp import LlamaServer, start_llama_server
 from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
 from .tools import StackError, helm_path, kubectl_path
 
@@ -34,13 +37,18 @@ STACK_FIXTURES = frozenset(
         "inferencepolicy_crd",
     }
 )
+# Fixtures that run the real CPU engine: their tests are marked `engine`.
+ENGINE_FIXTURES = frozenset({"llama_server"})
 REPO = Path(__file__).resolve().parents[2]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if STACK_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = getattr(item, "fixturenames", ())
+        if STACK_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.stack)
+        if ENGINE_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.engine)
 
 
 _Result = TypeVar("_Result")
@@ -124,6 +132,28 @@ def prometheus(
 
 
 @pytest.fixture(scope="session")
+def llama_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., LlamaServer]]:
+    """llama_server(options=ServerOptions()) -> LlamaServer (.url, .stop()), the
+    real llama.cpp engine serving the generated model, returned once healthy.
+
+    Each call starts its own server; all still running stop at session end."""
+    started: list[LlamaServer] = []
+
+    def start(options: ServerOptions = DEFAULT_SERVER_OPTIONS) -> LlamaServer:
+        server = _or_fail(
+            lambda: start_llama_server(options, workdir=tmp_path_factory.mktemp("llama"))
+        )
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def kubectl() -> Path:
     """Path of the kubectl that scripts/dev-setup installed (v1.33)."""
     return _or_fail(kubectl_path)
@@ -140,7 +170,12 @@ def inferencepolicy_crd(kube_api: KubeAPIServer, kubectl: Path) -> None:
     """The project's CRDs applied with `kubectl apply -f crds/`, established."""
     for args in (
         ["apply", "-f", str(REPO / "crds")],
-        ["wait", "--for=condition=Established", "--timeout=30s", "crd/inferencepolicies.batchpilot.dev"],
+        [
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/inferencepolicies.batchpilot.dev",
+        ],
     ):
         done = subprocess.run(
             [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", *args],

@@ -249,11 +249,14 @@ _Server = TypeVar("_Server", bound=_HasProcess)
 
 
 def start_with_port_retry(
-    launch: Callable[[], _Server], wait_ready: Callable[[_Server], None]
+    launch: Callable[[], _Server],
+    wait_ready: Callable[[_Server], None],
+    address_in_use: str = ADDRESS_IN_USE,
 ) -> _Server:
     """`launch()` starts a server on freshly picked ports; `wait_ready` waits for it.
 
-    When the server exits because a port was taken meanwhile, launch again.
+    When the server exits because a port was taken meanwhile (its log says
+    `address_in_use`), launch again.
     On any other failure the server is stopped and the error passes on.
     """
     attempt = 1
@@ -264,7 +267,7 @@ def start_with_port_retry(
             return server
         except ServerExited:
             server.process.stop()
-            if attempt == PORT_ATTEMPTS or not server.process.log_contains(ADDRESS_IN_USE):
+            if attempt == PORT_ATTEMPTS or not server.process.log_contains(address_in_use):
                 raise
         except BaseException:
             server.process.stop()
