@@ -195,7 +195,7 @@ def recommend(
         memory.reference_mix = mix
     else:
         memory.reference_mix = mix if reference is None else mix.blend(reference, MIX_EMA)
-    _update_memory(memory, pooled, mix, est)
+    _update_memory(memory, policy, pooled, mix)
 
     # A breach is a TPOT quantile above the objective by more than one
     # window's scatter around the model's expectation: aiming the expected
@@ -271,9 +271,13 @@ def _engine_ttft_p90(pooled: PodObservation) -> float | None:
     return max(ttft - wait, 0.0)
 
 
-def _update_memory(memory: DecideMemory, pooled: PodObservation, mix: LengthMix, est: Estimates) -> None:
-    # KV capacity: the cache holds the running sequences' contexts; usage
-    # below 10% is too coarse a gauge to divide by.
+def _update_memory(memory: DecideMemory, policy: Policy, pooled: PodObservation, mix: LengthMix) -> None:
+    # KV capacity: the declared size (spec.engine.kvCacheTokens) where there
+    # is one, the only source for an engine without a KV-usage gauge.
+    if memory.kv_capacity_tokens is None and policy.engine.kv_cache_tokens is not None:
+        memory.kv_capacity_tokens = float(policy.engine.kv_cache_tokens)
+    # A gauge refines it: the cache holds the running sequences' contexts;
+    # usage below 10% is too coarse a gauge to divide by.
     if pooled.kv_usage is not None and pooled.kv_usage > 0.1 and pooled.running:
         capacity = pooled.running * mix.context_per_seq / pooled.kv_usage
         previous = memory.kv_capacity_tokens

@@ -9,7 +9,8 @@ spec is rejected with a message a user can act on.
 Spec shape (camelCase, as in the CR):
 
 ```yaml
-engine:   {kind: vllm, maxNumSeqs: 512, maxNumBatchedTokens: 8192, runtimeTunable: false}
+engine:   {kind: vllm, maxNumSeqs: 512, maxNumBatchedTokens: 8192, runtimeTunable: false,
+           kvCacheTokens: 400000}          # optional: the KV cache's size in tokens
 slo:      {ttftMs: 2000, tpotMs: 50, percentile: 99}
 knobs:                       # which knobs to steer; absent: a default set
   maxConcurrency:   {min: 8, max: 512}
@@ -76,6 +77,7 @@ class EngineKind(StrEnum):
     SGLANG = "sglang"
     TGI = "tgi"
     TRITON = "triton"
+    LLAMACPP = "llamacpp"
     GENERIC = "generic"
 
 
@@ -138,6 +140,11 @@ class EngineSpec:
     # True when the engine accepts a new prefill budget while running
     # (SGLang's set_internal_state); otherwise it stays at its startup value.
     runtime_tunable: bool = False
+    # The KV cache's capacity in tokens (llama.cpp: --ctx-size with
+    # --kv-unified; vLLM logs it at startup as "GPU KV cache size"). The token
+    # budget is kept under it from the first decision; otherwise it is learned
+    # from a KV-usage gauge, which some engines (llama.cpp) do not export.
+    kv_cache_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, EngineKind):
@@ -152,6 +159,21 @@ class EngineSpec:
         _require_int("engine.maxNumBatchedTokens", self.max_num_batched_tokens, 16, MAX_TOKENS_LIMIT)
         if not isinstance(self.runtime_tunable, bool):
             raise PolicyError("engine.runtimeTunable", f"must be true or false, got {self.runtime_tunable!r}")
+        if self.runtime_tunable and self.kind is EngineKind.LLAMACPP:
+            raise PolicyError(
+                "engine.runtimeTunable",
+                "llama-server fixes its prefill budget (--batch-size) at startup and has no live API "
+                "for it; set runtimeTunable to false",
+            )
+        if self.kv_cache_tokens is not None:
+            _require_int(
+                "engine.kvCacheTokens",
+                self.kv_cache_tokens,
+                16,
+                MAX_TOKENS_LIMIT,
+                fix="set it to the engine's KV-cache size in tokens (llama.cpp: --ctx-size; vLLM: "
+                '"GPU KV cache size" in its startup log), or leave it out',
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +438,9 @@ def _slo_from_spec(raw: Any) -> Slo:
 
 def _engine_from_spec(raw: Any) -> EngineSpec:
     _expect_mapping("spec.engine", raw)
-    _reject_unknown("spec.engine", raw, {"kind", "maxNumSeqs", "maxNumBatchedTokens", "runtimeTunable"})
+    _reject_unknown(
+        "spec.engine", raw, {"kind", "maxNumSeqs", "maxNumBatchedTokens", "runtimeTunable", "kvCacheTokens"}
+    )
     defaults = EngineSpec()
     return _prefixed_policy(
         "spec",
@@ -425,6 +449,7 @@ def _engine_from_spec(raw: Any) -> EngineSpec:
             max_num_seqs=raw.get("maxNumSeqs", defaults.max_num_seqs),
             max_num_batched_tokens=raw.get("maxNumBatchedTokens", defaults.max_num_batched_tokens),
             runtime_tunable=raw.get("runtimeTunable", defaults.runtime_tunable),
+            kv_cache_tokens=raw.get("kvCacheTokens", defaults.kv_cache_tokens),
         ),
     )
 
@@ -549,12 +574,13 @@ def _reject_unknown(where: str, raw: Mapping[str, Any], known: set[str]) -> None
         raise PolicyError(f"{where}.{unknown[0]}", f"unknown field; known fields are {', '.join(sorted(known))}")
 
 
-def _require_int(where: str, value: Any, low: int, high: int) -> None:
+def _require_int(where: str, value: Any, low: int, high: int, fix: str = "") -> None:
     # bool is an int subclass; `true` for a token count is a mistake, not 1.
+    hint = f"; {fix}" if fix else ""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(where, f"must be an integer, got {value!r}")
+        raise PolicyError(where, f"must be an integer, got {value!r}{hint}")
     if not low <= value <= high:
-        raise PolicyError(where, f"must be between {low} and {high}, got {value}")
+        raise PolicyError(where, f"must be between {low} and {high}, got {value}{hint}")
 
 
 def _require_number(where: str, value: Any, low: float, high: float) -> None:

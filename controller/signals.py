@@ -11,9 +11,18 @@ Metric names were checked against each engine's metrics reference:
 vLLM (V1 engine names), SGLang (`sglang:` collector), TGI (`tgi_` router
 metrics), Triton with the TensorRT-LLM backend (`nv_trt_llm_*` gauges,
 `nv_llm_*_token_len` histograms, and `nv_inference_first_response_histogram_ms`
-when histogram latencies are enabled). An engine that lacks a signal simply
+when histogram latencies are enabled), llama.cpp's llama-server (`llamacpp:`
+counters and gauges with --metrics). An engine that lacks a signal simply
 reports it missing; the gate's own metrics fill the most important gaps
 (arrivals, queueing, TTFT including queueing).
+
+llama-server exports no latency histogram at all, so its preset reads TPOT
+from the gate's per-request `batchpilot_gate_time_per_output_token_seconds`,
+and TTFT comes from the gate's TTFT histogram, which observe.py prefers for
+every engine anyway (it includes the gate's queue). Only the llama.cpp preset
+names the gate's TPOT histogram: in GATE_METRICS it would also replace the
+ITL-based TPOT estimate of engines without a per-request TPOT histogram
+(SGLang, Triton), a change of its own.
 """
 
 from __future__ import annotations
@@ -178,6 +187,18 @@ ENGINE_PRESETS: Mapping[EngineKind, Mapping[Signal, MetricOverride]] = {
         Signal.KV_USAGE: _m("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="fraction"),
         # Only with --metrics-config histogram_latencies=true; milliseconds.
         Signal.TTFT: _m("nv_inference_first_response_histogram_ms", scale=0.001),
+    },
+    EngineKind.LLAMACPP: {
+        # Request lengths from the gate (gate/metrics.py): llama-server exports none.
+        Signal.PROMPT_TOKENS: _m("batchpilot_gate_prompt_tokens"),
+        Signal.OUTPUT_TOKENS: _m("batchpilot_gate_output_tokens"),
+        Signal.PROMPT_TOKENS_PROCESSED: _m("llamacpp:prompt_tokens_total"),
+        Signal.GENERATION_TOKENS: _m("llamacpp:tokens_predicted_total"),
+        # Slots decoding or prefilling; deferred: requests with no free slot.
+        Signal.RUNNING: _m("llamacpp:requests_processing"),
+        Signal.WAITING: _m("llamacpp:requests_deferred"),
+        # The gate's histogram (gate/metrics.py): llama-server has none.
+        Signal.TPOT: _m("batchpilot_gate_time_per_output_token_seconds"),
     },
     EngineKind.GENERIC: {},
 }

@@ -11,6 +11,28 @@ gate), upstream_stream_broken (the engine cut a stream; the gate cuts the
 client's too), client_disconnect (the client left after admission, or its
 stream was still open when the shutdown grace period ended), native_apply (an
 engine-native knob change was rejected or failed; not a request).
+upstream_retries_total{reason=...}: requests sent to the engine a second time,
+on a new connection, because the pooled keep-alive connection the first
+attempt went out on turned out to be closed by the engine before any byte of
+an answer came back (see proxy.py): server_disconnected (the engine closed
+it), socket_error (a reset, or the request could not be written). Each one is
+a request that would otherwise have failed as upstream_unreachable; a retry
+that fails too is counted there as well.
+
+time_per_output_token_seconds: per streamed request that ended cleanly with
+at least two token events, (last event - first event) / (events - 1), timed
+as the engine's SSE `data:` events reach the gate; `data: [DONE]` is not an
+event. Engines send one token per event, but also a few events without one
+(llama-server's closing event with finish_reason and timings, a chat stream's
+opening role event): each such event counts as a token, which biases the
+value low by at most about 2 / (tokens - 1); they arrive with the first or
+last token, so the time span is unaffected.
+
+prompt_tokens / output_tokens: request lengths, for engines that export none
+(llama-server): the prompt as the gate sized it at admission (estimate.py:
+exact for token ids and the x-prompt-tokens header, characters / 4 for text),
+the output as the token events of a streamed answer that ended cleanly
+(counted as above, so llama-server's closing event adds one).
 
 State gauges (queue length, in-flight, knobs, version) are read from the
 gate at scrape time instead of being set on every request, so the request
@@ -43,9 +65,13 @@ INFLIGHT_REQUESTS = "batchpilot_gate_inflight_requests"
 INFLIGHT_TOKENS = "batchpilot_gate_inflight_tokens"
 QUEUE_WAIT_SECONDS = "batchpilot_gate_queue_wait_seconds"
 TIME_TO_FIRST_TOKEN_SECONDS = "batchpilot_gate_time_to_first_token_seconds"
+TIME_PER_OUTPUT_TOKEN_SECONDS = "batchpilot_gate_time_per_output_token_seconds"
+PROMPT_TOKENS = "batchpilot_gate_prompt_tokens"
+OUTPUT_TOKENS = "batchpilot_gate_output_tokens"
 ADMITTED_TOTAL = "batchpilot_gate_admitted_total"
 SHED_TOTAL = "batchpilot_gate_shed_total"
 FAILED_TOTAL = "batchpilot_gate_failed_total"
+UPSTREAM_RETRIES_TOTAL = "batchpilot_gate_upstream_retries_total"
 KNOB = "batchpilot_gate_knob"
 DISCIPLINE = "batchpilot_gate_discipline"
 CONFIG_VERSION = "batchpilot_gate_config_version"
@@ -77,6 +103,32 @@ TTFT_BUCKETS_S = (
     2560.0,
 )
 
+# vLLM's buckets for vllm:time_per_output_token_seconds, with finer low ones:
+# a small model on a fast engine (or the CPU test engine) decodes in a few ms.
+TPOT_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+
+# vLLM's token-count buckets (1, 2, 5, 10, ... up to 131,072 tokens of context).
+TOKEN_BUCKETS = tuple(
+    float(m * 10**e) for e in range(6) for m in (1, 2, 5) if m * 10**e <= 131_072
+)
+
 # `reason` label values, pre-created at zero so rate() works from the first
 # scrape and a dashboard shows every reason even before it happens.
 SHED_QUEUE_DEADLINE = "queue_deadline"
@@ -96,6 +148,9 @@ FAILED_REASONS = (
     FAILED_CLIENT_DISCONNECT,
     FAILED_NATIVE_APPLY,
 )
+RETRY_SERVER_DISCONNECTED = "server_disconnected"
+RETRY_SOCKET_ERROR = "socket_error"
+RETRY_REASONS = (RETRY_SERVER_DISCONNECTED, RETRY_SOCKET_ERROR)
 
 # Numeric Knobs fields, exported as batchpilot_gate_knob{knob=...}.
 NUMERIC_KNOBS = tuple(f.name for f in fields(Knobs) if f.name != "discipline")
@@ -139,9 +194,13 @@ class GateMetrics(Collector):
         self._config_version = config_version
         self.queue_wait = Histogram(TTFT_BUCKETS_S)
         self.time_to_first_token = Histogram(TTFT_BUCKETS_S)
+        self.time_per_output_token = Histogram(TPOT_BUCKETS_S)
+        self.prompt_tokens = Histogram(TOKEN_BUCKETS)
+        self.output_tokens = Histogram(TOKEN_BUCKETS)
         self.admitted = 0
         self.shed = dict.fromkeys(SHED_REASONS, 0)
         self.failed = dict.fromkeys(FAILED_REASONS, 0)
+        self.upstream_retries = dict.fromkeys(RETRY_REASONS, 0)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -164,12 +223,27 @@ class GateMetrics(Collector):
             TIME_TO_FIRST_TOKEN_SECONDS,
             "Arrival at the gate to the first streamed chunk (TTFT including gate queueing).",
         )
+        yield self.time_per_output_token.family(
+            TIME_PER_OUTPUT_TOKEN_SECONDS,
+            "Mean time between the streamed token events of a request, as the gate relays them.",
+        )
+        yield self.prompt_tokens.family(
+            PROMPT_TOKENS, "Prompt tokens of each admitted request, as the gate sized it."
+        )
+        yield self.output_tokens.family(
+            OUTPUT_TOKENS, "Token events of each streamed answer that ended cleanly."
+        )
         yield CounterMetricFamily(
             ADMITTED_TOTAL, "Requests admitted to the engine.", value=self.admitted
         )
         yield _by_reason(SHED_TOTAL, "Requests refused by the gate.", self.shed)
         yield _by_reason(
             FAILED_TOTAL, "Requests that failed after admission, by reason.", self.failed
+        )
+        yield _by_reason(
+            UPSTREAM_RETRIES_TOTAL,
+            "Requests resent on a new connection: the engine had closed the pooled one.",
+            self.upstream_retries,
         )
         knob_family = GaugeMetricFamily(
             KNOB, "Applied knob value (+Inf: no limit from batchpilot).", labels=["knob"]

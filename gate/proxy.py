@@ -11,6 +11,12 @@
 - A client that goes away, queued or mid-stream, gives its place back at
   once, and the upstream request is closed so the engine stops generating.
   This relies on aiohttp's `handler_cancellation` (set by the server).
+- A request that went out on a pooled keep-alive connection the engine had
+  already closed (llama-server closes after every streamed answer while
+  advertising keep-alive, so the pool can hand out a connection whose close
+  is still in flight) is sent once more, on a new connection of its own, as
+  long as no byte of an answer came back: the engine cannot have processed
+  it. Anything else that fails stays a failure (see `retry_reason`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +38,9 @@ from batchpilot.gate.metrics import (
     FAILED_UPSTREAM_5XX,
     FAILED_UPSTREAM_STREAM_BROKEN,
     FAILED_UPSTREAM_UNREACHABLE,
+    RETRY_SERVER_DISCONNECTED,
+    RETRY_SOCKET_ERROR,
+    Histogram,
 )
 from batchpilot.gate.runtime import Gate
 
@@ -75,14 +85,136 @@ def _forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
+class Attempt:
+    """One request's trace context: did its connection come from the pool?
+
+    Set by the `connection_trace()` hooks, which aiohttp calls once per
+    connection it hands out: either it reused a pooled one or it opened one.
+    """
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _connection_reused(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    # Requests that pass no Attempt (the health probe, native adapters) are not retried here.
+    if context.trace_request_ctx is not None:
+        context.trace_request_ctx.reused = True
+
+
+async def _connection_opening(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    if context.trace_request_ctx is not None:
+        context.trace_request_ctx.reused = False
+
+
+def connection_trace() -> aiohttp.TraceConfig:
+    """The pooled session's trace hooks that fill in each request's `Attempt`."""
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_reuseconn.append(_connection_reused)
+    trace.on_connection_create_start.append(_connection_opening)
+    return trace
+
+
+def retry_reason(err: BaseException, reused: bool) -> str | None:
+    """The retries_total reason when `err` means the engine never got the request, else None.
+
+    Only a request whose connection came from the pool and which failed before
+    its answer's status line and headers were complete (the caller's part:
+    only `session.request()` failures get here) qualifies: the engine closed
+    that idle connection, and the request met a closed socket. On a new
+    connection the same errors mean the engine itself is failing, and sending
+    again would double its load; once any answer byte came back, the engine
+    has the request, and sending it again could run it twice.
+    """
+    if not reused:
+        return None
+    if isinstance(err, aiohttp.ServerDisconnectedError):
+        # aiohttp puts the partly parsed answer here when some bytes of it came.
+        return RETRY_SERVER_DISCONNECTED if isinstance(err.message, str) else None
+    # A reset, or "Can not write request body": the socket was closed under us.
+    # (ClientConnectorError is a ClientOSError too, but a connection being
+    # opened is not a reused one.)
+    if isinstance(err, aiohttp.ClientOSError):
+        return RETRY_SOCKET_ERROR
+    return None
+
+
+# SSE event marker; JSON payloads escape newlines, so it only matches a field
+# at a line start. Six bytes: a marker split across two chunks lies within
+# the previous chunk's last five bytes and the next one's first five.
+_EVENT = b"\ndata:"
+_SEAM = len(_EVENT) - 1
+# Enough of the stream's end to hold "data: [DONE]" and the blank line after it.
+_TAIL = 16
+
+
+class TokenEvents:
+    """Counts the SSE data events of a relayed stream and times the first and last one.
+
+    Costs two `bytes.count` per chunk (one over at most ten bytes) and a
+    16-byte slice. Exact for any chunking: an event whose marker straddles
+    chunks is counted once, at the chunk that completes it.
+    """
+
+    __slots__ = ("_tail", "events", "first_s", "last_s")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.first_s = 0.0
+        self.last_s = 0.0
+        # The stream starts at a line start, which the newline stands for.
+        self._tail = b"\n"
+
+    def feed(self, chunk: bytes, now_s: float) -> None:
+        found = chunk.count(_EVENT) + (self._tail[-_SEAM:] + chunk[:_SEAM]).count(_EVENT)
+        self._tail = chunk[-_TAIL:] if len(chunk) >= _TAIL else (self._tail + chunk)[-_TAIL:]
+        if found:
+            if not self.events:
+                self.first_s = now_s
+            self.events += found
+            self.last_s = now_s
+
+    @property
+    def tokens(self) -> int:
+        """Token events: every data event but the final `data: [DONE]`."""
+        return self.events - (1 if self._tail.rstrip().endswith(b"[DONE]") else 0)
+
+    def observe(self, per_token: Histogram, output_tokens: Histogram) -> None:
+        """Observe a finished stream's output length and, with at least two
+        token events, its mean time per token.
+
+        The time `data: [DONE]` arrived counts as the last event's, which it
+        follows at once.
+        """
+        tokens = self.tokens
+        if tokens >= 1:
+            output_tokens.observe(tokens)
+        if tokens >= 2:
+            per_token.observe((self.last_s - self.first_s) / (tokens - 1))
+
+
 class Proxy:
     """Request handlers of the data port."""
 
     def __init__(
-        self, gate: Gate, session: aiohttp.ClientSession, upstream_url: str, default_max_tokens: int
+        self,
+        gate: Gate,
+        session: aiohttp.ClientSession,
+        fresh_session: aiohttp.ClientSession,
+        upstream_url: str,
+        default_max_tokens: int,
     ) -> None:
+        """`session`: the pooled one, traced by `connection_trace()`;
+        `fresh_session`: opens a new connection for every request (for retries)."""
         self._gate = gate
         self._session = session
+        self._fresh_session = fresh_session
         self._upstream_url = upstream_url
         self._default_max_tokens = default_max_tokens
 
@@ -103,6 +235,7 @@ class Proxy:
         ticket = await self._gate.acquire(size, arrival_s)
         if ticket is None:
             return self._shed_response(arrival_s)
+        self._gate.metrics.prompt_tokens.observe(size.prompt_tokens)
         try:
             return await self._forward(
                 request, body, arrival_s if size.stream else None, count=True
@@ -145,16 +278,34 @@ class Proxy:
     ) -> web.StreamResponse:
         """Relay one request to the engine and its answer back, chunk by chunk.
 
-        `ttft_from_s`: observe time-to-first-token from this arrival time
-        (streaming requests only: for a non-streaming one the first byte
-        comes at the end). `count`: count engine errors as failed requests.
+        `ttft_from_s`: observe time-to-first-token from this arrival time, and
+        time per output token (streaming requests only: for a non-streaming
+        one the first byte comes at the end). `count`: count engine errors as
+        failed requests.
         """
         metrics = self._gate.metrics
         url = self._upstream_url + request.rel_url.path_qs
+        headers = _forwardable(request.headers)
+        attempt = Attempt()
         try:
-            upstream = await self._session.request(
-                request.method, url, data=body or None, headers=_forwardable(request.headers)
-            )
+            try:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    data=body or None,
+                    headers=headers,
+                    trace_request_ctx=attempt,
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+                reason = retry_reason(err, attempt.reused)
+                if reason is None:
+                    raise
+                metrics.upstream_retries[reason] += 1
+                # Not the pool again: it may hold more connections the engine
+                # has closed. A failure here is the engine's, and is final.
+                upstream = await self._fresh_session.request(
+                    request.method, url, data=body or None, headers=headers
+                )
         except asyncio.CancelledError:
             # The client went away before the engine answered.
             if count:
@@ -178,6 +329,7 @@ class Proxy:
                 reason = FAILED_UPSTREAM_5XX if upstream.status >= 500 else FAILED_UPSTREAM_4XX
                 metrics.failed[reason] += 1
             ttft_from_s = ttft_from_s if upstream.status < 300 else None
+            tokens = TokenEvents() if ttft_from_s is not None else None
             await response.prepare(request)
             while True:
                 try:
@@ -191,12 +343,15 @@ class Proxy:
                     return response
                 if not chunk:
                     break
-                if ttft_from_s is not None:
-                    metrics.time_to_first_token.observe(
-                        asyncio.get_running_loop().time() - ttft_from_s
-                    )
-                    ttft_from_s = None
+                if tokens is not None:
+                    now_s = asyncio.get_running_loop().time()
+                    if ttft_from_s is not None:
+                        metrics.time_to_first_token.observe(now_s - ttft_from_s)
+                        ttft_from_s = None
+                    tokens.feed(chunk, now_s)
                 await response.write(chunk)
+            if tokens is not None:
+                tokens.observe(metrics.time_per_output_token, metrics.output_tokens)
             await response.write_eof()
             return response
         except ConnectionResetError:

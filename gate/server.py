@@ -19,7 +19,7 @@ from aiohttp import web
 from batchpilot.gate.admin import Admin
 from batchpilot.gate.annotations import AnnotationError, knobs_from_annotations
 from batchpilot.gate.native import make_adapter
-from batchpilot.gate.proxy import Proxy
+from batchpilot.gate.proxy import Proxy, connection_trace
 from batchpilot.gate.runtime import SOURCE_FILE, Gate
 from batchpilot.gate.settings import GateSettings, parse_host_port
 
@@ -36,6 +36,7 @@ class GateServer:
     def __init__(self, settings: GateSettings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None
         self._gate: Gate | None = None
         self._proxy_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -53,18 +54,25 @@ class GateServer:
 
     async def start(self) -> None:
         settings = self.settings
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=_UPSTREAM_TIMEOUT,
-            # Relay bytes as the engine sent them (compressed or not), and add
-            # no headers the client did not send.
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        # The pooled session tells each proxied request whether its connection
+        # was reused; one the engine had closed meanwhile is retried on the
+        # second session, whose connections are always new and closed after
+        # one answer, so a retry can never meet a stale one (see proxy.py).
+        # Retries are rare, so paying a connection setup for each costs little.
+        self._session = _upstream_session(
+            aiohttp.TCPConnector(limit=0), trace_configs=[connection_trace()]
         )
+        self._fresh_session = _upstream_session(aiohttp.TCPConnector(limit=0, force_close=True))
         native = make_adapter(settings.native, self._session, settings.upstream_url)
         self._gate = Gate(settings.knobs, native)
 
-        proxy = Proxy(self._gate, self._session, settings.upstream_url, settings.default_max_tokens)
+        proxy = Proxy(
+            self._gate,
+            self._session,
+            self._fresh_session,
+            settings.upstream_url,
+            settings.default_max_tokens,
+        )
         proxy_app = web.Application(client_max_size=settings.max_body_bytes)
         proxy_app.add_routes(proxy.routes())
         # handler_cancellation: a client that disconnects cancels its handler,
@@ -122,9 +130,10 @@ class GateServer:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh_session = None
         log.info("gate stopped")
 
     async def run(self) -> None:
@@ -188,6 +197,20 @@ class GateServer:
                 continue
             if knobs is not None:
                 await self.gate.apply(knobs, SOURCE_FILE)
+
+
+def _upstream_session(
+    connector: aiohttp.TCPConnector, trace_configs: list[aiohttp.TraceConfig] | None = None
+) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=_UPSTREAM_TIMEOUT,
+        # Relay bytes as the engine sent them (compressed or not), and add
+        # no headers the client did not send.
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        trace_configs=trace_configs,
+    )
 
 
 async def _serve(runner: web.AppRunner, host: str, port: int) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 from test_controller_synthetic import TRUE, synthetic_samples
 
-from batchpilot.controller.decide import DecideMemory, initial_knobs, recommend
+from batchpilot.controller.decide import KV_SHARE, DecideMemory, initial_knobs, recommend
 from batchpilot.controller.explain import Reason, Recommendation
 from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.model import (
@@ -18,7 +19,7 @@ from batchpilot.controller.model import (
     running_limit,
 )
 from batchpilot.controller.observe import Histogram, Observation, PodObservation
-from batchpilot.controller.policy import EngineSpec, Policy, Slo
+from batchpilot.controller.policy import EngineKind, EngineSpec, Policy, Slo
 
 INF = math.inf
 POLICY = Policy.default_for(Slo(2000, 50), EngineSpec(max_num_seqs=512))
@@ -273,3 +274,44 @@ def mix_of(prompt: float, output: float) -> LengthMix:
     mix = LengthMix.from_histograms(around(prompt, 1.0), around(output, 1.0))
     assert mix is not None
     return mix
+
+
+LLAMACPP_SPEC = EngineSpec(kind=EngineKind.LLAMACPP, max_num_seqs=16, max_num_batched_tokens=2048)
+
+
+def without_kv_gauge(observation: Observation) -> Observation:
+    """The window as llama-server reports it: no KV-usage gauge."""
+    pod = dataclasses.replace(observation.pooled, kv_usage=None)
+    return dataclasses.replace(observation, pods={"p0": pod}, pooled=pod)
+
+
+@pytest.mark.parametrize(("kv_cache_tokens", "bounded"), [(16_384, True), (None, False)])
+def test_a_declared_kv_cache_bounds_the_token_budget_without_a_kv_gauge(
+    kv_cache_tokens: int | None, bounded: bool
+) -> None:
+    policy = Policy.default_for(Slo(2000, 50), dataclasses.replace(LLAMACPP_SPEC, kv_cache_tokens=kv_cache_tokens))
+    applied = Knobs(max_inflight_tokens=60_000)
+    # 1,200-token requests: 16 slots' worth (~19k tokens) would not fit a 16k cache.
+    observation = without_kv_gauge(window(1000, 200, applied=applied))
+    memory = DecideMemory()
+    rec = recommend(policy, observation, WorkloadModel(policy), applied, memory, tpot_q_s=0.03)
+    assert rec.target.max_inflight_tokens is not None
+    if bounded:
+        assert memory.kv_capacity_tokens == 16_384
+        assert rec.target.max_inflight_tokens == int(KV_SHARE * 16_384)
+    else:
+        assert memory.kv_capacity_tokens is None
+        assert rec.target.max_inflight_tokens > 16_384
+
+
+def test_a_kv_gauge_refines_the_declared_kv_cache() -> None:
+    policy = Policy.default_for(Slo(2000, 50), dataclasses.replace(LLAMACPP_SPEC, kv_cache_tokens=16_384))
+    applied = Knobs(max_inflight_tokens=60_000)
+    observation = window(1000, 200, applied=applied)  # kv_usage 0.3 of a far larger cache
+    memory = DecideMemory()
+    recommend(policy, observation, WorkloadModel(policy), applied, memory, tpot_q_s=0.03)
+    mix = mix_of(1000, 200)
+    assert observation.pooled.running is not None
+    measured = observation.pooled.running * mix.context_per_seq / 0.3
+    assert measured > 16_384
+    assert memory.kv_capacity_tokens == pytest.approx(0.7 * 16_384 + 0.3 * measured)

@@ -19,9 +19,9 @@ from batchpilot.controller.observe import (
     observe,
     parse_sample_name,
 )
-from batchpilot.controller.policy import EngineSpec, MetricsSpec, Policy, Slo
+from batchpilot.controller.policy import EngineKind, EngineSpec, MetricsSpec, Policy, Slo
 from batchpilot.controller.promql import QueryBuilder
-from batchpilot.controller.signals import GATE_METRICS, Kind, Signal, signal_specs
+from batchpilot.controller.signals import ENGINE_PRESETS, GATE_METRICS, Kind, Signal, signal_specs
 
 POLICY = Policy.default_for(
     Slo(2000, 50), EngineSpec(), metrics=MetricsSpec(window_s=60.0, staleness_s=90.0), namespace="ns"
@@ -302,3 +302,58 @@ def test_reads_the_simulators_series() -> None:
         assert getattr(pod, field) is not None, field
     for field in ("ttft", "itl", "prompt_tokens", "output_tokens", "e2e"):
         assert getattr(pod, field) is not None, field
+
+
+LLAMACPP_METRICS = {
+    Signal.PROMPT_TOKENS_PROCESSED: "llamacpp:prompt_tokens_total",
+    Signal.GENERATION_TOKENS: "llamacpp:tokens_predicted_total",
+    Signal.RUNNING: "llamacpp:requests_processing",
+    Signal.WAITING: "llamacpp:requests_deferred",
+    # llama-server has no latency or length histograms: the gate measures
+    # TPOT and the lengths per request.
+    Signal.TPOT: "batchpilot_gate_time_per_output_token_seconds",
+    Signal.PROMPT_TOKENS: "batchpilot_gate_prompt_tokens",
+    Signal.OUTPUT_TOKENS: "batchpilot_gate_output_tokens",
+}
+
+
+def test_llamacpp_preset_names_exactly_its_metrics() -> None:
+    from batchpilot.gate import metrics as gate
+
+    assert LLAMACPP_METRICS[Signal.TPOT] == gate.TIME_PER_OUTPUT_TOKEN_SECONDS
+    assert LLAMACPP_METRICS[Signal.PROMPT_TOKENS] == gate.PROMPT_TOKENS
+    assert LLAMACPP_METRICS[Signal.OUTPUT_TOKENS] == gate.OUTPUT_TOKENS
+    preset = ENGINE_PRESETS[EngineKind.LLAMACPP]
+    assert {signal: metric.metric for signal, metric in preset.items()} == LLAMACPP_METRICS
+    assert all(metric.labels == () and metric.scale == 1.0 for metric in preset.values())
+    # With the gate's metrics, that is every series the controller reads from such a pod.
+    specs = signal_specs(EngineKind.LLAMACPP, {})
+    assert {s: spec.metric.metric for s, spec in specs.items()} == {**GATE_METRICS, **LLAMACPP_METRICS}
+
+
+def test_llamacpp_ttft_and_tpot_come_from_the_gate() -> None:
+    policy = Policy.default_for(Slo(2000, 50), EngineSpec(kind=EngineKind.LLAMACPP, max_num_seqs=16))
+    source = SnapshotSource(policy)
+    for t in TIMES:
+        n = t / 30.0 + 2.0
+        snap = {
+            **{k: v for k, v in cumulative(0, t).items() if not k.startswith("vllm:")},
+            "llamacpp:prompt_tokens_total": 30_000.0 * n,
+            "llamacpp:tokens_predicted_total": 9_000.0 * n,
+            "llamacpp:requests_processing": 12.0,
+            "llamacpp:requests_deferred": 3.0,
+        }
+        for le, share in zip(TTFT_LE, (0.6, 1.0, 1.0, 1.0, 1.0), strict=True):
+            snap[f'batchpilot_gate_time_per_output_token_seconds_bucket{{le="{le}"}}'] = 290.0 * n * share
+        snap["batchpilot_gate_time_per_output_token_seconds_sum"] = 290.0 * n * 0.05
+        snap["batchpilot_gate_time_per_output_token_seconds_count"] = 290.0 * n
+        source.ingest(t, {"pod-a": snap})
+    pod = observe(source, policy, TIMES[-1], ["pod-a"]).pods["pod-a"]
+    assert pod.ttft_from_gate
+    # the gate's TTFT (median 0.3 s, see test_hand_computed_values), not an engine's
+    assert pod.ttft is not None and pod.ttft.quantile(0.5) == pytest.approx(0.3)
+    assert pod.tpot is not None and pod.tpot.mean == pytest.approx(0.05)
+    assert (pod.running, pod.waiting) == (12.0, 3.0)
+    assert pod.prompt_tps == pytest.approx(1000.0)
+    assert pod.kv_usage is None and Signal.KV_USAGE.value in pod.missing
+    assert Signal.TTFT.value not in pod.missing

@@ -59,6 +59,18 @@ def test_defaults_steer_what_the_gate_can_steer() -> None:
     assert "max_num_batched_tokens" in tunable.bounds
 
 
+def test_llamacpp_engine_with_its_kv_cache() -> None:
+    policy = Policy.from_spec(
+        {"slo": SLO, "engine": {"kind": "llamacpp", "maxNumSeqs": 16, "maxNumBatchedTokens": 2048, "kvCacheTokens": 16384}}
+    )
+    assert policy.engine.kind is EngineKind.LLAMACPP
+    assert policy.engine.kv_cache_tokens == 16384
+    # The gate steers the same knobs as for any engine, below --parallel.
+    assert policy.bounds["max_concurrency"] == KnobBounds("max_concurrency", 4, 16)
+    assert "max_num_batched_tokens" not in policy.bounds
+    assert Policy.from_spec({"slo": SLO}).engine.kv_cache_tokens is None
+
+
 @pytest.mark.parametrize(
     ("spec", "field", "fix"),
     [
@@ -69,7 +81,12 @@ def test_defaults_steer_what_the_gate_can_steer() -> None:
         ({"slo": {"ttftMs": 2000, "tpotMs": True}}, "spec.slo.tpotMs", "integer"),
         ({"slo": {**SLO, "percentile": 100}}, "spec.slo.percentile", "[50, 100)"),
         ({"slo": {**SLO, "p": 1}}, "spec.slo.p", "unknown field"),
-        ({"slo": SLO, "engine": {"kind": "llamacpp"}}, "spec.engine.kind", "vllm"),
+        ({"slo": SLO, "engine": {"kind": "ollama"}}, "spec.engine.kind", "llamacpp"),
+        ({"slo": SLO, "engine": {"kvCacheTokens": 8}}, "spec.engine.kvCacheTokens", "between 16 and"),
+        ({"slo": SLO, "engine": {"kvCacheTokens": 2**31 + 1}}, "spec.engine.kvCacheTokens", "--ctx-size"),
+        ({"slo": SLO, "engine": {"kvCacheTokens": "16k"}}, "spec.engine.kvCacheTokens", "KV-cache size in tokens"),
+        ({"slo": SLO, "engine": {"kvCacheTokens": True}}, "spec.engine.kvCacheTokens", "integer"),
+        ({"slo": SLO, "engine": {"kind": "llamacpp", "runtimeTunable": True}}, "spec.engine.runtimeTunable", "--batch-size"),
         ({"slo": SLO, "engine": {"maxNumSeqs": 0}}, "spec.engine.maxNumSeqs", "between"),
         ({"slo": SLO, "knobs": {"maxConcurrency": {"min": 10, "max": 5}}}, "spec.knobs.maxConcurrency.max", "at least min"),
         ({"slo": SLO, "knobs": {"batchSize": {}}}, "spec.knobs.batchSize", "unknown field"),

@@ -90,8 +90,8 @@ INVALID = [
         id="neither-selector-nor-targetRef",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "engine": {"kind": "llamacpp"}},
-        ["spec.engine.kind", 'Unsupported value: "llamacpp"', '"vllm"'],
+        {"selector": SELECTOR, "slo": SLO, "engine": {"kind": "ollama"}},
+        ["spec.engine.kind", 'Unsupported value: "ollama"', '"llamacpp"'],
         id="unknown-engine",
     ),
     pytest.param(

@@ -170,6 +170,7 @@ BOUNDED_FIELDS = [
     "slo.tpotMs",
     "engine.maxNumSeqs",
     "engine.maxNumBatchedTokens",
+    "engine.kvCacheTokens",
     "behavior.intervalSeconds",
     "behavior.stabilizationWindowSeconds",
     "behavior.maxStepFactor",

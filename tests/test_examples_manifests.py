@@ -34,6 +34,7 @@ CHART = REPO / "helm" / "batchpilot"
 GITOPS_KINDS = {"Application", "GitRepository", "HelmRelease"}
 KUBERNETES_VERSION = "1.33.0"
 MANIFESTS = sorted(path.name for path in EXAMPLES.glob("*.yaml"))
+WORKLOADS = ["vllm-deployment.yaml", "sglang-deployment.yaml", "llamacpp-deployment.yaml"]
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -83,7 +84,7 @@ def test_gitops_namespace_applies_server_side(kubectl: Path, kube_api: KubeAPISe
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("example", ["vllm-deployment.yaml", "sglang-deployment.yaml"])
+@pytest.mark.parametrize("example", WORKLOADS)
 def test_workload_examples_are_valid_kubernetes_1_33(example: str) -> None:
     for doc in load(EXAMPLES / example):
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -106,7 +107,22 @@ def flags(container: dict[str, Any]) -> dict[str, str]:
     return parsed
 
 
-@pytest.mark.parametrize("example", ["vllm-deployment.yaml", "sglang-deployment.yaml"])
+def separate_flags(container: dict[str, Any]) -> dict[str, str]:
+    """llama-server's `--name value` arguments (it rejects --name=value) as
+    {name: value}; a bare --flag maps to ''."""
+    args = container["args"]
+    parsed = {}
+    for index, arg in enumerate(args):
+        if not arg.startswith("--"):
+            assert index > 0 and args[index - 1].startswith("--"), f"{container['name']}: {arg!r} follows no flag"
+            continue
+        assert "=" not in arg, f"{container['name']}: write {arg!r} as two arguments, --name and value"
+        following = args[index + 1] if index + 1 < len(args) else "--"
+        parsed[arg[2:]] = "" if following.startswith("--") else following
+    return parsed
+
+
+@pytest.mark.parametrize("example", WORKLOADS)
 def test_gate_arguments_are_accepted_by_the_gate(example: str) -> None:
     gate = containers(one(load(EXAMPLES / example), "Deployment"))["gate"]
     overrides = {name.replace("-", "_"): value for name, value in flags(gate).items()}
@@ -121,7 +137,7 @@ def test_gate_arguments_are_accepted_by_the_gate(example: str) -> None:
         assert gate[probe]["httpGet"] == {"path": path, "port": "gate-admin"}
 
 
-@pytest.mark.parametrize("example", ["vllm-deployment.yaml", "sglang-deployment.yaml"])
+@pytest.mark.parametrize("example", WORKLOADS)
 def test_service_sends_clients_to_the_gate_not_the_engine(example: str) -> None:
     docs = load(EXAMPLES / example)
     service, deployment = one(docs, "Service"), one(docs, "Deployment")
@@ -133,23 +149,25 @@ def test_service_sends_clients_to_the_gate_not_the_engine(example: str) -> None:
 
 
 # (deployment example, policy example, engine container, flag for maxNumSeqs,
-#  flag for maxNumBatchedTokens)
+#  flag for maxNumBatchedTokens, flag for kvCacheTokens where the policy declares it)
 PAIRS = [
-    ("vllm-deployment.yaml", "policy-auto.yaml", "vllm", "max-num-seqs", "max-num-batched-tokens"),
+    ("vllm-deployment.yaml", "policy-auto.yaml", "vllm", "max-num-seqs", "max-num-batched-tokens", None),
     ("sglang-deployment.yaml", "policy-sglang-native.yaml", "sglang", "max-running-requests",
-     "chunked-prefill-size"),
+     "chunked-prefill-size", None),
+    ("llamacpp-deployment.yaml", "policy-llamacpp.yaml", "llamacpp", "parallel", "batch-size", "ctx-size"),
 ]
 
 
-@pytest.mark.parametrize(("example", "policy_example", "engine", "seqs_flag", "tokens_flag"), PAIRS)
+@pytest.mark.parametrize(("example", "policy_example", "engine", "seqs_flag", "tokens_flag", "kv_flag"), PAIRS)
 def test_deployment_matches_its_policy_example(
-    example: str, policy_example: str, engine: str, seqs_flag: str, tokens_flag: str
+    example: str, policy_example: str, engine: str, seqs_flag: str, tokens_flag: str, kv_flag: str | None
 ) -> None:
     deployment = one(load(EXAMPLES / example), "Deployment")
     spec = one(load(EXAMPLES / policy_example), "InferencePolicy")["spec"]
     pod = deployment["spec"]["template"]
     by_name = containers(deployment)
-    engine_flags, gate_flags = flags(by_name[engine]), flags(by_name["gate"])
+    engine_args = separate_flags if engine == "llamacpp" else flags
+    engine_flags, gate_flags = engine_args(by_name[engine]), flags(by_name["gate"])
 
     if "targetRef" in spec:
         assert spec["targetRef"] == {"kind": "Deployment", "name": deployment["metadata"]["name"]}
@@ -159,6 +177,10 @@ def test_deployment_matches_its_policy_example(
     assert spec["engine"]["kind"] == engine
     assert int(engine_flags[seqs_flag]) == spec["engine"]["maxNumSeqs"]
     assert int(engine_flags[tokens_flag]) == spec["engine"]["maxNumBatchedTokens"]
+    if kv_flag is None:
+        assert "kvCacheTokens" not in spec["engine"]
+    else:
+        assert int(engine_flags[kv_flag]) == spec["engine"]["kvCacheTokens"]
     # The operator reaches the gate where the policy says, with the token the gate reads.
     actuation = spec["actuation"]
     admin_port = int(gate_flags["admin"].rpartition(":")[2])
@@ -168,6 +190,20 @@ def test_deployment_matches_its_policy_example(
     token_key = actuation["tokenSecretRef"].get("key", "token")
     assert gate_flags["token-file"].endswith("/" + token_key)
     assert (gate_flags.get("native") == engine) == bool(actuation.get("native"))
+
+
+def test_llamacpp_example_shares_its_kv_cache_and_exports_metrics() -> None:
+    by_name = containers(one(load(EXAMPLES / "llamacpp-deployment.yaml"), "Deployment"))
+    engine, gate = separate_flags(by_name["llamacpp"]), flags(by_name["gate"])
+    # Without --kv-unified each slot gets ctx-size / parallel tokens, and the
+    # policy's kvCacheTokens would overstate what one long request can use.
+    assert "kv-unified" in engine
+    # The llamacpp:* series the policy's engine kind reads exist only with --metrics.
+    assert "metrics" in engine
+    # The gate forwards to the engine's port, which Prometheus must reach too.
+    assert gate["upstream"] == f"http://127.0.0.1:{engine['port']}"
+    assert engine["host"] == "0.0.0.0"
+    assert {"name": "engine", "containerPort": int(engine["port"])} in by_name["llamacpp"]["ports"]
 
 
 # --- GitOps -------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import json
 import os
 import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -643,6 +645,194 @@ def test_unreachable_engine_gets_502_and_not_ready() -> None:
     run(scenario)
 
 
+@dataclass
+class IdleClosingEngine:
+    """A raw HTTP/1.1 engine whose kept-alive connections die the way llama-server's do.
+
+    Streamed answers advertise keep-alive, so the gate pools the connection;
+    what a generation request then gets is `on_new` on a connection's first
+    request and `on_reuse` on a later one: "answer" (three token events and
+    [DONE]), "close" (read, then closed unanswered: to the gate this is the
+    engine having closed the idle connection just before the request went out),
+    "reset" (the same with a TCP reset), "partial_head" (part of a status line,
+    then closed), "partial_body" (the headers and one event, then closed).
+    `/health` is answered and closed, so the gate's probe pools nothing.
+    `generations` lists (connection number, request number on it) per
+    generation request read.
+    """
+
+    on_new: str = "answer"
+    on_reuse: str = "close"
+    connections: int = 0
+    generations: list[tuple[int, int]] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        connection = self.connections
+        served = 0
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                if head.startswith("GET /health"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    await writer.drain()
+                    return
+                self.generations.append((connection, served))
+                action = self.on_reuse if served else self.on_new
+                served += 1
+                if action == "answer":
+                    writer.write(_chunked_stream(3))
+                    await writer.drain()
+                    continue
+                if action == "reset":
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+                if action == "partial_head":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Ty")
+                elif action == "partial_body":
+                    writer.write(_chunked_stream(3)[:150])
+                await writer.drain()
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+
+def _chunked_stream(tokens: int) -> bytes:
+    """A complete keep-alive SSE answer, one chunk per event, as llama-server frames it."""
+    events = [f"data: {json.dumps({'index': i})}\n\n".encode() for i in range(tokens)]
+    events.append(b"data: [DONE]\n\n")
+    body = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n"
+    )
+    return head + body + b"0\r\n\r\n"
+
+
+@asynccontextmanager
+async def idle_closing_stack(engine: IdleClosingEngine) -> AsyncIterator[Stack]:
+    server = await asyncio.start_server(engine.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with gate_stack(upstream=f"http://127.0.0.1:{port}") as stack:
+            yield stack
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _retries(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    return {
+        labels[0][1]: value
+        for (name, labels), value in metrics.items()
+        if name == "batchpilot_gate_upstream_retries_total"
+    }
+
+
+def _failed(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[str, float]:
+    return {
+        labels[0][1]: value
+        for (name, labels), value in metrics.items()
+        if name == "batchpilot_gate_failed_total" and value
+    }
+
+
+@pytest.mark.parametrize(
+    ("on_reuse", "reason"), [("close", "server_disconnected"), ("reset", "socket_error")]
+)
+def test_request_on_a_pooled_connection_the_engine_closed_is_resent_on_a_new_one(
+    on_reuse: str, reason: str
+) -> None:
+    async def scenario() -> None:
+        engine = IdleClosingEngine(on_reuse=on_reuse)
+        async with idle_closing_stack(engine) as stack:
+            for _ in range(4):
+                status, text = await stack.complete()
+                assert status == 200
+                assert sse_indices(text) == [0, 1, 2]
+            # The 2nd and 4th requests went out on the connection the 1st and
+            # 3rd left in the pool, met it closed, and went out again on a new
+            # connection of their own (closed after it: the 3rd opens another).
+            connections = [connection for connection, _ in engine.generations]
+            assert [served for _, served in engine.generations] == [0, 1, 0, 0, 1, 0]
+            assert connections[0] == connections[1] and connections[3] == connections[4]
+            assert len(set(connections)) == 4
+            metrics = await stack.metrics()
+            assert _retries(metrics) == {"server_disconnected": 0, "socket_error": 0, reason: 2}
+            assert _failed(metrics) == {}
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("on_reuse", ["partial_head", "partial_body"])
+def test_no_resend_once_any_answer_byte_came_back(on_reuse: str) -> None:
+    async def scenario() -> None:
+        engine = IdleClosingEngine(on_reuse=on_reuse)
+        async with idle_closing_stack(engine) as stack:
+            assert (await stack.complete())[0] == 200
+            if on_reuse == "partial_head":
+                status, text = await stack.complete()
+                assert status == 502
+                assert json.loads(text)["error"]["code"] == "upstream_unreachable"
+                expected = "upstream_unreachable"
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await stack.complete()
+                expected = "upstream_stream_broken"
+            # The engine saw the second request once: it may have run it.
+            assert [served for _, served in engine.generations] == [0, 1]
+            metrics = await stack.metrics()
+            assert _retries(metrics) == {"server_disconnected": 0, "socket_error": 0}
+            assert _failed(metrics) == {expected: 1}
+
+    run(scenario)
+
+
+def test_failure_on_a_new_connection_is_not_resent() -> None:
+    async def scenario() -> None:
+        engine = IdleClosingEngine(on_new="close")
+        async with idle_closing_stack(engine) as stack:
+            status, text = await stack.complete()
+            assert status == 502
+            error = json.loads(text)["error"]
+            assert error["code"] == "upstream_unreachable"
+            assert "Server disconnected" in error["message"]
+            assert engine.generations == [(engine.generations[0][0], 0)]
+            metrics = await stack.metrics()
+            assert _retries(metrics) == {"server_disconnected": 0, "socket_error": 0}
+            assert _failed(metrics) == {"upstream_unreachable": 1}
+
+    run(scenario)
+
+
+def test_a_resend_that_fails_too_is_final() -> None:
+    async def scenario() -> None:
+        engine = IdleClosingEngine()
+        async with idle_closing_stack(engine) as stack:
+            assert (await stack.complete())[0] == 200
+            engine.on_new = "close"
+            status, text = await stack.complete()
+            assert status == 502
+            assert json.loads(text)["error"]["code"] == "upstream_unreachable"
+            # The first request, then the second twice: once pooled, once new.
+            assert [served for _, served in engine.generations] == [0, 1, 0]
+            metrics = await stack.metrics()
+            assert _retries(metrics) == {"server_disconnected": 1, "socket_error": 0}
+            assert _failed(metrics) == {"upstream_unreachable": 1}
+
+    run(scenario)
+
+
 def test_readiness_follows_engine_health_and_liveness_does_not() -> None:
     async def scenario() -> None:
         async with gate_stack() as stack:
@@ -772,14 +962,21 @@ def test_metric_names_and_labels_are_exactly_the_contract() -> None:
                 "batchpilot_gate_inflight_tokens": ("gauge", set()),
                 "batchpilot_gate_queue_wait_seconds": ("histogram", set()),
                 "batchpilot_gate_time_to_first_token_seconds": ("histogram", set()),
+                "batchpilot_gate_time_per_output_token_seconds": ("histogram", set()),
+                "batchpilot_gate_prompt_tokens": ("histogram", set()),
+                "batchpilot_gate_output_tokens": ("histogram", set()),
                 "batchpilot_gate_admitted": ("counter", set()),
                 "batchpilot_gate_shed": ("counter", {"reason"}),
                 "batchpilot_gate_failed": ("counter", {"reason"}),
+                "batchpilot_gate_upstream_retries": ("counter", {"reason"}),
                 "batchpilot_gate_knob": ("gauge", {"knob"}),
                 "batchpilot_gate_discipline": ("gauge", {"discipline"}),
                 "batchpilot_gate_config_version": ("gauge", set()),
             }
             assert 'batchpilot_gate_time_to_first_token_seconds_bucket{le="2560.0"}' in text
+            # The fake engine's 4 token events, 2 ms apart.
+            assert "batchpilot_gate_time_per_output_token_seconds_count 1.0" in text
+            assert 'batchpilot_gate_upstream_retries_total{reason="socket_error"} 0.0' in text
             assert "batchpilot_gate_admitted_total 1.0" in text
 
     run(scenario)

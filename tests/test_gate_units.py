@@ -1,16 +1,21 @@
-"""The gate's pure parts: request sizing, settings precedence, the annotations file."""
+"""The gate's pure parts: request sizing, settings precedence, the annotations file,
+the retry decision, and the token-event count behind time per output token."""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.annotations import AnnotationError, knobs_from_annotations, parse_annotations
 from batchpilot.gate.estimate import RequestError, RequestSize, estimate_request
+from batchpilot.gate.metrics import TOKEN_BUCKETS, TPOT_BUCKETS_S, Histogram
+from batchpilot.gate.proxy import TokenEvents, retry_reason
 from batchpilot.gate.settings import GateSettings, GateSettingsError, load_settings, parse_host_port
 
 
@@ -200,3 +205,83 @@ def test_annotations_file_as_the_kubelet_writes_it() -> None:
 def test_malformed_annotations_are_rejected_whole(text: str) -> None:
     with pytest.raises(AnnotationError):
         knobs_from_annotations(text)
+
+
+@pytest.mark.parametrize(
+    ("err", "reused", "expected"),
+    [
+        (aiohttp.ServerDisconnectedError(), True, "server_disconnected"),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), True, "socket_error"),
+        (aiohttp.ClientOSError(32, "Can not write request body for x"), True, "socket_error"),
+        # A new connection failing is the engine failing: not resent.
+        (aiohttp.ServerDisconnectedError(), False, None),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), False, None),
+        # Not a closed socket: the engine may be working on the request.
+        (aiohttp.ServerTimeoutError(), True, None),
+        (aiohttp.ClientPayloadError(), True, None),
+    ],
+)
+def test_retry_decision(err: BaseException, reused: bool, expected: str | None) -> None:
+    assert retry_reason(err, reused) == expected
+
+
+def _llama_stream(tokens: int) -> list[bytes]:
+    """llama-server's events: one per token, a closing one without a token, [DONE].
+
+    Each token's text holds "data: " and an escaped newline, which must not count.
+    """
+    events = [
+        b'data: {"choices":[{"text":"data: x\\n","finish_reason":null}]}\n\n' for _ in range(tokens)
+    ]
+    events.append(b'data: {"choices":[{"text":"","finish_reason":"length"}]}\n\n')
+    return [*events, b"data: [DONE]\n\n"]
+
+
+def _observed(events: TokenEvents) -> tuple[int, float]:
+    histogram, lengths = Histogram(TPOT_BUCKETS_S), Histogram(TOKEN_BUCKETS)
+    events.observe(histogram, lengths)
+    # Every finished stream with a token has its length observed, exactly.
+    assert (sum(lengths.counts), lengths.sum) == ((1, events.tokens) if events.tokens else (0, 0.0))
+    return sum(histogram.counts), histogram.sum
+
+
+def test_token_events_one_chunk_per_event_times_first_to_last() -> None:
+    events = TokenEvents()
+    stream = _llama_stream(5)
+    # Tokens 10 ms apart; the closing event and [DONE] come with the last token.
+    times = [0.0, 0.01, 0.02, 0.03, 0.04, 0.04, 0.04]
+    for chunk, now_s in zip(stream, times, strict=True):
+        events.feed(chunk, now_s)
+    assert events.events == 7
+    # 6 events besides [DONE] (the closing one counts as a token): 40 ms / 5.
+    count, total = _observed(events)
+    assert count == 1
+    assert total == pytest.approx(0.008)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_token_events_count_is_exact_for_any_chunking(seed: int) -> None:
+    rng = random.Random(seed)
+    data = b"".join(_llama_stream(rng.randint(0, 12)))
+    if seed % 2:
+        data = data.replace(b"\n", b"\r\n")
+    expected = data.count(b"data: ") - data.count(b"data: x")
+    cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, min(60, len(data) - 1))))
+    if seed == 0:
+        cuts = list(range(1, len(data)))  # one byte at a time
+    events = TokenEvents()
+    for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        events.feed(data[start:end], float(start))
+    assert events.events == expected
+    assert _observed(events)[0] == (1 if expected - 1 >= 2 else 0)
+
+
+def test_token_events_without_done_and_too_short_streams() -> None:
+    events = TokenEvents()
+    events.feed(b"data: {}\n\ndata: {}\n\n", 1.0)
+    events.feed(b"data: {}\n\n", 1.5)
+    # No [DONE]: every event is a token; two intervals over 0.5 s.
+    assert _observed(events) == (1, pytest.approx(0.25))
+    single = TokenEvents()
+    single.feed(b"data: {}\n\ndata: [DONE]\n\n", 1.0)
+    assert _observed(single) == (0, 0.0)

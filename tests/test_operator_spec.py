@@ -116,7 +116,8 @@ def test_metrics_fields_other_than_endpoint_reach_the_policy() -> None:
         ({"selector": SELECTOR, "slo": SLO, "actuation": {"native": "yes"}}, "spec.actuation.native", "true or false"),
         # The controller's own checks come through with their spec path.
         ({"selector": SELECTOR, "slo": {"ttftMs": -5, "tpotMs": 50}}, "spec.slo.ttftMs", "between"),
-        ({"selector": SELECTOR, "slo": SLO, "engine": {"kind": "llamacpp"}}, "spec.engine.kind", "vllm"),
+        ({"selector": SELECTOR, "slo": SLO, "engine": {"kind": "ollama"}}, "spec.engine.kind", "llamacpp"),
+        ({"selector": SELECTOR, "slo": SLO, "engine": {"kvCacheTokens": 0}}, "spec.engine.kvCacheTokens", "--ctx-size"),
         ({"selector": SELECTOR, "slo": SLO, "knobs": {"maxConcurrency": {"min": 64, "max": 8}}},
          "spec.knobs.maxConcurrency.max", "at least min"),
         ({"selector": SELECTOR, "slo": SLO, "surprise": 1}, "spec.surprise", "unknown field"),

@@ -102,9 +102,10 @@ specs = st.fixed_dictionaries(
         ),
         "engine": objects(
             {
-                "kind": st.sampled_from(["vllm", "sglang", "tgi", "triton", "generic", "ollama"]),
+                "kind": st.sampled_from(["vllm", "sglang", "tgi", "triton", "llamacpp", "generic", "ollama"]),
                 "maxNumSeqs": ints(1, 65_536),
                 "maxNumBatchedTokens": ints(16, 2**31),
+                "kvCacheTokens": ints(16, 2**31),
                 "runtimeTunable": st.booleans() | wrong_types,
             }
         ),
@@ -199,8 +200,9 @@ schema_valid_specs = st.fixed_dictionaries(
         "engine": st.fixed_dictionaries(
             {},
             optional={
-                "kind": st.sampled_from(["vllm", "sglang", "tgi", "triton", "generic"]),
+                "kind": st.sampled_from(["vllm", "sglang", "tgi", "triton", "llamacpp", "generic"]),
                 "maxNumSeqs": st.integers(1, 65_536),
+                "kvCacheTokens": st.integers(16, 2**31),
                 "runtimeTunable": st.booleans(),
             },
         ),
