@@ -50,6 +50,8 @@ class BenchContext(Protocol):
     max_num_seqs: int
     max_num_batched_tokens: int
     runtime_tunable: bool
+    engine_kind: str
+    kv_cache_tokens: int | None
 
 
 class AdaptiveBenchController:
@@ -73,10 +75,11 @@ def policy_for(context: BenchContext) -> Policy:
     return Policy.default_for(
         Slo(round(context.slo_ttft_ms), round(context.slo_tpot_ms)),
         EngineSpec(
-            kind=EngineKind.VLLM,
+            kind=EngineKind(context.engine_kind),
             max_num_seqs=context.max_num_seqs,
             max_num_batched_tokens=context.max_num_batched_tokens,
             runtime_tunable=context.runtime_tunable,
+            kv_cache_tokens=context.kv_cache_tokens,
         ),
         behavior=Behavior(interval_s=interval, stabilization_window_s=2 * interval, canary=False),
         mode=Mode.AUTO,

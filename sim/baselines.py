@@ -53,6 +53,16 @@ ORACLE_TAIL_WINDOWS = 1
 # Clipper (NSDI'17) grows the batch by a fixed step while the latency
 # objective holds and backs off by 10% when it is missed.
 AIMD_START_CAP = 64
+# Per engine kind: (TTFT histogram, queue wait to subtract from it or None,
+# per-token latency histogram whose mean is compared with the TPOT SLO).
+AIMD_SIGNALS: Mapping[str, tuple[str, str | None, str]] = {
+    "vllm": ("vllm:time_to_first_token_seconds", None, "vllm:inter_token_latency_seconds"),
+    "llamacpp": (
+        "batchpilot_gate_time_to_first_token_seconds",
+        "batchpilot_gate_queue_wait_seconds",
+        "batchpilot_gate_time_per_output_token_seconds",
+    ),
+}
 AIMD_INCREASE = 16
 AIMD_DECREASE = 0.9
 
@@ -83,7 +93,9 @@ class AimdController:
     The signal, over the last interval: the engine-side p99 TTFT
     (vllm:time_to_first_token_seconds, gate queueing excluded) against the
     TTFT SLO, and the mean inter-token latency (vllm:inter_token_latency_seconds
-    sum / count) against the TPOT SLO.
+    sum / count) against the TPOT SLO. llama.cpp exports no latency
+    histograms: there the gate's are read (`AIMD_SIGNALS`), its TTFT with the
+    gate queue wait's p99 taken off, to stay engine-side.
 
     - Engine-side TTFT on purpose: it is Clipper's "latency of processing a
       batch"; a signal that included gate queueing would shrink the cap
@@ -102,6 +114,7 @@ class AimdController:
             name: min(AIMD_START_CAP, context.max_num_seqs) for name in context.replica_names
         }
         self._previous: dict[str, Snapshot] = {}
+        self._ttft, self._queue_wait, self._itl = AIMD_SIGNALS[context.engine_kind]
 
     def decide(self, now_s: float, snapshots: Mapping[str, Snapshot]) -> Mapping[str, Knobs]:
         decisions = {}
@@ -111,10 +124,12 @@ class AimdController:
             self._previous[name] = dict(snapshot)
             cap = self._caps[name]
             if previous is not None:
-                ttft = histogram_quantile(
-                    0.99, histogram_buckets(snapshot, "vllm:time_to_first_token_seconds", previous)
-                )
-                itl = _interval_mean(snapshot, previous, "vllm:inter_token_latency_seconds")
+                ttft = histogram_quantile(0.99, histogram_buckets(snapshot, self._ttft, previous))
+                if self._queue_wait is not None:
+                    ttft -= histogram_quantile(
+                        0.99, histogram_buckets(snapshot, self._queue_wait, previous)
+                    )
+                itl = _interval_mean(snapshot, previous, self._itl)
                 if ttft * 1000.0 > ctx.slo_ttft_ms or itl * 1000.0 > ctx.slo_tpot_ms:
                     cap = max(1, math.floor(cap * AIMD_DECREASE))
                 elif not (math.isnan(ttft) and math.isnan(itl)):

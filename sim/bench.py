@@ -339,18 +339,20 @@ def run_benchmark(
             results.append(
                 run_controller(scenario, workload, name, executor=executor, progress=progress)
             )
-        documents.append(
-            {
-                "name": scenario.name,
-                "duration_s": scenario.duration_s,
-                "arrived": len(workload),
-                "seed": scenario.seed,
-                "slo": {"ttft_ms": scenario.slo.ttft_ms, "tpot_ms": scenario.slo.tpot_ms},
-                "control_interval_s": scenario.control_interval_s,
-                "results": results,
-            }
-        )
+        documents.append({**scenario_header(scenario, len(workload)), "results": results})
     return {"scenarios": documents}
+
+
+def scenario_header(scenario: Scenario, arrived: int) -> dict[str, Any]:
+    """The fields of a scenario's entry in the benchmark document, before its results."""
+    return {
+        "name": scenario.name,
+        "duration_s": scenario.duration_s,
+        "arrived": arrived,
+        "seed": scenario.seed,
+        "slo": {"ttft_ms": scenario.slo.ttft_ms, "tpot_ms": scenario.slo.tpot_ms},
+        "control_interval_s": scenario.control_interval_s,
+    }
 
 
 def result_rows(document: Mapping[str, Any]) -> list[dict[str, Any]]:

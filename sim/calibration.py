@@ -55,7 +55,7 @@ import numpy as np
 DECODE_KIND = "decode_step"
 PREFILL_KIND = "prefill_bs1"
 _MIXED_KIND = re.compile(r"^mixed_chunk(\d+)_isl(\d+)$")
-_COLUMNS = (
+COLUMNS = (
     "model",
     "system",
     "backend",
@@ -212,10 +212,10 @@ def read_rows(path: Path) -> list[CalibrationRow]:
         raise CalibrationError(f"{path}: cannot read calibration CSV ({err.strerror})") from err
     with handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in _COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise CalibrationError(
-                f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(_COLUMNS)}"
+                f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}"
             )
         rows = []
         for line, raw in enumerate(reader, start=2):

@@ -49,6 +49,12 @@ class ControllerContext:
     max_num_seqs: int
     max_num_batched_tokens: int
     runtime_tunable: bool
+    # Which metric names the snapshots carry: "vllm" (the simulator's engine)
+    # or "llamacpp" (the live benchmark's real engine, whose latencies come
+    # from the gate's histograms); a controller.policy.EngineKind value.
+    engine_kind: str = "vllm"
+    # The engine's KV cache in tokens, where it is known from its startup flags.
+    kv_cache_tokens: int | None = None
 
 
 class Controller(Protocol):
