@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,15 +159,20 @@ def _lognormal_lengths(dist: LengthDist, rng: np.random.Generator, size: int) ->
 
 
 def build_workload(scenario: Scenario) -> Workload:
+    return phases_workload(scenario.workload, scenario.seed)
+
+
+def phases_workload(workload_phases: Sequence[TracePhase | SyntheticPhase], seed: int) -> Workload:
+    """The phases' requests back to back; synthetic phase i draws from rng (seed, i)."""
     from batchpilot.sim.scenario import TracePhase  # runtime import: scenario imports us
 
     arrivals, prompts, outputs, phases = [], [], [], []
     offset = 0.0
-    for index, phase in enumerate(scenario.workload):
+    for index, phase in enumerate(workload_phases):
         if isinstance(phase, TracePhase):
             times, prompt, output = _trace_phase(phase)
         else:
-            rng = np.random.default_rng([scenario.seed, index])
+            rng = np.random.default_rng([seed, index])
             times, prompt, output = synthetic_requests(phase, rng)
         arrivals.append(times + offset)
         prompts.append(prompt)
