@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from stack.llamacpp import LlamaServer, start_llama_server  # noqa: E402
-from stack.process import ManagedProcess, free_loopback_port, http_ok  # noqa: E402
+from stack.process import ManagedProcess, cpu_seconds, free_loopback_port, http_ok  # noqa: E402
 from stack.prometheus import ScrapeTarget, start_prometheus  # noqa: E402
 from stack.tools import BATCHPILOT_CLI  # noqa: E402
 
@@ -165,16 +165,12 @@ class Fleet:
             "engines": [r.engine.process.pid for r in self.replicas],
             "gates": [r.gate.pid for r in self.replicas],
         }
-        return {role: round(sum(_cpu_s(pid) for pid in group), 1) for role, group in pids.items()}
+        return {
+            role: round(sum(cpu_seconds(pid) for pid in group), 1) for role, group in pids.items()
+        }
 
     def stop(self) -> None:
         self._stack.close()
-
-
-def _cpu_s(pid: int) -> float:
-    # utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def snapshot_key(labels: Mapping[str, str]) -> str:

@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from stack.apiserver import start_kube_apiserver  # noqa: E402
 from stack.kube import create_crd, create_namespace, create_serving_pod  # noqa: E402
-from stack.process import ManagedProcess, free_loopback_port, http_get, serve_in_thread  # noqa: E402
+from stack.process import ManagedProcess, cpu_seconds, free_loopback_port, http_get, serve_in_thread  # noqa: E402
 from stack.prometheus import start_prometheus  # noqa: E402
 
 from batchpilot.controller.knobs import DISCIPLINES, Knobs  # noqa: E402
@@ -172,12 +172,6 @@ def serving(exporter: Exporter) -> Iterator[str]:
 
 
 # -- the operator process -----------------------------------------------------------
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of stat(5); after the ")" they are 11 and 12.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss_mib(pid: int) -> tuple[float, float]:
@@ -400,8 +394,8 @@ def run_operator(args: argparse.Namespace, kube: Any, api: client.ApiClient, pro
     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     before = operator_metrics(metrics_url)
     neighbours = {"prometheus": prometheus_pid, "kube-apiserver": kube.process.pid, "exporter": os.getpid()}
-    neighbours_before = {name: proc_cpu_seconds(pid) for name, pid in neighbours.items()}
-    cpu_before, wall_before = proc_cpu_seconds(operator.pid), time.monotonic()
+    neighbours_before = {name: cpu_seconds(pid) for name, pid in neighbours.items()}
+    cpu_before, wall_before = cpu_seconds(operator.pid), time.monotonic()
     rss_samples = []
     with _Bar() as bar:
         task = bar.add_task(f"measuring {args.measure:.0f} s", total=args.measure)
@@ -409,9 +403,9 @@ def run_operator(args: argparse.Namespace, kube: Any, api: client.ApiClient, pro
             rss_samples.append(proc_rss_mib(operator.pid)[0])
             bar.update(task, completed=elapsed)
             time.sleep(1.0)
-    cpu_after, wall_after = proc_cpu_seconds(operator.pid), time.monotonic()
+    cpu_after, wall_after = cpu_seconds(operator.pid), time.monotonic()
     wall = wall_after - wall_before
-    neighbour_cpu = {name: round((proc_cpu_seconds(pid) - neighbours_before[name]) / wall, 4)
+    neighbour_cpu = {name: round((cpu_seconds(pid) - neighbours_before[name]) / wall, 4)
                      for name, pid in neighbours.items()}
     rss_now, rss_peak = proc_rss_mib(operator.pid)
     after = operator_metrics(metrics_url)

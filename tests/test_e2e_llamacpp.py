@@ -35,15 +35,12 @@ and under a queue seconds deep that difference says little about the prefill.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import re
-import secrets
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -52,13 +49,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 from stack import KubeAPIServer
-from stack.fleet import GATE_TOKEN_SECRET, GatedPod, chart_identity_kubeconfig
-from stack.kube import create_serving_pod
-from stack.llamacpp import start_llama_server
+from stack.fleet import GATE_TOKEN_SECRET, GatedPod, chart_identity_kubeconfig, start_fleet
 from stack.operator_process import OperatorProcess
-from stack.process import ManagedProcess, free_loopback_port, http_get, http_ok
-from stack.prometheus import ScrapeTarget, start_prometheus
-from stack.tools import BATCHPILOT_CLI
+from stack.process import http_get
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
@@ -190,75 +183,23 @@ def llama_e2e(
     namespace: str,
     tmp_path: Path,
 ) -> Iterator[dict[str, Any]]:
-    """tests/stack/fleet.py's start_fleet with llama-server as each pod's engine, plus the operator."""
-    token = secrets.token_hex(16)
-    token_file = tmp_path / "gate-token"
-    token_file.write_text(token)
-    client.CoreV1Api(k8s_client).create_namespaced_secret(
-        namespace,
-        client.V1Secret(
-            metadata=client.V1ObjectMeta(name=GATE_TOKEN_SECRET),
-            data={"token": base64.b64encode(token.encode()).decode()},
-        ),
-    )
-    admin_port = free_loopback_port(POD_IPS)
-    with ExitStack() as stack:
-        pods: list[GatedPod] = []
-        for index, ip in enumerate(POD_IPS):
-            name = f"chat-{index}"
-            engine = stack.enter_context(
-                start_llama_server(ENGINE, host=ip, workdir=tmp_path / name)
-            )
-            gate_port = free_loopback_port((ip,))
-            gate = ManagedProcess(
-                f"gate-{name}",
-                [*BATCHPILOT_CLI, "gate", "--upstream", engine.url, "--listen", f"{ip}:{gate_port}",
-                 "--admin", f"{ip}:{admin_port}", "--token-file", str(token_file),
-                 "--log-level", "WARNING"],
-                tmp_path / f"gate-{name}.log",
-            )  # fmt: skip
-            stack.callback(gate.stop)
-            # GatedPod's `sim_port` is the engine's port, here llama-server's.
-            pods.append(
-                GatedPod(name, ip, engine.port, gate_port, admin_port, engine.process, gate)
-            )
-        for pod in pods:
-            pod.gate.wait_until(
-                lambda pod=pod: http_ok(f"http://{pod.ip}:{pod.admin_port}/readyz"),
-                START_TIMEOUT_S,
-                "ready (/readyz)",
-            )
-            create_serving_pod(
-                k8s_client,
-                namespace,
-                pod.name,
-                pod_ip=pod.ip,
-                ports={"http": pod.gate_port, "admin": pod.admin_port},
-                labels=LABELS,
-            )
-        prometheus = stack.enter_context(
-            start_prometheus(
-                [
-                    ScrapeTarget(f"{pod.ip}:{port}", {"pod": pod.name, "namespace": namespace})
-                    for pod in pods
-                    for port in (pod.admin_port, pod.sim_port)
-                ],
-                workdir=tmp_path / "prometheus",
-            )
-        )
-        operator = stack.enter_context(
-            OperatorProcess(
-                workdir=tmp_path,
-                prometheus_url=prometheus.url,
-                namespaces=[namespace],
-                kubeconfig=chart_identity_kubeconfig(kube_api, k8s_client, namespace),
-                tick_seconds=1,
-            ).start()
-        )
+    """tests/stack/fleet.py's fleet with llama-server as each pod's engine, plus the operator."""
+    with (
+        start_fleet(
+            k8s_client, namespace, ips=POD_IPS, labels=LABELS, workdir=tmp_path, llama=ENGINE
+        ) as fleet,
+        OperatorProcess(
+            workdir=tmp_path,
+            prometheus_url=fleet.prometheus_url,
+            namespaces=[namespace],
+            kubeconfig=chart_identity_kubeconfig(kube_api, k8s_client, namespace),
+            tick_seconds=1,
+        ).start() as operator,
+    ):
         yield {
-            "pods": pods,
+            "pods": fleet.pods,
             "namespace": namespace,
-            "prometheus_url": prometheus.url,
+            "prometheus_url": fleet.prometheus_url,
             "operator": operator,
             "read_status": lambda: read_policy(k8s_client, namespace).get("status") or {},
         }

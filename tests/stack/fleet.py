@@ -2,7 +2,8 @@
 
 One serving "pod" is what a cluster would run for one replica:
 
-- `batchpilot sim serve` (the engine) on ip:sim_port;
+- the engine on ip:sim_port: `batchpilot sim serve`, or with `llama=` the
+  real llama-server (stack.llamacpp);
 - `batchpilot gate` in front of it on ip:gate_port, its admin API on
   ip:admin_port (one admin port for every pod, as the policy's
   `spec.actuation.adminPort` is one port);
@@ -38,8 +39,11 @@ from typing import Any
 import yaml
 from kubernetes import client
 
+from batchpilot.sim.llamacpp import ServerOptions
+
 from .apiserver import KubeAPIServer
 from .kube import create_serving_pod, service_account_token, unique_name
+from .llamacpp import start_llama_server
 from .process import ManagedProcess, Stoppable, free_loopback_port, http_get, http_ok
 from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
 from .tools import BATCHPILOT_CLI, helm_path, kubectl_path
@@ -128,19 +132,23 @@ def start_fleet(
     api: client.ApiClient,
     namespace: str,
     *,
-    scenario: Path,
     ips: Sequence[str],
     labels: Mapping[str, str],
     workdir: Path,
+    scenario: Path | None = None,
     time_scale: float = 1.0,
+    llama: ServerOptions | None = None,
 ) -> Fleet:
     """Start one gated engine per ip (pods `chat-0`, `chat-1`, ...) and Prometheus.
 
-    Every engine and gate is launched before any is waited for, so their
-    start-ups overlap. The gates' token is random and stored in the Secret
-    `gate-token`. Returns when every gate is ready (its engine answered) and
-    Prometheus has scraped every target.
+    The engines are `sim serve` of `scenario`, or llama-servers started with
+    `llama`: give exactly one. Every sim engine and gate is launched before
+    any is waited for, so their start-ups overlap. The gates' token is random
+    and stored in the Secret `gate-token`. Returns when every gate is ready
+    (its engine answered) and Prometheus has scraped every target.
     """
+    if (scenario is None) == (llama is None):
+        raise ValueError("start_fleet: give exactly one of scenario= (sim serve) and llama=")
     workdir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)
     token_file = workdir / "gate-token"
@@ -156,10 +164,17 @@ def start_fleet(
     try:
         for index, ip in enumerate(ips):
             name = f"chat-{index}"
-            sim_port, gate_port = free_loopback_port((ip,)), free_loopback_port((ip,))
-            engine = _launch(fleet, f"sim-{name}", [
-                "sim", "serve", "--scenario", str(scenario), "--listen", f"{ip}:{sim_port}",
-                "--time-scale", str(time_scale)])  # fmt: skip
+            if llama is not None:
+                # Started and waited for one by one: llama-server loads in a second.
+                server = start_llama_server(llama, host=ip, workdir=workdir / name)
+                fleet._processes.append(server.process)
+                sim_port, engine = server.port, server.process
+            else:
+                sim_port = free_loopback_port((ip,))
+                engine = _launch(fleet, f"sim-{name}", [
+                    "sim", "serve", "--scenario", str(scenario), "--listen", f"{ip}:{sim_port}",
+                    "--time-scale", str(time_scale)])  # fmt: skip
+            gate_port = free_loopback_port((ip,))
             gate = _launch(fleet, f"gate-{name}", [
                 "gate", "--upstream", f"http://{ip}:{sim_port}", "--listen", f"{ip}:{gate_port}",
                 "--admin", f"{ip}:{fleet.admin_port}", "--token-file", str(token_file)])  # fmt: skip

@@ -6,6 +6,7 @@ import abc
 import contextlib
 import ctypes
 import ipaddress
+import os
 import signal
 import socket
 import ssl
@@ -41,6 +42,14 @@ def _die_with_parent() -> None:
     # the thread that started it dies, so a killed pytest leaves no apiserver
     # or Prometheus eating the shared cores.
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of stat(5); after the ")" (the
+    # command name may hold spaces) they are 11 and 12.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_loopback_port(ips: Sequence[str] = ("127.0.0.1",)) -> int:
