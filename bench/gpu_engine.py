@@ -366,10 +366,13 @@ def start_server(
     gpu_flags = ["--n-gpu-layers", "999"]
 
     argvs: list[list[str]] = []
+    slot_dir = out / "slots"
+    slot_dir.mkdir(exist_ok=True)
 
     def launch() -> LlamaServer:
         port = free_loopback_port([HOST])
-        argvs.append([*server_argv(binary, model, HOST, port, options), *gpu_flags])
+        argv = server_argv(binary, model, HOST, port, options, slot_dir=slot_dir)
+        argvs.append([*argv, *gpu_flags])
         process = ManagedProcess("llama-server", argvs[-1], out / f"llama-server-{port}.log")
         return LlamaServer(process, HOST, port, options, out, owns_workdir=False)
 
@@ -400,12 +403,19 @@ def start_server(
     }
 
 
-def step_sweep(url: str, system: str, quick: bool, out: Path) -> dict[str, Any]:
+def step_sweep(
+    url: str, server_options: dict[str, Any], system: str, quick: bool, out: Path
+) -> dict[str, Any]:
     import engine_steps
 
+    from batchpilot.sim.llamacpp import ServerOptions
+
+    options = ServerOptions(**server_options)
     # measure() reads the module's size constants when it runs.
     engine_steps.DECODE_BATCHES = GPU_DECODE_BATCHES
-    rows = asyncio.run(engine_steps.measure(url, system, quick, lambda line: say(f"steps: {line}")))
+    rows = asyncio.run(
+        engine_steps.measure(url, system, quick, lambda line: say(f"steps: {line}"), options)
+    )
     with (out / "steps.csv").open("w", newline="") as data:
         writer = csv.DictWriter(data, fieldnames=engine_steps.COLUMNS)
         writer.writeheader()
@@ -464,7 +474,7 @@ async def live_levels(url: str, levels: Sequence[int], rounds: int) -> list[dict
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         # engine_steps' streaming client: fresh token-id prompts (no prefix cache
         # hits), ignore_eos, and a check that every requested token arrived.
-        sweep = engine_steps.Sweep(session, url)
+        sweep = engine_steps.Sweep(session, url, slots=max(levels))
         await sweep.stream(LIVE_PROMPT_TOKENS, 8)  # warm-up: first-call allocations
         for concurrency in levels:
             level = await live_level(sweep, concurrency, rounds)
@@ -606,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             system = args.system or (
                 re.sub(r"[^a-z0-9]+", "-", gpu["name"].lower()).strip("-") if gpu else "gpu"
             )
-            run.attempt("steps", lambda: step_sweep(url, system, args.quick, args.out))
+            options = server["options"]  # type: ignore[index]
+            run.attempt("steps", lambda: step_sweep(url, options, system, args.quick, args.out))
             run.attempt("live", lambda: live_sweep(url, args.concurrency, args.quick, args.out))
     run.finish()
     say(f"{'done' if run.ok else 'done, with failures'}: {args.out / 'summary.json'}")

@@ -29,7 +29,14 @@ facts: the machine's load average and the engines' and gates' CPU seconds.
 With `--compare-sim`, the simulator runs the same scenario (its engine section
 is the CPU engine's calibration) with each controller, `static-best` at the
 setting the sweep chose, and the document gets the sim-vs-real error per
-controller on goodput, TTFT p99 and TPOT p99.
+controller on goodput, TTFT p99 and TPOT p99. `--real OUT.json` skips the
+live run and compares the simulator with the live results an earlier run
+wrote (same scenario, same requests): a new calibration or simulator model
+is checked against the same real run in seconds instead of half an hour.
+
+`--direct` (static-default only) sends the traffic straight to the engines,
+with no gate, no Prometheus and no controller: the simulator's model of the
+engines alone, apart from what the serving stack around them adds.
 """
 
 from __future__ import annotations
@@ -287,6 +294,44 @@ async def run_live(
         fleet.stop()
 
 
+async def run_direct(scenario: Scenario, workload: Workload, workdir: Path) -> dict[str, Any]:
+    """The workload round-robin straight to the engines: nothing between client and engine."""
+    load_before = os.getloadavg()
+    with ExitStack() as stack:
+        engines = [
+            stack.enter_context(
+                start_llama_server(server_options(scenario), workdir=workdir / name)
+            )
+            for name in scenario.replica_names
+        ]
+        started = time.monotonic()
+        records = await replay(
+            workload,
+            [engine.url for engine in engines],
+            model=SERVED_MODEL,
+            request_timeout_s=600.0,
+            fresh_connections=True,
+        )
+        wall_s = time.monotonic() - started
+        engine_cpu_s = sum(cpu_seconds(engine.process.pid) for engine in engines)
+    summary = summarize(records, workload.duration_s, scenario.slo)
+    summary.pop("by_url")
+    return {
+        **summary,
+        "preemptions": 0,
+        "config_changes": 0,
+        "actuation_errors": 0,
+        "prometheus_read_errors": 0,
+        "wall_s": round(wall_s, 1),
+        "machine": {
+            "loadavg_1m_before": round(load_before[0], 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "cpu_s": {"engines": round(engine_cpu_s, 1)},
+            "cores": os.cpu_count(),
+        },
+    }
+
+
 def sweep_workload(workload: Workload, scenario: Scenario, seconds: float) -> Workload:
     """The first seconds / phases of every phase, back to back."""
     per_phase = seconds / len(scenario.workload)
@@ -380,6 +425,22 @@ def simulate(scenario: Scenario, document: Mapping[str, Any]) -> list[dict[str, 
     return rows
 
 
+def stored_live_run(path: Path, scenario: Scenario) -> dict[str, Any]:
+    """The live results an earlier `--json` run wrote, checked to be this scenario's."""
+    try:
+        document = json.loads(path.read_text())["scenarios"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise SystemExit(f"--real {path}: not a live benchmark's --json output ({err})") from err
+    arrived = len(build_workload(scenario))
+    for field, expected in (("name", scenario.name), ("seed", scenario.seed), ("arrived", arrived)):
+        if document.get(field) != expected:
+            raise SystemExit(
+                f"--real {path}: {field} is {document.get(field)!r}, the scenario's is "
+                f"{expected!r}; compare a run of this scenario file"
+            )
+    return {key: value for key, value in document.items() if key not in ("sim_vs_real", "wall_s")}
+
+
 def relative_error(sim: float | None, real: float | None) -> float | None:
     if sim is None or real is None or real == 0:
         return None
@@ -435,6 +496,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--compare-sim", action="store_true", help="also run the simulator and report its error"
     )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="static-default straight to the engines: no gates, no Prometheus, no controller",
+    )
+    parser.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="no live run: compare the simulator with the results an earlier --json run of "
+        "this scenario wrote",
+    )
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.controllers.split(",") if n.strip()]
     unknown = sorted(set(names) - set(LIVE_CONTROLLERS))
@@ -442,11 +515,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"--controllers: {', '.join(unknown)} not live-benchmarkable; choose from {', '.join(LIVE_CONTROLLERS)}"
         )
+    if args.direct and names != ["static-default"]:
+        parser.error(
+            "--direct: only static-default runs without a gate to apply knobs; "
+            "pass --controllers static-default"
+        )
     scenario = load_scenario(args.scenario)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="batchpilot-live-") as workdir:
-        document = asyncio.run(live_benchmark(scenario, names, args.sweep_s, Path(workdir)))
-    if args.compare_sim:
+    if args.real is not None:
+        document = stored_live_run(args.real, scenario)
+    elif args.direct:
+        with tempfile.TemporaryDirectory(prefix="batchpilot-direct-") as workdir:
+            workload = build_workload(scenario)
+            result = asyncio.run(run_direct(scenario, workload, Path(workdir)))
+        document = {
+            **scenario_header(scenario, len(workload)),
+            "mode": "direct",
+            "replicas": scenario.replicas,
+            "engine": {"kind": ENGINE_KIND, **vars(server_options(scenario))},
+            "results": [{**result, "controller": "static-default"}],
+        }
+    else:
+        with tempfile.TemporaryDirectory(prefix="batchpilot-live-") as workdir:
+            document = asyncio.run(live_benchmark(scenario, names, args.sweep_s, Path(workdir)))
+    if args.compare_sim or args.real is not None:
         document["sim_vs_real"] = compare(document["results"], simulate(scenario, document))
     document["wall_s"] = round(time.monotonic() - started, 1)
     print_table(document)

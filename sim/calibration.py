@@ -13,6 +13,24 @@ Three kinds of rows are understood:
   taken to start a fresh prompt (no earlier chunks to attend to); with C = N
   the row equals a ``prefill_bs1`` row of N tokens, which the data confirms.
 
+With a shared KV cache (``shared_kv_cache``: llama.cpp's unified cache; see
+sim/engine.py) every token of a step is checked against every occupied
+cell, and the mask hides the cells of other sequences. A masked (token,
+cell) pair is far cheaper than an attended one, but not free; the model
+adds ``masked_pair_ms`` per masked pair M:
+
+    decode(B, S)  + masked_pair_ms * M, with M = B*n_kv - S for B decodes in
+                    n_kv occupied cells (so (B-1)*S in a decode row)
+    mixed         + masked_pair_ms * M, with M = C*B*L + B*C + (B-1)*B*L for
+                    a fresh C-token prompt beside B decodes of L tokens
+
+Mixed rows fit ``masked_pair_ms`` with the mixed coefficients (all three kept
+>= 0: a cost that falls as work grows is noise): a prompt beside B streams
+is where masked pairs dominate (C*B*L of them). Decode rows barely tell it
+from the per-context cost, but carry (B-1)*S masked pairs, so the decode
+fit and the mixed fit alternate until they agree. Prefill rows have none
+(one prompt on an empty cache). Without a shared cache M is 0 and ``masked_pair_ms`` stays 0.
+
 The model (milliseconds; B decodes whose KV lengths sum to S; a step's prefill
 chunks total C tokens with attention work Q = sum((p + c)^2 - p^2) for a chunk
 of c tokens after p already-computed tokens of its prompt):
@@ -51,6 +69,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.optimize
 
 DECODE_KIND = "decode_step"
 PREFILL_KIND = "prefill_bs1"
@@ -67,6 +86,9 @@ COLUMNS = (
 )
 # A quadratic needs three points; fewer rows cannot pin the curve down.
 _MIN_ROWS = 3
+# The shared-cache fit alternates two linear fits; on clean rows it settles
+# within a few dozen rounds.
+_SHARED_FIT_ROUNDS = 200
 
 
 class CalibrationError(ValueError):
@@ -106,6 +128,7 @@ class StepCostModel:
     prefill_attention_ms: float
     mixed_base_ms: float
     mixed_decode_scale: float
+    masked_pair_ms: float = 0.0
 
     def __post_init__(self) -> None:
         # A non-positive step would let simulated time stand still.
@@ -119,6 +142,7 @@ class StepCostModel:
             "prefill_per_token_ms",
             "prefill_attention_ms",
             "mixed_decode_scale",
+            "masked_pair_ms",
         ):
             if getattr(self, name) < 0:
                 raise CalibrationError(
@@ -126,11 +150,12 @@ class StepCostModel:
                     "as work grows; check the calibration rows for outliers"
                 )
 
-    def decode_ms(self, num_seqs: float, context_tokens: float) -> float:
+    def decode_ms(self, num_seqs: float, context_tokens: float, masked_pairs: float = 0.0) -> float:
         return (
             self.decode_base_ms
             + self.decode_per_seq_ms * num_seqs
             + self.decode_per_context_token_ms * context_tokens
+            + self.masked_pair_ms * masked_pairs
         )
 
     def prefill_ms(self, tokens: float, attention: float) -> float:
@@ -143,19 +168,25 @@ class StepCostModel:
         )
 
     def step_ms(
-        self, num_decodes: int, decode_context_tokens: float, prefill_tokens: int, attention: float
+        self,
+        num_decodes: int,
+        decode_context_tokens: float,
+        prefill_tokens: int,
+        attention: float,
+        masked_pairs: float = 0.0,
     ) -> float:
         if prefill_tokens <= 0:
-            return self.decode_ms(num_decodes, decode_context_tokens)
+            return self.decode_ms(num_decodes, decode_context_tokens, masked_pairs)
+        masked = self.masked_pair_ms * masked_pairs
         prefill = self.prefill_ms(prefill_tokens, attention)
         if num_decodes <= 0:
-            return prefill
+            return prefill + masked
         decode_work = (
             self.decode_per_seq_ms * num_decodes
             + self.decode_per_context_token_ms * decode_context_tokens
         )
         mixed = prefill + self.mixed_base_ms + self.mixed_decode_scale * decode_work
-        return max(mixed, self.decode_base_ms + decode_work)
+        return max(mixed, self.decode_base_ms + decode_work) + masked
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -270,7 +301,12 @@ def select_rows(
 
 
 def fit(
-    rows: Sequence[CalibrationRow], model: str, system: str, tp: int | None = None
+    rows: Sequence[CalibrationRow],
+    model: str,
+    system: str,
+    tp: int | None = None,
+    *,
+    shared_kv_cache: bool = False,
 ) -> Calibration:
     chosen, tp = select_rows(rows, model, system, tp)
     decode = [r for r in chosen if r.kind == DECODE_KIND]
@@ -293,26 +329,42 @@ def fit(
     d_b = np.array([r.batch_or_chunk for r in decode], dtype=float)
     d_s = d_b * np.array([r.context_len for r in decode], dtype=float)
     d_y = np.array([r.latency_ms for r in decode])
-    d0, d1, d2 = _relative_lstsq(np.column_stack([np.ones_like(d_b), d_b, d_s]), d_y)
+    d_design = np.column_stack([np.ones_like(d_b), d_b, d_s])
+    d0, d1, d2 = _relative_lstsq(d_design, d_y)
 
     p_n = np.array([r.context_len for r in prefill], dtype=float)
     p_y = np.array([r.latency_ms for r in prefill])
     floor, (p0, p1, p2), floor_rows = _fit_floored_quadratic(p_n, p_y)
 
-    m0, m1, mixed_fitted = 0.0, 1.0, False
-    if len(mixed) >= 2:
+    m0, m1, masked_pair, mixed_fitted = 0.0, 1.0, 0.0, False
+    if len(mixed) >= (_MIN_ROWS if shared_kv_cache else 2):
         chunk = np.array([_mixed_chunk(r.kind) for r in mixed], dtype=float)
         m_b = np.array([r.batch_or_chunk for r in mixed], dtype=float)
         m_s = m_b * np.array([r.context_len for r in mixed], dtype=float)
         m_y = np.array([r.latency_ms for r in mixed])
         base = np.maximum(floor, p0 + p1 * chunk + p2 * chunk * chunk)
         with_decodes = (m_b > 0).astype(float)
-        design = np.column_stack([with_decodes, d1 * m_b + d2 * m_s])
         # Fit the residual over the prefill part, still weighted by 1/latency.
         weights = 1.0 / m_y
-        (m0, m1), *_ = np.linalg.lstsq(
-            design * weights[:, None], (m_y - base) * weights, rcond=None
-        )
+        if shared_kv_cache:
+            masked = chunk * m_s + m_b * chunk + (m_b - 1) * m_s
+            d_masked = (d_b - 1) * d_s
+            # Decode rows carry masked pairs too, and the mixed fit needs the
+            # decode coefficients: alternate the two linear fits until they agree.
+            for _ in range(_SHARED_FIT_ROUNDS):
+                design = np.column_stack([with_decodes, d1 * m_b + d2 * m_s, masked])
+                m0, m1, masked_pair = scipy.optimize.nnls(
+                    design * weights[:, None], (m_y - base) * weights
+                )[0]
+                previous = (d0, d1, d2)
+                d0, d1, d2 = _relative_lstsq(d_design, d_y, offset=masked_pair * d_masked)
+                if np.allclose(previous, (d0, d1, d2), rtol=1e-12, atol=0.0):
+                    break
+        else:
+            design = np.column_stack([with_decodes, d1 * m_b + d2 * m_s])
+            (m0, m1), *_ = np.linalg.lstsq(
+                design * weights[:, None], (m_y - base) * weights, rcond=None
+            )
         mixed_fitted = True
 
     cost = StepCostModel(
@@ -325,34 +377,39 @@ def fit(
         prefill_attention_ms=float(p2),
         mixed_base_ms=float(m0),
         mixed_decode_scale=float(m1),
+        masked_pair_ms=float(masked_pair),
     )
     return Calibration(
         model=model,
         system=system,
         tp=tp,
         cost=cost,
-        errors=tuple(evaluate(cost, chosen)),
+        errors=tuple(evaluate(cost, chosen, shared_kv_cache=shared_kv_cache)),
         prefill_floor_rows=floor_rows,
         mixed_fitted=mixed_fitted,
     )
 
 
-def predict_ms(cost: StepCostModel, row: CalibrationRow) -> float:
+def predict_ms(cost: StepCostModel, row: CalibrationRow, *, shared_kv_cache: bool = False) -> float:
     """What the model says a calibration row should measure."""
+    batch = row.batch_or_chunk
+    context = batch * row.context_len
     if row.kind == DECODE_KIND:
-        return cost.decode_ms(row.batch_or_chunk, row.batch_or_chunk * row.context_len)
+        return cost.decode_ms(batch, context, (batch - 1) * context if shared_kv_cache else 0.0)
     if row.kind == PREFILL_KIND:
         return cost.prefill_ms(row.context_len, float(row.context_len) ** 2)
     chunk = _mixed_chunk(row.kind)
-    return cost.step_ms(
-        row.batch_or_chunk, row.batch_or_chunk * row.context_len, chunk, float(chunk) ** 2
-    )
+    masked = chunk * context + batch * chunk + (batch - 1) * context if shared_kv_cache else 0.0
+    return cost.step_ms(batch, context, chunk, float(chunk) ** 2, masked)
 
 
-def evaluate(cost: StepCostModel, rows: Iterable[CalibrationRow]) -> list[KindError]:
+def evaluate(
+    cost: StepCostModel, rows: Iterable[CalibrationRow], *, shared_kv_cache: bool = False
+) -> list[KindError]:
     by_kind: dict[str, list[float]] = {}
     for row in rows:
-        ape = abs(predict_ms(cost, row) - row.latency_ms) / row.latency_ms * 100.0
+        predicted = predict_ms(cost, row, shared_kv_cache=shared_kv_cache)
+        ape = abs(predicted - row.latency_ms) / row.latency_ms * 100.0
         by_kind.setdefault(row.kind, []).append(ape)
     return [
         KindError(kind, len(errs), float(np.mean(errs)), float(np.max(errs)))
@@ -361,22 +418,32 @@ def evaluate(cost: StepCostModel, rows: Iterable[CalibrationRow]) -> list[KindEr
 
 
 @functools.lru_cache(maxsize=16)
-def _fit_cached(path: str, mtime_ns: int, model: str, system: str, tp: int | None) -> Calibration:
-    return fit(read_rows(Path(path)), model, system, tp)
+def _fit_cached(
+    path: str, mtime_ns: int, model: str, system: str, tp: int | None, shared_kv_cache: bool
+) -> Calibration:
+    return fit(read_rows(Path(path)), model, system, tp, shared_kv_cache=shared_kv_cache)
 
 
-def fit_file(path: Path, model: str, system: str, tp: int | None = None) -> Calibration:
+def fit_file(
+    path: Path,
+    model: str,
+    system: str,
+    tp: int | None = None,
+    *,
+    shared_kv_cache: bool = False,
+) -> Calibration:
     """Fit from a CSV file, cached per file version (grid searches reload scenarios often)."""
     try:
         mtime_ns = path.stat().st_mtime_ns
     except OSError as err:
         raise CalibrationError(f"{path}: cannot read calibration CSV ({err.strerror})") from err
-    return _fit_cached(str(path.resolve()), mtime_ns, model, system, tp)
+    return _fit_cached(str(path.resolve()), mtime_ns, model, system, tp, shared_kv_cache)
 
 
-def _relative_lstsq(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+def _relative_lstsq(design: np.ndarray, target: np.ndarray, offset: object = 0.0) -> np.ndarray:
+    """Least squares of `target - offset` on `design`, the error relative to `target`."""
     weights = 1.0 / target
-    coef, *_ = np.linalg.lstsq(design * weights[:, None], target * weights, rcond=None)
+    coef, *_ = np.linalg.lstsq(design * weights[:, None], (target - offset) * weights, rcond=None)
     return coef
 
 

@@ -38,6 +38,14 @@ def calibrate(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write coefficients and per-kind errors here.")
     ] = None,
+    shared_kv_cache: Annotated[
+        bool,
+        typer.Option(
+            "--shared-kv-cache",
+            help="The engine attends over one cache shared by all sequences (llama.cpp "
+            "--kv-unified): read mixed rows that way.",
+        ),
+    ] = False,
 ) -> None:
     """Fit the step-cost model to measured step latencies and report its error per kind."""
     from rich.console import Console
@@ -46,7 +54,7 @@ def calibrate(
     from batchpilot.sim.calibration import CalibrationError, fit, read_rows
 
     try:
-        calibration = fit(read_rows(csv_path), model, system, tp)
+        calibration = fit(read_rows(csv_path), model, system, tp, shared_kv_cache=shared_kv_cache)
     except CalibrationError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

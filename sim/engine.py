@@ -41,6 +41,17 @@ The model, iteration by iteration:
   its blocks are freed and it goes to the front of the waiting queue, to
   prefill its prompt and the tokens it had generated again.
 - Step time = calibrated `StepCostModel.step_ms` x `slowdown`.
+- Shared KV cache (`shared_kv_cache`, llama.cpp's `--kv-unified`): one
+  cache serves every slot, and every token of a step is checked against
+  every occupied cell; the mask hides other sequences' cells. A step pays
+  `masked_pair_ms` per masked (token, cell) pair on top of its own
+  attention (sim/calibration.py), so a prompt prefilled beside 16 long
+  streams costs more than alone. A slot that finishes (or whose client
+  left) keeps its cells until a new request takes it: llama.cpp gives a new
+  request the least recently used idle slot, so the cells of up to
+  `max_num_seqs` recent requests stay in every step's mask. Those idle cells
+  do not count against `kv_cache_tokens` here (the cache is sized so that
+  they fit).
 - A request generates exactly `max_output_tokens` tokens (there is no EOS
   model); its first token comes from the step that completes its prefill.
 - Cancel (vLLM's abort when a client disconnects): the request leaves the
@@ -94,6 +105,7 @@ class EngineConfig:
     max_num_batched_tokens: int
     runtime_tunable: bool = False
     slowdown: float = 1.0
+    shared_kv_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens < BLOCK_SIZE:
@@ -251,6 +263,9 @@ class Replica:
         self._prefilling: list[SimRequest] = []
         self._waiting: deque[SimRequest] = deque()
         self._used_blocks = 0
+        # Shared KV cache only: the cells each idle slot still holds, least recently used first.
+        self._idle_slots: deque[int] = deque()
+        self._idle_cells = 0
         # Decode aggregates: a decode request's KV length at step G is base + G.
         self._dec_count = 0
         self._dec_sum_base = 0
@@ -371,8 +386,10 @@ class Replica:
                 self._waiting.remove(request)
             elif phase == PREFILL:
                 self._drop_prefill(request)
+                self._keep_idle_slot(request._prefill_done)
             else:
                 self._drop_decode(request)
+                self._keep_idle_slot(request.prompt_tokens + request.generated)
             self._gate.release(ticket)
             self.metrics.count_failed(FAILED_CLIENT_DISCONNECT)
         request._phase = CANCELLED
@@ -522,6 +539,9 @@ class Replica:
                 break
             waiting.popleft()
             running[request] = None
+            if len(running) + len(self._idle_slots) > max_seqs:
+                # No empty slot: the request takes the least recently used idle one.
+                self._idle_cells -= self._idle_slots.popleft()
             self._prefilling.append(request)
             request._phase = PREFILL
             request._prefill_done = 0
@@ -535,7 +555,23 @@ class Replica:
         if not count and not chunks:
             return False
         context = self._dec_sum_base + count * step
-        duration = self._cost.step_ms(count, context, prefill_tokens, attention) * self._time_scale
+        masked = 0
+        if self.config.shared_kv_cache:
+            # Every token of the step meets every occupied cell; those of other
+            # sequences (and of idle slots) are masked. Prefilling requests'
+            # earlier chunks are cells already, this step's chunks become cells.
+            cells = (
+                context
+                + self._idle_cells
+                + sum(request._prefill_done for request in self._prefilling)
+                + prefill_tokens
+            )
+            masked = count * cells - context
+            for request, chunk in chunks:
+                masked += chunk * (cells - request._prefill_done - chunk)
+        duration = (
+            self._cost.step_ms(count, context, prefill_tokens, attention, masked) * self._time_scale
+        )
         self._pending = (self._clock + duration, duration, count, chunks)
         return True
 
@@ -572,8 +608,16 @@ class Replica:
             return False
         cost = self._cost
         scale = self._time_scale
-        first = cost.decode_ms(count, self._dec_sum_base + count * step) * scale
-        growth = cost.decode_per_context_token_ms * count * scale
+        context = self._dec_sum_base + count * step
+        growth_ms = cost.decode_per_context_token_ms * count
+        masked = 0
+        if self.config.shared_kv_cache:
+            # As in _start_step, with no prefills: each step adds `count` cells,
+            # each masked for the other count - 1 decodes.
+            masked = (count - 1) * context + count * self._idle_cells
+            growth_ms += cost.masked_pair_ms * (count - 1) * count
+        first = cost.decode_ms(count, context, masked) * scale
+        growth = growth_ms * scale
         span = horizon - self._clock
         steps = min(limit, _steps_within(first, growth, span))
         if steps < 2:
@@ -677,6 +721,7 @@ class Replica:
         del self._running[request]
         del self._live[request.request_id]
         self._used_blocks -= blocks
+        self._keep_idle_slot(request.prompt_tokens + request.generated)
         request._blocks = 0
         request._phase = FINISHED
         request.finish_s = now
@@ -687,6 +732,12 @@ class Replica:
         metrics.generation_tokens_hist.observe(request.generated)
         self._gate.release(request._ticket)  # type: ignore[arg-type]
         self._emit("finished", now, request)
+
+    def _keep_idle_slot(self, cells: int) -> None:
+        """A shared cache keeps a released slot's cells in every step's attention until reuse."""
+        if self.config.shared_kv_cache:
+            self._idle_slots.append(cells)
+            self._idle_cells += cells
 
     def _preempt(self, victim: SimRequest, step: int, *, allocated: bool) -> None:
         """Recompute-preempt `victim` while scheduling `step`.

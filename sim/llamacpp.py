@@ -211,8 +211,16 @@ DEFAULT_SERVER_OPTIONS = ServerOptions()
 
 
 def server_argv(
-    binary: Path, model: Path, host: str, port: int, options: ServerOptions
+    binary: Path,
+    model: Path,
+    host: str,
+    port: int,
+    options: ServerOptions,
+    *,
+    slot_dir: Path | None = None,
 ) -> list[str]:
+    """The command line; `slot_dir` enables the /slots actions, which erasing a slot needs."""
+    slot_actions = [] if slot_dir is None else ["--slot-save-path", str(slot_dir)]
     return [
         str(binary),
         "--model", str(model),
@@ -233,6 +241,7 @@ def server_argv(
         # No prompt cache in RAM: each request is prefilled from scratch, as the
         # simulator and the benchmark assume.
         "--cache-ram", "0",
+        *slot_actions,
     ]  # fmt: skip
 
 

@@ -113,8 +113,14 @@ async def replay(
     model: str | None = None,
     request_timeout_s: float = 600.0,
     on_progress: Callable[[LoadProgress], None] | None = None,
+    fresh_connections: bool = False,
 ) -> list[RequestRecord]:
-    """Send the workload's requests (those arriving before `duration_s`) and record each."""
+    """Send the workload's requests (those arriving before `duration_s`) and record each.
+
+    `fresh_connections`: a new connection per request, for servers that close
+    a connection after a streamed answer while advertising keep-alive
+    (llama-server; the gate retries such a request, a bare client cannot).
+    """
     urls = [url.rstrip("/") for url in urls]
     count = (
         len(workload)
@@ -124,7 +130,7 @@ async def replay(
     progress = LoadProgress()
     # One connection per request in flight: a pool limit here would queue
     # requests in the client and hide the server's queueing.
-    connector = aiohttp.TCPConnector(limit=0)
+    connector = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         model = model or await served_model(session, urls[0])

@@ -8,7 +8,8 @@ loads is a scenario that runs.
 
 Optional keys and their defaults (the contract's example spells them all
 out): ``engine.tp`` (the only tp in the calibration rows), ``engine.slowdown``
-1.0, ``engine.runtime_tunable`` false, ``replicas`` 1, ``control_interval_s``
+1.0, ``engine.runtime_tunable`` false, ``engine.shared_kv_cache`` false
+(true for llama.cpp's unified cache: see sim/engine.py), ``replicas`` 1, ``control_interval_s``
 30, a trace phase's ``start_s`` 0 and ``rate_scale`` 1.0, ``cv`` 1.0 for a
 gamma arrival process (``poisson`` takes no cv).
 """
@@ -51,6 +52,7 @@ class EngineSpec:
     max_num_seqs: int
     max_num_batched_tokens: int
     runtime_tunable: bool
+    shared_kv_cache: bool
     cost: StepCostModel
 
     def config(self) -> EngineConfig:
@@ -61,6 +63,7 @@ class EngineSpec:
             max_num_batched_tokens=self.max_num_batched_tokens,
             runtime_tunable=self.runtime_tunable,
             slowdown=self.slowdown,
+            shared_kv_cache=self.shared_kv_cache,
         )
 
 
@@ -184,6 +187,7 @@ def _parse_engine(section: _Section, base_dir: Path) -> EngineSpec:
     max_num_seqs = section.integer("max_num_seqs", minimum=1)
     max_num_batched_tokens = section.integer("max_num_batched_tokens", minimum=1)
     runtime_tunable = section.boolean("runtime_tunable", default=False)
+    shared_kv_cache = section.boolean("shared_kv_cache", default=False)
     section.finish()
     if max_num_batched_tokens < max_num_seqs:
         # vLLM refuses to start this way: each running decode needs a token of the budget.
@@ -192,7 +196,7 @@ def _parse_engine(section: _Section, base_dir: Path) -> EngineSpec:
             f"must be >= engine.max_num_seqs ({max_num_seqs}), got {max_num_batched_tokens}",
         )
     try:
-        fitted = fit_file(calibration, model, system, tp)
+        fitted = fit_file(calibration, model, system, tp, shared_kv_cache=shared_kv_cache)
     except CalibrationError as err:
         raise ScenarioError(f"engine.{err.field or 'calibration'}", str(err)) from err
     return EngineSpec(
@@ -205,6 +209,7 @@ def _parse_engine(section: _Section, base_dir: Path) -> EngineSpec:
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         runtime_tunable=runtime_tunable,
+        shared_kv_cache=shared_kv_cache,
         cost=fitted.cost,
     )
 

@@ -98,20 +98,20 @@ def test_engine_steps_writes_a_calibration_the_simulator_reads(
     assert engine_steps.main(["--url", server.url, "--quick", "--csv", str(out)]) == 0
     rows = read_rows(out)
     kinds = {row.kind for row in rows}
-    assert kinds == {"prefill_bs1", "decode_step"}
+    assert kinds == {"prefill_bs1", "decode_step", "mixed_chunk256_isl256"}
     assert all(row.latency_ms > 0 and row.model == SERVED_MODEL for row in rows)
     prefill = {row.context_len: row.latency_ms for row in rows if row.kind == PREFILL_KIND}
     # 64x the tokens costs far more than 4x the time, however loaded the machine.
     assert prefill[2048] > 4 * prefill[32]
+    # 256 prompt tokens beside 4 decoding streams: more than 128 alone.
+    (mixed,) = (row for row in rows if row.kind.startswith("mixed_"))
+    assert mixed.batch_or_chunk == 4 and mixed.context_len > 128
+    assert mixed.latency_ms > prefill[128]
     with out.open() as handle:
         assert next(csv.reader(handle)) == list(engine_steps.COLUMNS)
 
 
-@pytest.mark.engine
-def test_the_live_benchmark_runs_controllers_on_real_replicas(tmp_path: Path) -> None:
-    scenario = tmp_path / "tiny.yaml"
-    scenario.write_text(
-        f"""
+TINY_LIVE_SCENARIO = f"""
 name: tiny-live
 seed: 3
 engine:
@@ -121,6 +121,7 @@ engine:
   kv_cache_tokens: 4096
   max_num_seqs: 4
   max_num_batched_tokens: 512
+  shared_kv_cache: true
 replicas: 1
 slo: {{ttft_ms: 5000, tpot_ms: 200}}
 control_interval_s: 3
@@ -131,7 +132,12 @@ workload:
       prompt_tokens: {{dist: lognormal, p50: 32, p90: 64, max: 128}}
       output_tokens: {{dist: lognormal, p50: 8, p90: 16, max: 32}}
 """
-    )
+
+
+@pytest.mark.engine
+def test_the_live_benchmark_runs_controllers_on_real_replicas(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.yaml"
+    scenario.write_text(TINY_LIVE_SCENARIO)
     out = tmp_path / "live.json"
     assert (
         live_engine.main(
@@ -156,3 +162,35 @@ workload:
         assert result["good"] >= result["arrived"] // 2
         assert result["machine"]["cpu_s"]["engines"] > 0
     assert [r["controller"] for r in document["sim_vs_real"]] == ["static-default", "adaptive"]
+
+    # --real: the simulator against this stored run again, without a live run.
+    again = tmp_path / "again.json"
+    assert live_engine.main([str(scenario), "--real", str(out), "--json", str(again)]) == 0
+    redone = json.loads(again.read_text())["scenarios"][0]
+    assert redone["results"] == document["results"]
+    assert redone["sim_vs_real"] == document["sim_vs_real"]
+    # A run of another scenario (other requests) is refused, naming the field.
+    other = tmp_path / "other.yaml"
+    other.write_text(scenario.read_text().replace("seed: 3", "seed: 4"))
+    with pytest.raises(SystemExit, match="seed is 3, the scenario's is 4"):
+        live_engine.main([str(other), "--real", str(out)])
+
+
+@pytest.mark.engine
+def test_direct_mode_runs_static_default_straight_to_the_engines(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.yaml"
+    scenario.write_text(TINY_LIVE_SCENARIO)
+    out = tmp_path / "direct.json"
+    args = [str(scenario), "--controllers", "static-default", "--direct", "--compare-sim"]
+    assert live_engine.main([*args, "--json", str(out)]) == 0
+    document = json.loads(out.read_text())["scenarios"][0]
+    assert document["mode"] == "direct"
+    (result,) = document["results"]
+    # A fresh connection per request: llama-server's closed keep-alives cost nothing.
+    assert result["ok"] == result["arrived"] == document["arrived"] > 0
+    assert result["machine"]["cpu_s"]["engines"] > 0
+    assert [row["controller"] for row in document["sim_vs_real"]] == ["static-default"]
+    # Nothing but static-default can run without a gate to apply its knobs.
+    with pytest.raises(SystemExit) as refused:
+        live_engine.main([str(scenario), "--controllers", "adaptive", "--direct"])
+    assert refused.value.code == 2

@@ -45,7 +45,9 @@ def test_error_within_target_per_kind(system: str) -> None:
         assert error.max_ape_pct <= 15.0, error
 
 
-def write_rows(path: Path, cost: StepCostModel, noise: float, seed: int) -> None:
+def write_rows(
+    path: Path, cost: StepCostModel, noise: float, seed: int, *, shared_kv_cache: bool = False
+) -> None:
     """Rows of a made-up model in the shared CSV's format, from a known cost model."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -73,7 +75,9 @@ def write_rows(path: Path, cost: StepCostModel, noise: float, seed: int) -> None
         )
         for kind, b, c in rows:
             row = CalibrationRow("acme/7b", "gpu_x", "vllm", 2, kind, b, c, 1.0)
-            latency = predict_ms(cost, row) * (1 + noise * rng.standard_normal())
+            latency = predict_ms(cost, row, shared_kv_cache=shared_kv_cache) * (
+                1 + noise * rng.standard_normal()
+            )
             writer.writerow(["acme/7b", "gpu_x", "vllm", 2, kind, b, c, latency])
 
 
@@ -104,6 +108,21 @@ def test_recovers_a_known_model_from_its_rows(
     if noise == 0.0:
         assert calibration.cost.decode_per_context_token_ms == pytest.approx(6e-5, rel=1e-6)
         assert calibration.cost.mixed_decode_scale == pytest.approx(1.1, rel=1e-6)
+
+
+def test_shared_cache_fit_recovers_the_masked_pair_cost(tmp_path: Path) -> None:
+    # llama.cpp's unified cache: a prompt beside decodes is masked against their cells.
+    truth = StepCostModel(**{**TRUE_COST.to_dict(), "masked_pair_ms": 3e-7})
+    path = tmp_path / "rows.csv"
+    write_rows(path, truth, 0.0, seed=3, shared_kv_cache=True)
+    shared = fit(read_rows(path), "acme/7b", "gpu_x", shared_kv_cache=True)
+    assert shared.cost.masked_pair_ms == pytest.approx(3e-7, rel=1e-6)
+    assert shared.cost.mixed_decode_scale == pytest.approx(1.1, rel=1e-6)
+    assert max(e.max_ape_pct for e in shared.errors) < 1e-6
+    # Read as a paged cache, the same rows leave a large error on the mixed steps.
+    paged = fit(read_rows(path), "acme/7b", "gpu_x")
+    assert paged.cost.masked_pair_ms == 0.0
+    assert max(e.max_ape_pct for e in paged.errors if e.kind.startswith("mixed_")) > 20.0
 
 
 @needs_shared
@@ -174,3 +193,21 @@ def test_calibrate_cli_missing_system_exits_2() -> None:
     )
     assert result.exit_code == 2
     assert "'mi300x' has no rows" in result.output
+
+
+def test_calibrate_cli_fits_the_committed_llama_cpp_rows_as_a_shared_cache(tmp_path: Path) -> None:
+    # The command bench/calibration/README.md documents, on the committed CSV.
+    csv_path = Path(__file__).resolve().parents[1] / "bench/calibration/llamacpp-cpu-2core.csv"
+    out = tmp_path / "cal.json"
+    args = ["sim", "calibrate", str(csv_path), "--model", "batchpilot-tiny-llama"]
+    args += ["--system", "cpu-2core", "--shared-kv-cache", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["coefficients"]["masked_pair_ms"] > 0
+    mixed = {kind: e for kind, e in document["errors"].items() if kind.startswith("mixed_")}
+    assert mixed and all(e["mean_ape_pct"] < 15 for e in mixed.values())
+    # Read as a paged cache, the mixed rows fit worse.
+    paged = fit(read_rows(csv_path), "batchpilot-tiny-llama", "cpu-2core")
+    paged_mixed = [e.mean_ape_pct for e in paged.errors if e.kind.startswith("mixed_")]
+    assert max(paged_mixed) > max(e["mean_ape_pct"] for e in mixed.values())

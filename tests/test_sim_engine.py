@@ -645,3 +645,70 @@ def test_live_engine_cancels_a_request_whose_client_left_before_the_driver_took_
         assert submit.cancelled()
 
     asyncio.run(scenario())
+
+
+# llama.cpp's unified cache: masked (token, cell) pairs cost this much each.
+SHARED_COST = StepCostModel(**{**COST.to_dict(), "masked_pair_ms": 2e-4})
+
+
+def test_shared_cache_charges_idle_slots_cells_until_a_new_request_takes_the_slot() -> None:
+    # Two slots. A and B run one after the other and keep their cells; C's
+    # prefill is masked against both; D then takes A's slot (least recently
+    # used), so E, the next, is masked against B's and D's cells but no
+    # longer A's.
+    replica = Replica(config(cost=SHARED_COST, max_num_seqs=2, shared_kv_cache=True))
+    t = 0.0
+    lengths = {"A": 300, "B": 100, "C": 40, "D": 60, "E": 20}
+    done: dict[str, float] = {}
+    for name, prompt in lengths.items():
+        request = replica.submit(t, prompt, 1)
+        t = drain(replica, t)
+        done[name] = request.first_token_s - request.arrival_s  # type: ignore[operator]
+
+    def prefill_s(prompt: int, idle_cells: int) -> float:
+        return SHARED_COST.step_ms(0, 0, prompt, prompt**2, prompt * idle_cells) / 1000.0
+
+    # Each request's cells are its prompt and its one token.
+    assert done["A"] == pytest.approx(prefill_s(300, 0), rel=1e-12)
+    assert done["B"] == pytest.approx(prefill_s(100, 301), rel=1e-12)
+    # C takes a slot from A or B: neither is empty, A was used least recently.
+    assert done["C"] == pytest.approx(prefill_s(40, 101), rel=1e-12)
+    assert done["D"] == pytest.approx(prefill_s(60, 41), rel=1e-12)
+    assert done["E"] == pytest.approx(prefill_s(20, 61), rel=1e-12)
+    # The unshared engine charges none of it.
+    plain = Replica(config(max_num_seqs=2))
+    plain.submit(0.0, 300, 1)
+    t = drain(plain, 0.0)
+    late = plain.submit(t, 100, 1)
+    drain(plain, t)
+    assert late.first_token_s - late.arrival_s == pytest.approx(  # type: ignore[operator]
+        COST.step_ms(0, 0, 100, 100**2) / 1000.0, rel=1e-12
+    )
+
+
+def test_shared_cache_decodes_are_masked_against_each_other_and_idle_cells() -> None:
+    # A finished request leaves 201 idle cells; then P and Q (100-token
+    # prompts, 50 tokens each) arrive together. P starts alone (the engine
+    # was idle), Q prefills beside P's first decode, then both decode; every
+    # step pays for the cells each token is masked against. The decode run
+    # is applied in closed form, which must match this step-by-step sum.
+    replica = Replica(config(cost=SHARED_COST, max_num_seqs=4, shared_kv_cache=True))
+    replica.submit(0.0, 200, 1)
+    t = drain(replica, 0.0)
+    p, q = (replica.submit(t, 100, 50) for _ in range(2))
+    drain(replica, t)
+    idle = 201
+    expected = t + SHARED_COST.step_ms(0, 0, 100, 100**2, 100 * idle) / 1000.0
+    assert p.first_token_s == pytest.approx(expected, rel=1e-12)
+    cells = 101 + idle + 100
+    expected += (
+        SHARED_COST.step_ms(1, 101, 100, 100**2, (cells - 101) + 100 * (cells - 100)) / 1000.0
+    )
+    assert q.first_token_s == pytest.approx(expected, rel=1e-12)
+    for k in range(48):  # P has 48 tokens to go, Q 49
+        context = (102 + k) + (101 + k)
+        expected += SHARED_COST.decode_ms(2, context, 2 * (context + idle) - context) / 1000.0
+    assert p.finish_s == pytest.approx(expected, rel=1e-9)
+    # Q's last step: P's 150 cells are idle now.
+    expected += SHARED_COST.decode_ms(1, 149, idle + 150) / 1000.0
+    assert q.finish_s == pytest.approx(expected, rel=1e-9)

@@ -152,6 +152,7 @@ DELETE = object()
             ">= engine.max_num_seqs",
         ),
         (("engine", "runtime_tunable"), "yes", "engine.runtime_tunable", "true or false"),
+        (("engine", "shared_kv_cache"), 1, "engine.shared_kv_cache", "true or false"),
         (("slo", "tpot_ms"), 0, "slo.tpot_ms", "must be > 0"),
         (("slo", "ttft_ms"), DELETE, "slo.ttft_ms", "is required"),
         (("replicas",), 0, "replicas", "must be >= 1"),
@@ -210,3 +211,14 @@ def test_malformed_files(tmp_path: Path, text: str, fragment: str) -> None:
     file.write_text(text)
     with pytest.raises(ScenarioError, match=fragment):
         load_scenario(file)
+
+
+def test_the_live_scenario_simulates_llama_cpps_shared_cache() -> None:
+    # The live benchmark's scenario models llama.cpp: one cache for every slot.
+    path = Path(__file__).resolve().parents[1] / "bench/scenarios/live-chat-to-long-prompts.yaml"
+    engine = load_scenario(path).engine
+    assert engine.shared_kv_cache and engine.config().shared_kv_cache
+    assert engine.cost.masked_pair_ms > 0
+    # The shared scenarios model vLLM's paged cache: nothing masked to pay for.
+    for shared in SCENARIOS:
+        assert not load_scenario(shared).engine.shared_kv_cache

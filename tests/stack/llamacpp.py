@@ -79,10 +79,13 @@ def start_llama_server(
     owns_workdir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="batchpilot-llama-")) if workdir is None else workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    # Erasing a slot (the step sweep empties the cache between rows) needs a save path.
+    slot_dir = workdir / "slots"
+    slot_dir.mkdir(exist_ok=True)
 
     def launch() -> LlamaServer:
         port = free_loopback_port([host])
-        argv = server_argv(binary, model, host, port, options)
+        argv = server_argv(binary, model, host, port, options, slot_dir=slot_dir)
         process = ManagedProcess("llama-server", argv, workdir / f"llama-server-{port}.log")
         return LlamaServer(process, host, port, options, workdir, owns_workdir)
 
