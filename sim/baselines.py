@@ -12,6 +12,9 @@
 - ``oracle``: for each window of ``control_interval_s x 10``, the grid setting
   that is best with hindsight, switched for free at the window start.
 
+``oracle-full`` (sim/oracle_full.py), the benchmark's yardstick, searches the
+adaptive controller's whole action space every control interval instead.
+
 The grid (`knob_grid`): batch cap in {16, 32, 64, 128, 256, max_num_seqs}
 (values above the ceiling dropped), each without and with a queue deadline
 equal to the TTFT SLO (a request that has waited that long can no longer be
@@ -174,7 +177,7 @@ def run_static_best(
     jobs = [(scenario, workload, knobs) for knobs in grid]
     # Workers return scores, not runs: shipping 12-48 finished runs of ~30k
     # requests back costs more memory than replaying the winner once.
-    scores = _map(_score_fixed, jobs, executor, progress)
+    scores = map_jobs(_score_fixed, jobs, executor, progress)
     return _run_fixed((scenario, workload, grid[_best_index(scores)]))
 
 
@@ -203,8 +206,8 @@ def run_oracle(
     for start in starts:
         end = min(start + window, scenario.duration_s)
         state = sim.fork()  # without the past requests: cheap to copy and to ship to workers
-        jobs = [(state, knobs, start, end, window) for knobs in grid]
-        scores = _map(_score_window, jobs, executor, per_window)
+        jobs = [(state, knobs, start, end, window * ORACLE_TAIL_WINDOWS) for knobs in grid]
+        scores = map_jobs(score_window, jobs, executor, per_window)
         sim.apply(start, grid[_best_index(scores)])
         sim.run_until(end)
     sim.run_to_completion()
@@ -224,13 +227,14 @@ def _score_fixed(job: tuple[Scenario, Workload, Knobs]) -> int:
     return count_good(sim.requests, slo.ttft_ms, slo.tpot_ms)
 
 
-def _score_window(job: tuple[Simulation, Knobs, float, float, float]) -> int:
-    base, knobs, start, end, window = job
+def score_window(job: tuple[Simulation, Knobs, float, float, float]) -> int:
+    """Good requests among those arriving in [start, end) under `knobs`, followed `tail_s` on."""
+    base, knobs, start, end, tail_s = job
     trial = base.fork()
     trial.apply(start, knobs)
     trial.run_until(end)
     mine = list(trial.requests)
-    give_up = end + window * ORACLE_TAIL_WINDOWS
+    give_up = end + tail_s
     interval = trial.scenario.control_interval_s
     while trial.now < give_up and not all(r.done for r in mine):
         trial.run_until(min(trial.now + interval, give_up))
@@ -238,7 +242,7 @@ def _score_window(job: tuple[Simulation, Knobs, float, float, float]) -> int:
     return count_good(mine, slo.ttft_ms, slo.tpot_ms)
 
 
-def _map(
+def map_jobs(
     function: Callable[[Any], Any],
     jobs: Sequence[Any],
     executor: Executor | None,

@@ -339,8 +339,29 @@ def run_benchmark(
             results.append(
                 run_controller(scenario, workload, name, executor=executor, progress=progress)
             )
-        documents.append({**scenario_header(scenario, len(workload)), "results": results})
+        document = {**scenario_header(scenario, len(workload)), "results": results}
+        warnings = bound_violations(results)
+        if warnings:
+            document["warnings"] = warnings
+        documents.append(document)
     return {"scenarios": documents}
+
+
+# The hindsight yardstick that every other controller must not beat.
+BOUND = "oracle-full"
+
+
+def bound_violations(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per controller with more good requests than `oracle-full` (a search too weak)."""
+    bound = next((r for r in results if r["controller"] == BOUND), None)
+    if bound is None:
+        return []
+    return [
+        f"{r['controller']} ({r['good']} good) beats {BOUND} ({bound['good']}): "
+        "its search is too weak to bound this scenario"
+        for r in results
+        if r["good"] > bound["good"]
+    ]
 
 
 def scenario_header(scenario: Scenario, arrived: int) -> dict[str, Any]:

@@ -57,6 +57,9 @@ def bench(
             _fail(f"{path}: {err}")
     document = _run(loaded, names, workers)
     _print_table(document)
+    for scenario in document["scenarios"]:
+        for warning in scenario.get("warnings", ()):
+            typer.echo(f"warning: {scenario['name']}: {warning}", err=True)
     if json_out is not None:
         json_out.write_text(json.dumps(document, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")

@@ -76,6 +76,7 @@ _ONLINE: dict[str, str] = {
 _HINDSIGHT: dict[str, str] = {
     "static-best": "batchpilot.sim.baselines:run_static_best",
     "oracle": "batchpilot.sim.baselines:run_oracle",
+    "oracle-full": "batchpilot.sim.oracle_full:run_oracle_full",
 }
 
 
