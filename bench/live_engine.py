@@ -78,7 +78,7 @@ from batchpilot.sim.bench import (  # noqa: E402
 from batchpilot.sim.bench import summarize as sim_summarize  # noqa: E402
 from batchpilot.sim.controllers import ControllerContext, build_controller  # noqa: E402
 from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions  # noqa: E402
-from batchpilot.sim.load import replay, summarize  # noqa: E402
+from batchpilot.sim.load import RequestRecord, replay, summarize  # noqa: E402
 from batchpilot.sim.scenario import Scenario, load_scenario  # noqa: E402
 from batchpilot.sim.workload import Workload, build_workload  # noqa: E402
 
@@ -274,22 +274,9 @@ async def run_live(
         wall_s = time.monotonic() - started
         stop.set()
         await stepping
-        summary = summarize(records, workload.duration_s, scenario.slo)
-        summary.pop("by_url")
-        return {
-            **summary,
-            "preemptions": 0,  # llama-server never preempts: a full KV cache fails the request
-            "config_changes": log.config_changes,
-            "actuation_errors": log.actuation_errors,
-            "prometheus_read_errors": log.read_errors,
-            "wall_s": round(wall_s, 1),
-            "machine": {
-                "loadavg_1m_before": round(load_before[0], 2),
-                "loadavg_1m_after": round(os.getloadavg()[0], 2),
-                "cpu_s": fleet.cpu_seconds(),
-                "cores": os.cpu_count(),
-            },
-        }
+        return run_result(
+            records, workload, scenario, wall_s, load_before, fleet.cpu_seconds(), log
+        )
     finally:
         fleet.stop()
 
@@ -313,20 +300,36 @@ async def run_direct(scenario: Scenario, workload: Workload, workdir: Path) -> d
             fresh_connections=True,
         )
         wall_s = time.monotonic() - started
-        engine_cpu_s = sum(cpu_seconds(engine.process.pid) for engine in engines)
+        engine_cpu_s = round(sum(cpu_seconds(engine.process.pid) for engine in engines), 1)
+    # No controller: nothing changed, nothing to actuate or read.
+    return run_result(
+        records, workload, scenario, wall_s, load_before, {"engines": engine_cpu_s}, RunLog()
+    )
+
+
+def run_result(
+    records: Sequence[RequestRecord],
+    workload: Workload,
+    scenario: Scenario,
+    wall_s: float,
+    load_before: tuple[float, float, float],
+    cpu_s: Mapping[str, float],
+    log: RunLog,
+) -> dict[str, Any]:
+    """One controller's result: the simulator benchmark's fields plus the machine's."""
     summary = summarize(records, workload.duration_s, scenario.slo)
     summary.pop("by_url")
     return {
         **summary,
-        "preemptions": 0,
-        "config_changes": 0,
-        "actuation_errors": 0,
-        "prometheus_read_errors": 0,
+        "preemptions": 0,  # llama-server never preempts: a full KV cache fails the request
+        "config_changes": log.config_changes,
+        "actuation_errors": log.actuation_errors,
+        "prometheus_read_errors": log.read_errors,
         "wall_s": round(wall_s, 1),
         "machine": {
             "loadavg_1m_before": round(load_before[0], 2),
             "loadavg_1m_after": round(os.getloadavg()[0], 2),
-            "cpu_s": {"engines": round(engine_cpu_s, 1)},
+            "cpu_s": dict(cpu_s),
             "cores": os.cpu_count(),
         },
     }

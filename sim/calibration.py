@@ -440,7 +440,9 @@ def fit_file(
     return _fit_cached(str(path.resolve()), mtime_ns, model, system, tp, shared_kv_cache)
 
 
-def _relative_lstsq(design: np.ndarray, target: np.ndarray, offset: object = 0.0) -> np.ndarray:
+def _relative_lstsq(
+    design: np.ndarray, target: np.ndarray, offset: np.ndarray | float = 0.0
+) -> np.ndarray:
     """Least squares of `target - offset` on `design`, the error relative to `target`."""
     weights = 1.0 / target
     coef, *_ = np.linalg.lstsq(design * weights[:, None], (target - offset) * weights, rcond=None)

@@ -100,7 +100,7 @@ def run_oracle_full(
     for start in starts:
         end = min(start + interval, scenario.duration_s)
         state = sim.fork()
-        search = _WindowSearch(state, space, start, end, tail_s, executor)
+        search = _IntervalSearch(state, space, start, end, tail_s, executor)
         best = search.run([*seeds, *([previous] if previous is not None else [])])
         sim.apply(start, _knobs_of(best, space))
         sim.run_until(end)
@@ -111,7 +111,7 @@ def run_oracle_full(
     return sim
 
 
-class _WindowSearch:
+class _IntervalSearch:
     """Coordinate descent over one interval's settings, each scored at most once."""
 
     def __init__(
