@@ -1,12 +1,14 @@
-"""`batchpilot report BENCH.json --out DIR`: the benchmark document as plots.
+"""`batchpilot report BENCH.json --out DIR`: the benchmark document as plots and Markdown.
 
-Two figures, from the JSON that `batchpilot bench --json` writes
-(../shared/contracts/bench.md plus the harness's per-interval `timeline`):
+From the JSON that `batchpilot bench --json` writes (../shared/contracts/bench.md
+plus the harness's per-interval `timeline` and optional summary fields):
 
-- ``bench-goodput.png``: goodput per controller, grouped by scenario (bars),
-  with each bar's SLO attainment printed on it;
+- ``bench-goodput.png``: goodput per controller, grouped by scenario (bars);
 - ``bench-timeline-<scenario>.png``: for one scenario, goodput per control
-  interval and the batch cap in effect, one line per controller.
+  interval and the batch cap in effect, one line per controller;
+- ``benchmark.md``: the tables (per scenario, and a summary that checks the
+  project's targets), the goodput plot and what each controller is
+  (`render_markdown`).
 
 `write_report` is the function other commands call; the command only maps
 bad input to a one-line error and exit code 2.
@@ -24,6 +26,72 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 GOODPUT_PLOT = "bench-goodput.png"
+MARKDOWN = "benchmark.md"
+
+# Controllers that decide without hindsight: adaptive must beat the best of them.
+BASELINES = (
+    "static-default",
+    "aimd",
+    "gradient2",
+    "vegas",
+    "envoy-gradient",
+    "epp-flow-control",
+    "vllm-queue-caps",
+)
+ADAPTIVE = "adaptive"
+BOUND = "oracle-full"
+HINDSIGHT = ("static-best", "oracle", BOUND)
+# Plots and tables list controllers in this order (baselines, the project's
+# controller, then the hindsight references) so reports compare at a glance;
+# a controller not named here follows in order of first appearance.
+CONTROLLER_ORDER = (*BASELINES, ADAPTIVE, *HINDSIGHT)
+
+# The project's targets (summary table).
+BOUND_TARGET = 0.90  # adaptive / oracle-full
+SHIFT_TARGET = 1.10  # adaptive / best baseline, scenarios with more than one phase
+STEADY_TARGET = 0.98  # adaptive / best baseline, single-phase scenarios
+SLO_BAR = 0.99  # a baseline this good sets the bar for adaptive's SLO attainment
+
+EXPLANATION = """\
+## Controllers
+
+- `static-default`: engine defaults, no gate limits: max_num_seqs 256, engine prefill budget \
+as configured, FCFS, no deadline.
+- `aimd`: additive-increase / multiplicative-decrease of the batch cap on the SLO signal \
+(Clipper-style peer baseline).
+- `gradient2`: Netflix concurrency-limits' Gradient2 on the gate's batch cap, fed by TTFT or \
+per-token latency.
+- `vegas`: Netflix concurrency-limits' Vegas on the gate's batch cap, fed by TTFT or per-token \
+latency.
+- `envoy-gradient`: Envoy's adaptive concurrency filter (periodic minRTT at pinned low \
+concurrency, 503 over the limit).
+- `epp-flow-control`: llm-d endpoint-picker flow control at its defaults: saturation detector \
+(queue >= 5 or KV >= 0.8) holds requests at the gateway, FCFS, queue TTL.
+- `vllm-queue-caps`: vLLM's static overload control: `--max-num-queued-tokens` ~ TTFT \
+objective x prefill throughput, 503 on overflow.
+- `adaptive`: the project's controller, seeing only what the Prometheus path would show it.
+- `static-best` (hindsight): the single setting that maximises goodput over the whole \
+scenario, found by grid search with hindsight (what a careful load test would pick).
+- `oracle` (hindsight): per window of `control_interval_s` x 10, the best *grid* setting \
+(FCFS, a few caps, one deadline) with hindsight: a coarse reference, not the limit.
+- `oracle-full` (hindsight): per control interval, the best setting with hindsight over the \
+whole action space adaptive steers (cap, token budget, deadline, discipline/aging, prefill \
+chunk where tunable), switched for free: the limit for a knob-steering controller, so no \
+other controller should have more good requests.
+
+"Best baseline" is the non-hindsight baseline (static-default, aimd, gradient2, vegas, \
+envoy-gradient, epp-flow-control, vllm-queue-caps) with the most good requests in a scenario.
+
+## How the upper bound is derived
+
+The upper bound is a per-phase, per-replica work bound from the calibrated step-cost model \
+under the scenario's SLOs. Each good request needs its prefill work, and its decode tokens at \
+a step cadence that keeps its TPOT within the SLO; in every phase the decode busy time and the \
+prefill busy time must each fit into the phase window plus the SLO tail. KV capacity, \
+preemption and queueing are ignored, so the bound is loose: read the ratio oracle-full / upper \
+bound as how loose it is, not as a shortfall of any controller. The exact derivation is in the \
+docstring of `batchpilot.sim.bound`.
+"""
 
 
 class ReportError(ValueError):
@@ -31,7 +99,7 @@ class ReportError(ValueError):
 
 
 def load_document(path: Path) -> dict[str, Any]:
-    """Read and check a benchmark JSON document (only the fields the plots use)."""
+    """Read and check a benchmark JSON document (only the fields the report uses)."""
     try:
         document = json.loads(path.read_text())
     except OSError as err:
@@ -49,6 +117,8 @@ def check_document(document: Any) -> None:
             "scenarios: the document needs a non-empty `scenarios` list (write one with "
             "`batchpilot bench SCENARIO.yaml --json OUT.json`)"
         )
+    _check_optional(document, "command", str, "", "must be a string")
+    _check_optional(document, "wall_s", int | float, "", "must be a number of seconds")
     for i, scenario in enumerate(scenarios):
         where = f"scenarios[{i}]"
         if not isinstance(scenario, Mapping) or not isinstance(scenario.get("name"), str):
@@ -59,14 +129,38 @@ def check_document(document: Any) -> None:
         for j, result in enumerate(results):
             if not isinstance(result, Mapping) or not isinstance(result.get("controller"), str):
                 raise ReportError(f"{where}.results[{j}].controller: missing")
-            if not isinstance(result.get("goodput_rps"), int | float):
-                raise ReportError(f"{where}.results[{j}].goodput_rps: must be a number")
+            for field in ("goodput_rps", "good", "slo_attainment"):
+                if not isinstance(result.get(field), int | float):
+                    raise ReportError(f"{where}.results[{j}].{field}: must be a number")
+        _check_optional(scenario, "phases", int | list, f"{where}.", "must be a phase count")
+        warnings = scenario.get("warnings")
+        if warnings is not None and not (
+            isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)
+        ):
+            raise ReportError(f"{where}.warnings: must be a list of strings")
+        bound = scenario.get("upper_bound")
+        if bound is None:
+            continue
+        if not isinstance(bound, Mapping):
+            raise ReportError(f"{where}.upper_bound: must be an object")
+        for field in ("good", "capacity_good", "arrived"):
+            if not isinstance(bound.get(field), int | float):
+                raise ReportError(f"{where}.upper_bound.{field}: must be a number")
+
+
+def _check_optional(
+    container: Mapping[str, Any], key: str, kind: Any, where: str, requirement: str
+) -> None:
+    """An optional field may be absent, but when present it must be usable."""
+    value = container.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ReportError(f"{where}{key}: {requirement}")
 
 
 def write_report(
     document: Mapping[str, Any], out_dir: Path, *, scenario: str | None = None
 ) -> list[Path]:
-    """Write the goodput bars and one scenario's timeline into `out_dir`; return the files."""
+    """Write the goodput bars, one scenario's timeline and the Markdown; return the files."""
     check_document(document)
     scenarios = document["scenarios"]
     chosen = _pick_scenario(scenarios, scenario)
@@ -77,33 +171,48 @@ def write_report(
         timeline_path = out_dir / f"bench-timeline-{_slug(chosen['name'])}.png"
         plot_timeline(chosen, timeline_path)
         written.append(timeline_path)
+    markdown_path = out_dir / MARKDOWN
+    markdown_path.write_text(render_markdown(document))
+    written.append(markdown_path)
     return written
 
 
 def plot_goodput_bars(scenarios: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Bars of goodput per controller, grouped by scenario; SLO attainment is in the tables.
+
+    Sized for the full suite (about 11 controllers x 9 scenarios): a fixed width
+    per bar, the legend outside the axes, a distinct colour per controller
+    position (tab20's ten hues first, then their light shades), black for the
+    project's own controller so it stands out, and hatching on the hindsight
+    references, which are yardsticks rather than competitors.
+    """
     plt = _pyplot()
     controllers = _controllers_in_order(scenarios)
     width = 0.8 / len(controllers)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(scenarios) * len(controllers) / 2), 4.5))
+    tab20 = plt.get_cmap("tab20").colors
+    colours = tab20[0::2] + tab20[1::2]
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.0 + 0.22 * len(scenarios) * len(controllers)), 5))
     for k, controller in enumerate(controllers):
-        xs, heights, labels = [], [], []
-        for i, scenario in enumerate(scenarios):
-            result = _result(scenario, controller)
-            if result is None:
-                continue
-            xs.append(i - 0.4 + width * (k + 0.5))
-            heights.append(result["goodput_rps"])
-            attainment = result.get("slo_attainment")
-            labels.append(f"{attainment:.0%}" if isinstance(attainment, int | float) else "")
-        bars = ax.bar(xs, heights, width, label=controller)
-        ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+        present = [
+            (i, r) for i, s in enumerate(scenarios) if (r := _result(s, controller)) is not None
+        ]
+        ax.bar(
+            [i - 0.4 + width * (k + 0.5) for i, _ in present],
+            [r["goodput_rps"] for _, r in present],
+            width,
+            label=controller,
+            color="black" if controller == ADAPTIVE else colours[k % len(colours)],
+            hatch="//" if _is_hindsight(controller) else None,
+            edgecolor="white",
+            linewidth=0.3,
+        )
     ax.set_xticks(range(len(scenarios)), [s["name"] for s in scenarios], rotation=15, ha="right")
     ax.set_ylabel("goodput (good requests / s)")
-    ax.set_title("goodput per controller (labels: SLO attainment)")
-    ax.legend(fontsize=8)
+    ax.set_title("goodput per controller (hatched: hindsight references)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -137,6 +246,224 @@ def plot_timeline(scenario: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def render_markdown(document: Mapping[str, Any]) -> str:
+    """The benchmark as Markdown: header, summary against the targets, plot, per-scenario tables.
+
+    `document` must pass `check_document`.
+    """
+    scenarios = document["scenarios"]
+    controllers = _controllers_in_order(scenarios)
+    parts = [
+        _header(document),
+        _summary(scenarios),
+        f"![goodput per controller]({GOODPUT_PLOT})\n",
+        *(_scenario_section(scenario, controllers) for scenario in scenarios),
+        EXPLANATION,
+    ]
+    return "\n".join(parts)
+
+
+def best_baseline(scenario: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The non-hindsight baseline with the most good requests (first in order on a tie)."""
+    baselines = [r for name in BASELINES if (r := _result(scenario, name)) is not None]
+    return max(baselines, key=lambda r: r["good"], default=None)
+
+
+def _header(document: Mapping[str, Any]) -> str:
+    lines = [
+        "# Benchmark: adaptive batching against the baselines",
+        "",
+        "Every scenario replayed against every controller on the simulator's calibrated "
+        "step-cost model (`batchpilot bench`, format in ../shared/contracts/bench.md). A request "
+        "is good when it completes within both its TTFT and its TPOT SLO; goodput is good "
+        "requests per second of workload.",
+        "",
+    ]
+    command = document.get("command")
+    if command is None:
+        lines.append(
+            "This file is generated; the document does not record the exact command, but "
+            "`batchpilot bench SCENARIO.yaml ... --json OUT.json --report DIR` writes it."
+        )
+    else:
+        lines += ["This file is generated; regenerate it with:", "", "```sh", command, "```"]
+    wall_s = document.get("wall_s")
+    if wall_s is not None:
+        lines += ["", f"The benchmark ran for {wall_s / 60:.1f} min (wall time)."]
+    return "\n".join(lines) + "\n"
+
+
+def _summary(scenarios: Sequence[Mapping[str, Any]]) -> str:
+    lines = [
+        "## Summary",
+        "",
+        f"Targets: adaptive >= {BOUND_TARGET:.2f} x {BOUND}; adaptive >= {SHIFT_TARGET:.2f} x "
+        f"the best non-hindsight baseline on shift scenarios (more than one workload phase), "
+        f">= {STEADY_TARGET:.2f} x on steady ones; adaptive's SLO attainment >= that "
+        f'baseline\'s wherever the baseline reaches {SLO_BAR:.0%}. "bound holds": no '
+        f"controller has more good requests than {BOUND}.",
+        "",
+        _row(
+            "scenario",
+            "kind",
+            f"adaptive / {BOUND}",
+            f">= {BOUND_TARGET:.2f}",
+            "best baseline",
+            "adaptive / baseline",
+            f">= {SHIFT_TARGET:.2f} shift, {STEADY_TARGET:.2f} steady",
+            "SLO att. adaptive vs baseline",
+            "SLO >= baseline",
+            "bound holds",
+        ),
+        _row(*["---"] * 10),
+    ]
+    lines += [_summary_row(scenario) for scenario in scenarios]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_row(scenario: Mapping[str, Any]) -> str:
+    kind = _kind(scenario)
+    adaptive = _result(scenario, ADAPTIVE)
+    bound = _result(scenario, BOUND)
+    baseline = best_baseline(scenario)
+    to_bound = _ratio(adaptive, bound)
+    to_baseline = _ratio(adaptive, baseline)
+    baseline_target = {"shift": SHIFT_TARGET, "steady": STEADY_TARGET}.get(kind)
+    if to_baseline is None:
+        baseline_met = "-"
+    elif baseline_target is None:
+        baseline_met = "?"
+    else:
+        baseline_met = _met(to_baseline >= baseline_target)
+    if adaptive is None or baseline is None:
+        slo_vs, slo_met = "-", "-"
+    else:
+        slo_vs = f"{adaptive['slo_attainment']:.2%} vs {baseline['slo_attainment']:.2%}"
+        slo_met = (
+            _met(adaptive["slo_attainment"] >= baseline["slo_attainment"])
+            if baseline["slo_attainment"] >= SLO_BAR
+            else "n/a"
+        )
+    beaten = _beats_bound(scenario)
+    return _row(
+        scenario["name"],
+        kind,
+        _fmt_ratio(to_bound),
+        "-" if to_bound is None else _met(to_bound >= BOUND_TARGET),
+        "-" if baseline is None else baseline["controller"],
+        _fmt_ratio(to_baseline),
+        baseline_met,
+        slo_vs,
+        slo_met,
+        "-" if bound is None else "yes" if not beaten else "NO: " + ", ".join(beaten),
+    )
+
+
+def _scenario_section(scenario: Mapping[str, Any], controllers: Sequence[str]) -> str:
+    bound = _result(scenario, BOUND)
+    baseline = best_baseline(scenario)
+    beaten = _beats_bound(scenario)
+    lines = [f"## {scenario['name']}", "", _scenario_facts(scenario), ""]
+    lines += [
+        _row(
+            "controller",
+            "good",
+            "goodput/s",
+            "SLO att. (%)",
+            "TTFT p99 (ms)",
+            "TPOT p99 (ms)",
+            "shed",
+            "config changes",
+            f"/ {BOUND}",
+            "/ best baseline",
+        ),
+        _row("---", *["---:"] * 9),
+    ]
+    for name in controllers:
+        result = _result(scenario, name)
+        if result is None:
+            continue
+        to_bound = _fmt_ratio(_ratio(result, bound))
+        lines.append(
+            _row(
+                f"**{name}**" if result is baseline else name,
+                str(result["good"]),
+                f"{result['goodput_rps']:.2f}",
+                f"{result['slo_attainment'] * 100:.2f}",
+                _fmt_number(result.get("ttft_p99_ms"), ".0f"),
+                _fmt_number(result.get("tpot_p99_ms"), ".1f"),
+                _fmt_number(result.get("shed"), "d"),
+                _fmt_number(result.get("config_changes"), "d"),
+                f"**{to_bound} beats its bound**" if name in beaten else to_bound,
+                _fmt_ratio(_ratio(result, baseline)),
+            )
+        )
+    notes = ["Bold: the best non-hindsight baseline."] if baseline is not None else []
+    upper = scenario.get("upper_bound")
+    if upper is not None:
+        notes += [
+            f"upper bound: {upper['good']} good (capacity {upper['capacity_good']}, "
+            f"arrived {upper['arrived']})",
+            f"{BOUND} / upper bound: {_fmt_ratio(_ratio(bound, upper))}",
+        ]
+    notes += [f"warning: {warning}" for warning in scenario.get("warnings", ())]
+    lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _scenario_facts(scenario: Mapping[str, Any]) -> str:
+    facts = [f"kind: {_kind(scenario)}"]
+    if "duration_s" in scenario:
+        facts.append(f"{scenario['duration_s']} s of workload")
+    if "arrived" in scenario:
+        facts.append(f"{scenario['arrived']} requests arrived")
+    slo = scenario.get("slo")
+    if isinstance(slo, Mapping):
+        facts.append(f"SLO: TTFT {slo.get('ttft_ms')} ms, TPOT {slo.get('tpot_ms')} ms")
+    return "; ".join(facts) + "."
+
+
+def _kind(scenario: Mapping[str, Any]) -> str:
+    phases = scenario.get("phases")
+    if phases is None:
+        return "?"
+    # A count per the harness; a list of phases is read by its length.
+    count = len(phases) if isinstance(phases, list) else phases
+    return "shift" if count > 1 else "steady"
+
+
+def _beats_bound(scenario: Mapping[str, Any]) -> list[str]:
+    """Controllers with more good requests than oracle-full: its search missed a better setting."""
+    bound = _result(scenario, BOUND)
+    if bound is None:
+        return []
+    return [r["controller"] for r in scenario["results"] if r["good"] > bound["good"]]
+
+
+def _ratio(part: Mapping[str, Any] | None, whole: Mapping[str, Any] | None) -> float | None:
+    """good / good; None where either side is absent or the denominator is 0."""
+    if part is None or whole is None or not whole["good"]:
+        return None
+    return part["good"] / whole["good"]
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_number(value: Any, spec: str) -> str:
+    # Percentiles are null when nothing finished; older documents may lack a column.
+    return "-" if value is None else format(value, spec)
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def _row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def report(
@@ -181,11 +508,14 @@ def _pick_scenario(scenarios: Sequence[Mapping[str, Any]], name: str | None) -> 
 
 
 def _controllers_in_order(scenarios: Sequence[Mapping[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for scenario in scenarios:
-        for result in scenario["results"]:
-            seen.setdefault(result["controller"], None)
-    return list(seen)
+    seen = {result["controller"]: None for s in scenarios for result in s["results"]}
+    return [name for name in CONTROLLER_ORDER if name in seen] + [
+        name for name in seen if name not in CONTROLLER_ORDER
+    ]
+
+
+def _is_hindsight(controller: str) -> bool:
+    return controller in HINDSIGHT
 
 
 def _result(scenario: Mapping[str, Any], controller: str) -> Mapping[str, Any] | None:

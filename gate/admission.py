@@ -98,13 +98,13 @@ class AdmissionQueue:
         self._by_arrival.append(ticket)
         self.queued += 1
 
-    def admit(self, now: float) -> list[Ticket]:
-        """Admit, in discipline order, every queued request that fits now."""
+    def admit(self, now: float, at_most: int | None = None) -> list[Ticket]:
+        """Admit, in discipline order, every queued request that fits now (up to `at_most`)."""
         admitted: list[Ticket] = []
         cap = self._knobs.max_concurrency
         budget = self._knobs.max_inflight_tokens
         heap = self._heap
-        while heap:
+        while heap and (at_most is None or len(admitted) < at_most):
             ticket = heap[0][2]
             if ticket.state is not TicketState.QUEUED:
                 heapq.heappop(heap)

@@ -16,8 +16,8 @@
 adaptive controller's whole action space every control interval instead.
 
 The grid (`knob_grid`): batch cap in {16, 32, 64, 128, 256, max_num_seqs}
-(values above the ceiling dropped), each without and with a queue deadline
-equal to the TTFT SLO (a request that has waited that long can no longer be
+(values above the ceiling dropped) plus max_num_seqs / 2, / 4 and / 8,
+each without and with a queue deadline equal to the TTFT SLO (a request that has waited that long can no longer be
 good, so shedding it only frees capacity), and, only when the engine is
 ``runtime_tunable``, the prefill budget in {2048, 8192, 16384} plus the
 configured value. FCFS throughout; aging is irrelevant to FCFS.
@@ -46,6 +46,7 @@ from batchpilot.sim.workload import Workload
 # vLLM's default --max-num-seqs.
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 GRID_BATCH_CAPS = (16, 32, 64, 128, 256)
+GRID_CEILING_HALVINGS = 3
 GRID_PREFILL_BUDGETS = (2048, 8192, 16384)
 # Oracle windows are this many control intervals long (the contract's x 10).
 ORACLE_WINDOW_INTERVALS = 10
@@ -155,7 +156,11 @@ def _interval_mean(snapshot: Snapshot, previous: Snapshot, histogram: str) -> fl
 
 def knob_grid(scenario: Scenario) -> list[Knobs]:
     engine = scenario.engine
-    caps = sorted({c for c in GRID_BATCH_CAPS if c < engine.max_num_seqs} | {engine.max_num_seqs})
+    ceiling = engine.max_num_seqs
+    # Halvings of the ceiling too, so that a small engine (llama.cpp's 16
+    # slots) gets a grid to search and not one setting.
+    halvings = {ceiling >> k for k in range(1, GRID_CEILING_HALVINGS + 1)} - {0}
+    caps = sorted({c for c in GRID_BATCH_CAPS if c < ceiling} | {ceiling} | halvings)
     deadlines: tuple[int | None, ...] = (None, max(1, round(scenario.slo.ttft_ms)))
     budgets: tuple[int | None, ...] = (None,)
     if engine.runtime_tunable:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from batchpilot.controller.knobs import Knobs
+from batchpilot.sim.bound import upper_bound
 from batchpilot.sim.controllers import (
     Controller,
     ControllerContext,
@@ -48,6 +49,9 @@ Progress = Callable[[float], None]
 
 def controller_context(scenario: Scenario) -> ControllerContext:
     engine = scenario.engine
+    config = engine.config()
+    budget = engine.max_num_batched_tokens
+    prefill_s = config.cost.prefill_ms(budget, budget * budget) * config.slowdown / 1000.0
     return ControllerContext(
         slo_ttft_ms=scenario.slo.ttft_ms,
         slo_tpot_ms=scenario.slo.tpot_ms,
@@ -56,6 +60,7 @@ def controller_context(scenario: Scenario) -> ControllerContext:
         max_num_seqs=engine.max_num_seqs,
         max_num_batched_tokens=engine.max_num_batched_tokens,
         runtime_tunable=engine.runtime_tunable,
+        prefill_tokens_per_s=budget / prefill_s,
     )
 
 
@@ -73,8 +78,15 @@ class Simulation:
         self.scenario = scenario
         self.duration_s = workload.duration_s
         config = scenario.engine.config()
-        self.replicas = [Replica(config, knobs, name=name) for name in scenario.replica_names]
+        peer_admission = getattr(controller, "peer_admission", None)
+        self.replicas = [
+            Replica(config, knobs, name=name, peer_admission=peer_admission)
+            for name in scenario.replica_names
+        ]
         self.controller = controller
+        # Peer limiters that sit in the request path decide far more often
+        # than a control interval (see sim/controllers.py).
+        self.tick_s = getattr(controller, "tick_s", None) or scenario.control_interval_s
         self._arrival = workload.arrival_s.tolist()
         self._prompt = workload.prompt_tokens.tolist()
         self._output = workload.output_tokens.tolist()
@@ -117,7 +129,7 @@ class Simulation:
         arrivals = self._arrival
         replicas = self.replicas
         count = len(replicas)
-        interval = self.scenario.control_interval_s
+        interval = self.tick_s
         index = self._index
         total = len(arrivals)
         while True:
@@ -301,6 +313,14 @@ def run_online(
     return sim
 
 
+def check_supported(scenario: Scenario, names: Sequence[str]) -> None:
+    """Build each online controller for `scenario`; raises the ControllerError of one that cannot run it."""
+    context = controller_context(scenario)
+    for name in names:
+        if not is_hindsight(name):
+            build_controller(name, context)
+
+
 def run_controller(
     scenario: Scenario,
     workload: Workload,
@@ -339,7 +359,11 @@ def run_benchmark(
             results.append(
                 run_controller(scenario, workload, name, executor=executor, progress=progress)
             )
-        document = {**scenario_header(scenario, len(workload)), "results": results}
+        document = {
+            **scenario_header(scenario, len(workload)),
+            "upper_bound": upper_bound(scenario, workload),
+            "results": results,
+        }
         warnings = bound_violations(results)
         if warnings:
             document["warnings"] = warnings
@@ -371,6 +395,8 @@ def scenario_header(scenario: Scenario, arrived: int) -> dict[str, Any]:
         "duration_s": scenario.duration_s,
         "arrived": arrived,
         "seed": scenario.seed,
+        # More than one phase makes a shift scenario (the report's targets differ).
+        "phases": len(scenario.workload),
         "slo": {"ttft_ms": scenario.slo.ttft_ms, "tpot_ms": scenario.slo.tpot_ms},
         "control_interval_s": scenario.control_interval_s,
     }

@@ -1,12 +1,15 @@
 """`batchpilot bench`: the benchmark command of ../shared/contracts/bench.md.
 
-Exit 0 on success; exit 2 with one line on a bad scenario file or an unknown
-or unavailable controller (all are checked before any simulation starts).
+Exit 0 on success; exit 2 with one line on a bad scenario file, an unknown
+or unavailable controller, or a controller that cannot run a scenario (all
+are checked before any simulation starts).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -39,6 +42,7 @@ def bench(
     ] = None,
 ) -> None:
     """Replay scenarios against each controller and report goodput and SLO attainment."""
+    from batchpilot.sim.bench import check_supported
     from batchpilot.sim.controllers import ControllerError, ensure_available
     from batchpilot.sim.scenario import ScenarioError, load_scenario
 
@@ -52,22 +56,47 @@ def bench(
     loaded = []
     for path in scenarios:
         try:
-            loaded.append(load_scenario(path))
+            scenario = load_scenario(path)
+            check_supported(scenario, names)
         except ScenarioError as err:
             _fail(f"{path}: {err}")
-    document = _run(loaded, names, workers)
+        except ControllerError as err:
+            _fail(f"{path}: --controllers: {err}")
+        loaded.append(scenario)
+    started = time.perf_counter()
+    document = {
+        "command": _command_line(scenarios, names, json_out, report_dir),
+        **_run(loaded, names, workers),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     _print_table(document)
     for scenario in document["scenarios"]:
         for warning in scenario.get("warnings", ()):
             typer.echo(f"warning: {scenario['name']}: {warning}", err=True)
     if json_out is not None:
-        json_out.write_text(json.dumps(document, indent=2) + "\n")
+        # Written whole or not at all: a run cut short must not leave a
+        # document that reads as complete.
+        partial = json_out.with_name(json_out.name + ".partial")
+        partial.write_text(json.dumps(document, indent=2) + "\n")
+        partial.replace(json_out)
         typer.echo(f"wrote {json_out}")
     if report_dir is not None:
         from batchpilot.cli.report import write_report
 
         for path in write_report(document, report_dir):
             typer.echo(f"wrote {path}")
+
+
+def _command_line(
+    scenarios: list[Path], names: list[str], json_out: Path | None, report_dir: Path | None
+) -> str:
+    """The command that reproduces this document (workers left out: they change no result)."""
+    words = ["batchpilot", "bench", *map(str, scenarios), "--controllers", ",".join(names)]
+    if json_out is not None:
+        words += ["--json", str(json_out)]
+    if report_dir is not None:
+        words += ["--report", str(report_dir)]
+    return shlex.join(words)
 
 
 def _run(scenarios: list[Any], names: list[str], workers: int) -> dict[str, Any]:

@@ -11,6 +11,15 @@ current gauges, keyed by exposition-format sample name). Replicas left out of
 the answer keep their knobs. The first call comes at t = 0, before any
 request, and sets the startup knobs (not counted as a configuration change).
 
+Two optional attributes let a controller be something other than a
+batchpilot policy (sim/peers.py): `tick_s`, a shorter decision period for
+limiters that live in the request path, and `peer_admission`, a
+`sim.engine.PeerAdmission` with admission rules of another system (a
+gateway's saturation hold, an engine's queue cap) that the harness gives
+every replica. A factory raises `ControllerError` when the context lacks a
+signal the controller needs; the benchmark builds every controller for
+every scenario before it simulates anything.
+
 A *hindsight* baseline (static-best, oracle) is not a controller: it replays
 the scenario many times to find the best fixed settings, so it is a function
 `run(scenario, workload, *, executor, progress) -> Simulation` instead.
@@ -55,6 +64,9 @@ class ControllerContext:
     engine_kind: str = "vllm"
     # The engine's KV cache in tokens, where it is known from its startup flags.
     kv_cache_tokens: int | None = None
+    # Prompt tokens per second the engine prefills when one prompt fills its
+    # prefill budget, where a cost model is known (the simulator's).
+    prefill_tokens_per_s: float | None = None
 
 
 class Controller(Protocol):
@@ -71,6 +83,11 @@ class ControllerError(ValueError):
 _ONLINE: dict[str, str] = {
     "static-default": "batchpilot.sim.baselines:make_static_default",
     "aimd": "batchpilot.sim.baselines:make_aimd",
+    "gradient2": "batchpilot.sim.peers:make_gradient2",
+    "vegas": "batchpilot.sim.peers:make_vegas",
+    "envoy-gradient": "batchpilot.sim.peers:make_envoy_gradient",
+    "epp-flow-control": "batchpilot.sim.peers:make_epp_flow_control",
+    "vllm-queue-caps": "batchpilot.sim.peers:make_vllm_queue_caps",
     "adaptive": "batchpilot.controller.bench_adapter:make",
 }
 _HINDSIGHT: dict[str, str] = {

@@ -76,13 +76,17 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket
 from batchpilot.gate.metrics import FAILED_CLIENT_DISCONNECT, SHED_QUEUE_DEADLINE
 from batchpilot.sim.calibration import StepCostModel
 from batchpilot.sim.metrics import ReplicaGauges, ReplicaMetrics
+
+# Shed reason of a request the engine refused because its queue was full
+# (vLLM's --max-num-queued-tokens; see PeerAdmission).
+SHED_ENGINE_QUEUE_FULL = "engine_queue_full"
 
 # vLLM's default KV block size (tokens per page).
 BLOCK_SIZE = 16
@@ -93,6 +97,32 @@ _STATUS = ("queued", "waiting", "prefill", "decode", "finished", "shed", "reject
 
 class EngineConfigError(ValueError):
     """An engine setting is impossible; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAdmission:
+    """Admission rules of systems other than batchpilot's gate (the benchmark's peer baselines).
+
+    - `max_num_seqs`: the engine was started with this ``--max-num-seqs``
+      instead of the scenario's ceiling (the peers run vLLM's default).
+    - `max_queued_prompt_tokens`: vLLM's ``--max-num-queued-tokens``. A
+      request that reaches the engine when the prompt tokens already waiting
+      plus its own would pass this is refused (503): shed, reason
+      ``engine_queue_full``.
+    - `hold_waiting` / `hold_kv_usage`: llm-d's saturation detector. The
+      gateway dispatches nothing from its queue while the engine's waiting
+      queue holds `hold_waiting` requests or more, or its KV cache usage is
+      at `hold_kv_usage` or above; it checks again before every engine step.
+    """
+
+    max_num_seqs: int | None = None
+    max_queued_prompt_tokens: int | None = None
+    hold_waiting: int | None = None
+    hold_kv_usage: float | None = None
+
+    @property
+    def holds(self) -> bool:
+        return self.hold_waiting is not None or self.hold_kv_usage is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +272,12 @@ class Replica:
         name: str = "replica-0",
         record_tokens: bool = False,
         start_s: float = 0.0,
+        peer_admission: PeerAdmission | None = None,
     ) -> None:
+        if peer_admission is not None and peer_admission.max_num_seqs is not None:
+            config = replace(config, max_num_seqs=peer_admission.max_num_seqs)
         self.config = config
+        self._peer = peer_admission
         self.name = name
         self._cost = config.cost
         # ms -> s, with the slowdown folded in once.
@@ -478,8 +512,18 @@ class Replica:
             request.shed_s = now
             metrics.count_shed(SHED_QUEUE_DEADLINE)
             self._emit("shed", now, request)
-        for ticket in gate.admit(now):
+        peer = self._peer
+        at_most = self._dispatch_room() if peer is not None and peer.holds else None
+        queue_limit = None if peer is None else peer.max_queued_prompt_tokens
+        if queue_limit is not None:
+            queued_tokens = sum(r._prefill_target for r in self._waiting)
+        for ticket in gate.admit(now, at_most):
             request = ticket.payload
+            if queue_limit is not None:
+                if queued_tokens + request._prefill_target > queue_limit:
+                    self._refuse(request, ticket, now)
+                    continue
+                queued_tokens += request._prefill_target
             request._phase = WAITING
             request.admitted_s = now
             metrics.gate_admitted_total += 1
@@ -487,8 +531,33 @@ class Replica:
             self._waiting.append(request)
             self._emit("admitted", now, request)
 
+    def _dispatch_room(self) -> int:
+        """How many queued requests the saturation detector lets through now."""
+        peer = self._peer
+        assert peer is not None
+        if peer.hold_kv_usage is not None and (
+            self._used_blocks / self._total_blocks >= peer.hold_kv_usage
+        ):
+            return 0
+        if peer.hold_waiting is None:
+            return self._gate.queued
+        return max(0, peer.hold_waiting - len(self._waiting))
+
+    def _refuse(self, request: SimRequest, ticket: Ticket, now: float) -> None:
+        """The engine's queue is full: the request gets a 503 and never runs."""
+        self._gate.release(ticket)
+        del self._live[request.request_id]
+        request._phase = SHED
+        request.shed_s = now
+        self.metrics.count_shed(SHED_ENGINE_QUEUE_FULL)
+        self._emit("shed", now, request)
+
     def _start_step(self, horizon: float) -> bool:
         """Start the next step at the clock (or jump over several); False when idle."""
+        if self._peer is not None and self._peer.holds:
+            # The saturation detector looks again before every step: the
+            # last one may have emptied the waiting queue or freed KV blocks.
+            self._admit(self._clock)
         step = self._step
         count = self._dec_count
         if count and not self._prefilling and self._jump(horizon):

@@ -109,6 +109,8 @@ def test_bench_is_deterministic(tmp_path: Path) -> None:
             == 0
         )
         document = json.loads(out.read_text())
+        assert document.pop("command").endswith(f"--json {out}")
+        assert document.pop("wall_s") > 0
         for row in document["scenarios"][0]["results"]:
             row.pop("wall_s")
         documents.append(document)

@@ -131,7 +131,9 @@ def test_oracle_switches_at_window_starts_only(small: Scenario) -> None:
     [
         (False, 512, {16, 32, 64, 128, 256, 512}, {None}),
         (True, 512, {16, 32, 64, 128, 256, 512}, {2048, 8192, 16384}),
-        (False, 100, {16, 32, 64, 100}, {None}),
+        (False, 100, {12, 16, 25, 32, 50, 64, 100}, {None}),
+        # A 16-slot engine (llama.cpp) still gets a grid to search.
+        (False, 16, {2, 4, 8, 16}, {None}),
     ],
 )
 def test_knob_grid(

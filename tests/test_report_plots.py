@@ -1,4 +1,4 @@
-"""`batchpilot report`: a benchmark document becomes goodput bars and a timeline; bad documents are named."""
+"""`batchpilot report`: a benchmark document becomes goodput bars, a timeline and Markdown; bad documents are named."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 from batchpilot.cli.demo import load_demo_scenario
 from batchpilot.cli.main import app
-from batchpilot.cli.report import GOODPUT_PLOT, ReportError, _mean_cap, check_document, write_report
+from batchpilot.cli.report import (
+    GOODPUT_PLOT,
+    MARKDOWN,
+    ReportError,
+    _mean_cap,
+    check_document,
+    write_report,
+)
 from batchpilot.sim.bench import run_benchmark
 
 
@@ -22,10 +29,15 @@ def document() -> dict:
     return run_benchmark([scenario], ["static-default", "aimd"])
 
 
-def test_report_writes_bars_and_timeline(tmp_path: Path, document: dict) -> None:
+def test_report_writes_bars_timeline_and_markdown(tmp_path: Path, document: dict) -> None:
     written = write_report(document, tmp_path)
-    assert [path.name for path in written] == [GOODPUT_PLOT, "bench-timeline-demo-shift.png"]
-    for path in written:
+    assert [path.name for path in written] == [
+        GOODPUT_PLOT,
+        "bench-timeline-demo-shift.png",
+        MARKDOWN,
+    ]
+    assert "| static-default |" in written[2].read_text()
+    for path in written[:2]:
         image = matplotlib.image.imread(path)
         assert image.shape[0] > 300 and image.shape[1] > 500
 
@@ -36,6 +48,7 @@ def test_command_reads_the_json(tmp_path: Path, document: dict) -> None:
     result = CliRunner().invoke(app, ["report", str(bench_json), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / GOODPUT_PLOT).is_file()
+    assert (tmp_path / "out" / MARKDOWN).is_file()
 
 
 @pytest.mark.parametrize(
@@ -116,3 +129,4 @@ def test_bench_report_option_writes_the_plots(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / GOODPUT_PLOT).is_file()
     assert (tmp_path / "bench-timeline-demo-shift.png").is_file()
+    assert (tmp_path / MARKDOWN).is_file()
