@@ -159,3 +159,30 @@ def test_unavailable_controller_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "controller 'not-yet' is not available" in result.output
     assert "batchpilot.controller.not_written_yet" in result.output
+
+
+def test_the_readme_benchmark_command_runs_every_controller_and_writes_the_report(
+    tmp_path: Path,
+) -> None:
+    # The README's command, on a one-minute scenario instead of both suites.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split(".venv/bin/batchpilot bench ../shared/scenarios/*.yaml", 1)[1]
+    words = block.split("```", 1)[0].replace("\\\n", " ").split()
+    controllers = words[words.index("--controllers") + 1]
+    assert words[words.index("--report") + 1] == "docs/"
+    out = tmp_path / "bench.json"
+    result = run(
+        str(scenario(tmp_path)), "--controllers", controllers, "--json", str(out),
+        "--report", str(tmp_path / "docs"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    (entry,) = document["scenarios"]
+    assert [r["controller"] for r in entry["results"]] == controllers.split(",")
+    assert "warnings" not in entry, entry.get("warnings")
+    assert entry["upper_bound"]["good"] >= max(r["good"] for r in entry["results"])
+    markdown = (tmp_path / "docs" / "benchmark.md").read_text()
+    assert all(
+        f"| {name} |" in markdown or f"| **{name}** |" in markdown
+        for name in controllers.split(",")
+    )
