@@ -405,12 +405,17 @@ class Policy:
 
 def default_bounds(engine: EngineSpec, slo: Slo) -> dict[str, KnobBounds]:
     bounds = {
-        # 4: below that an engine leaves most of a GPU idle (unless its own
-        # startup limit is lower still); the ceiling is that startup limit,
-        # which the gate cannot raise.
-        "max_concurrency": KnobBounds("max_concurrency", min(4, engine.max_num_seqs), engine.max_num_seqs),
-        # 8,192: one long prompt plus its output must always fit.
-        "max_inflight_tokens": KnobBounds("max_inflight_tokens", 8192, None),
+        # 4: below that an engine leaves most of a GPU idle. An engine
+        # started with few slots (llama.cpp's 16 on a CPU) was sized so that
+        # each one costs much of a step, and there one sequence can be what
+        # meets the TPOT objective: a sixteenth of its slots, at least 1.
+        # The ceiling is the startup limit, which the gate cannot raise.
+        "max_concurrency": KnobBounds(
+            "max_concurrency", max(1, min(4, engine.max_num_seqs // 16)), engine.max_num_seqs
+        ),
+        # One full prefill step: a smaller budget leaves the engine's steps
+        # underfilled while prompts wait at the gate.
+        "max_inflight_tokens": KnobBounds("max_inflight_tokens", engine.max_num_batched_tokens, None),
         # 100 ms: below one prefill of a long prompt a deadline sheds requests
         # that would still have met their TTFT.
         "queue_deadline_ms": KnobBounds("queue_deadline_ms", min(100, slo.ttft_ms), None),

@@ -65,8 +65,13 @@ def test_llamacpp_engine_with_its_kv_cache() -> None:
     )
     assert policy.engine.kind is EngineKind.LLAMACPP
     assert policy.engine.kv_cache_tokens == 16384
-    # The gate steers the same knobs as for any engine, below --parallel.
-    assert policy.bounds["max_concurrency"] == KnobBounds("max_concurrency", 4, 16)
+    # The gate steers the same knobs as for any engine, below --parallel,
+    # down to one sequence (a sixteenth of the slots) and one prefill step.
+    assert policy.bounds["max_concurrency"] == KnobBounds("max_concurrency", 1, 16)
+    assert policy.bounds["max_inflight_tokens"] == KnobBounds("max_inflight_tokens", 2048, None)
+    big = Policy.from_spec({"slo": SLO, "engine": {"maxNumSeqs": 512, "maxNumBatchedTokens": 4096}})
+    assert big.bounds["max_concurrency"] == KnobBounds("max_concurrency", 4, 512)
+    assert big.bounds["max_inflight_tokens"] == KnobBounds("max_inflight_tokens", 4096, None)
     assert "max_num_batched_tokens" not in policy.bounds
     assert Policy.from_spec({"slo": SLO}).engine.kv_cache_tokens is None
 
