@@ -59,16 +59,19 @@ EXPLANATION = """\
 as configured, FCFS, no deadline.
 - `aimd`: additive-increase / multiplicative-decrease of the batch cap on the SLO signal \
 (Clipper-style peer baseline).
-- `gradient2`: Netflix concurrency-limits' Gradient2 on the gate's batch cap, fed by TTFT or \
-per-token latency.
-- `vegas`: Netflix concurrency-limits' Vegas on the gate's batch cap, fed by TTFT or per-token \
-latency.
-- `envoy-gradient`: Envoy's adaptive concurrency filter (periodic minRTT at pinned low \
-concurrency, 503 over the limit).
-- `epp-flow-control`: llm-d endpoint-picker flow control at its defaults: saturation detector \
-(queue >= 5 or KV >= 0.8) holds requests at the gateway, FCFS, queue TTL.
-- `vllm-queue-caps`: vLLM's static overload control: `--max-num-queued-tokens` ~ TTFT \
-objective x prefill throughput, 503 on overflow.
+- `gradient2`: Netflix concurrency-limits' Gradient2 at its defaults on the gate's batch cap, \
+fed by the per-token latency, updated per request every simulated second; over the limit a \
+request waits at the gate up to the TTFT objective (a BlockingLimiter with that timeout).
+- `vegas`: Netflix concurrency-limits' Vegas at its defaults, fed and placed like gradient2.
+- `envoy-gradient`: Envoy's adaptive concurrency filter at its defaults (minRTT measured every \
+60 s at concurrency 3 over 50 requests, gradient on the end-to-end latency's p50, 503 over the \
+limit).
+- `epp-flow-control`: llm-d endpoint-picker flow control at its defaults: the saturation \
+detector (engine queue >= 5 or KV cache >= 0.8) holds requests at the gateway, FCFS; its \
+request TTL defaults to none. In front of vLLM at its default 256 sequences.
+- `vllm-queue-caps`: vLLM's static overload control: the prompt tokens queued in the engine \
+capped at TTFT objective x prefill throughput, 503 on overflow; vLLM at its default 256 \
+sequences, no gate.
 - `adaptive`: the project's controller, seeing only what the Prometheus path would show it.
 - `static-best` (hindsight): the single setting that maximises goodput over the whole \
 scenario, found by grid search with hindsight (what a careful load test would pick).
@@ -87,9 +90,12 @@ envoy-gradient, epp-flow-control, vllm-queue-caps) with the most good requests i
 The upper bound is a per-phase, per-replica work bound from the calibrated step-cost model \
 under the scenario's SLOs. Each good request needs its prefill work, and its decode tokens at \
 a step cadence that keeps its TPOT within the SLO; in every phase the decode busy time and the \
-prefill busy time must each fit into the phase window plus the SLO tail. KV capacity, \
-preemption and queueing are ignored, so the bound is loose: read the ratio oracle-full / upper \
-bound as how loose it is, not as a shortfall of any controller. The exact derivation is in the \
+prefill busy time must each fit into the phase window plus the SLO tail (a first prefill into \
+the window plus the TTFT objective alone). KV capacity, queueing and how a prefill chunk \
+stretches the decodes beside it are ignored, so the bound is loose: on this suite it is at or \
+near the arrivals wherever a scenario's average load fits the engine, and what no controller \
+reaches there is lost to bursts, not to capacity. Read the ratio oracle-full / upper bound as \
+how loose it is, not as a shortfall of any controller. The exact derivation is in the \
 docstring of `batchpilot.sim.bound`.
 """
 
