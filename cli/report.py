@@ -25,6 +25,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from batchpilot.sim.controllers import BOUND, is_hindsight
+
 GOODPUT_PLOT = "bench-goodput.png"
 MARKDOWN = "benchmark.md"
 
@@ -39,7 +41,6 @@ BASELINES = (
     "vllm-queue-caps",
 )
 ADAPTIVE = "adaptive"
-BOUND = "oracle-full"
 HINDSIGHT = ("static-best", "oracle", BOUND)
 # Plots and tables list controllers in this order (baselines, the project's
 # controller, then the hindsight references) so reports compare at a glance;
@@ -208,7 +209,7 @@ def plot_goodput_bars(scenarios: Sequence[Mapping[str, Any]], path: Path) -> Non
             width,
             label=controller,
             color="black" if controller == ADAPTIVE else colours[k % len(colours)],
-            hatch="//" if _is_hindsight(controller) else None,
+            hatch="//" if is_hindsight(controller) else None,
             edgecolor="white",
             linewidth=0.3,
         )
@@ -442,10 +443,10 @@ def _kind(scenario: Mapping[str, Any]) -> str:
 
 def _beats_bound(scenario: Mapping[str, Any]) -> list[str]:
     """Controllers with more good requests than oracle-full: its search missed a better setting."""
-    bound = _result(scenario, BOUND)
-    if bound is None:
-        return []
-    return [r["controller"] for r in scenario["results"] if r["good"] > bound["good"]]
+    # Imported here: the simulator is not loaded for every CLI command.
+    from batchpilot.sim.bench import beats_bound
+
+    return [r["controller"] for r in beats_bound(scenario["results"])]
 
 
 def _ratio(part: Mapping[str, Any] | None, whole: Mapping[str, Any] | None) -> float | None:
@@ -518,10 +519,6 @@ def _controllers_in_order(scenarios: Sequence[Mapping[str, Any]]) -> list[str]:
     return [name for name in CONTROLLER_ORDER if name in seen] + [
         name for name in seen if name not in CONTROLLER_ORDER
     ]
-
-
-def _is_hindsight(controller: str) -> bool:
-    return controller in HINDSIGHT
 
 
 def _result(scenario: Mapping[str, Any], controller: str) -> Mapping[str, Any] | None:

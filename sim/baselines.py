@@ -133,7 +133,7 @@ class AimdController:
                     ttft -= histogram_quantile(
                         0.99, histogram_buckets(snapshot, self._queue_wait, previous)
                     )
-                itl = _interval_mean(snapshot, previous, self._itl)
+                itl = interval_mean(snapshot, previous, self._itl)
                 if ttft * 1000.0 > ctx.slo_ttft_ms or itl * 1000.0 > ctx.slo_tpot_ms:
                     cap = max(1, math.floor(cap * AIMD_DECREASE))
                 elif not (math.isnan(ttft) and math.isnan(itl)):
@@ -147,7 +147,8 @@ def make_aimd(context: ControllerContext) -> AimdController:
     return AimdController(context)
 
 
-def _interval_mean(snapshot: Snapshot, previous: Snapshot, histogram: str) -> float:
+def interval_mean(snapshot: Snapshot, previous: Snapshot, histogram: str) -> float:
+    """Mean of histogram `histogram` over the observations between two snapshots (NaN if none)."""
     count = snapshot[f"{histogram}_count"] - previous[f"{histogram}_count"]
     if count <= 0:
         return math.nan

@@ -90,10 +90,13 @@ _ONLINE: dict[str, str] = {
     "vllm-queue-caps": "batchpilot.sim.peers:make_vllm_queue_caps",
     "adaptive": "batchpilot.controller.bench_adapter:make",
 }
+# The hindsight yardstick: no other controller may have more good requests.
+BOUND = "oracle-full"
+
 _HINDSIGHT: dict[str, str] = {
     "static-best": "batchpilot.sim.baselines:run_static_best",
     "oracle": "batchpilot.sim.baselines:run_oracle",
-    "oracle-full": "batchpilot.sim.oracle_full:run_oracle_full",
+    BOUND: "batchpilot.sim.oracle_full:run_oracle_full",
 }
 
 

@@ -506,12 +506,7 @@ class Replica:
             return
         metrics = self.metrics
         for ticket in gate.expire(now):
-            request = ticket.payload
-            del self._live[request.request_id]
-            request._phase = SHED
-            request.shed_s = now
-            metrics.count_shed(SHED_QUEUE_DEADLINE)
-            self._emit("shed", now, request)
+            self._shed(ticket.payload, now, SHED_QUEUE_DEADLINE)
         peer = self._peer
         at_most = self._dispatch_room() if peer is not None and peer.holds else None
         queue_limit = None if peer is None else peer.max_queued_prompt_tokens
@@ -521,7 +516,9 @@ class Replica:
             request = ticket.payload
             if queue_limit is not None:
                 if queued_tokens + request._prefill_target > queue_limit:
-                    self._refuse(request, ticket, now)
+                    # The engine's queue is full: it refuses what the gate let through.
+                    gate.release(ticket)
+                    self._shed(request, now, SHED_ENGINE_QUEUE_FULL)
                     continue
                 queued_tokens += request._prefill_target
             request._phase = WAITING
@@ -543,13 +540,12 @@ class Replica:
             return self._gate.queued
         return max(0, peer.hold_waiting - len(self._waiting))
 
-    def _refuse(self, request: SimRequest, ticket: Ticket, now: float) -> None:
-        """The engine's queue is full: the request gets a 503 and never runs."""
-        self._gate.release(ticket)
+    def _shed(self, request: SimRequest, now: float, reason: str) -> None:
+        """The request is refused (a 429 or 503) and never runs."""
         del self._live[request.request_id]
         request._phase = SHED
         request.shed_s = now
-        self.metrics.count_shed(SHED_ENGINE_QUEUE_FULL)
+        self.metrics.count_shed(reason)
         self._emit("shed", now, request)
 
     def _start_step(self, horizon: float) -> bool:

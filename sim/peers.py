@@ -46,7 +46,7 @@ import math
 from collections.abc import Mapping
 
 from batchpilot.controller.knobs import Knobs
-from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS, FixedController
+from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS, FixedController, interval_mean
 from batchpilot.sim.controllers import ControllerContext, ControllerError, Snapshot
 from batchpilot.sim.engine import PeerAdmission
 from batchpilot.sim.metrics import histogram_buckets, histogram_quantile
@@ -122,7 +122,7 @@ class _PerSampleLimiter(_Limiter):
                 samples = int(
                     snapshot[f"{self._samples}_count"] - previous[f"{self._samples}_count"]
                 )
-                rtt = _interval_mean(snapshot, previous, self._token_latency)
+                rtt = interval_mean(snapshot, previous, self._token_latency)
                 if samples > 0 and rtt > 0:
                     limit = self.update(name, limit, samples, rtt, snapshot[_IN_FLIGHT])
             self._limits[name] = limit
@@ -314,13 +314,6 @@ class EnvoyGradientLimiter(_Limiter):
         gradient = max(0.5, min(2.0, min_rtt * (1 + self.BUFFER) / sample))
         scaled = limit * gradient
         return max(self.MIN_CONCURRENCY, min(self._ceiling, scaled + math.sqrt(scaled)))
-
-
-def _interval_mean(snapshot: Snapshot, previous: Snapshot, histogram: str) -> float:
-    count = snapshot[f"{histogram}_count"] - previous[f"{histogram}_count"]
-    if count <= 0:
-        return math.nan
-    return (snapshot[f"{histogram}_sum"] - previous[f"{histogram}_sum"]) / count
 
 
 class GatewayPolicy(FixedController):
