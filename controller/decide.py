@@ -47,7 +47,10 @@ the largest seen binding, only as far as the measured TPOT headroom allows
 the feedback rule to grow (`PROBE_FACTOR` when TPOT cannot be read): a
 bounded probe rather than a leap, and none at all while the measured
 quantile is near the objective. A TPOT quantile above the objective by more than
-one window's scatter cuts the limit 30% whatever the model says. A shift in
+one window's scatter cuts the limit 30% whatever the model says. A TTFT
+quantile that far above its objective makes a recommended cut urgent: the
+requests served waited inside the engine, so the cut is a correction, and
+waiting out the stabilization window costs an interval of misses. A shift in
 the length mix (mean prompt or output length off by `MIX_SHIFT` from the
 recent reference) is acted on in the same interval and marked urgent, so
 the stabilization window does not delay it.
@@ -220,7 +223,36 @@ def recommend(
     reasons.extend(limit_reasons)
     target, other_reasons = _queue_settings(policy, target, est, model)
     reasons.extend(other_reasons)
+    if not urgent and running_limit(policy, target, mix) < running_limit(policy, current, mix):
+        ttft_q_s = _ttft_missed(policy, pooled)
+        if ttft_q_s is not None:
+            urgent = True
+            reasons.append(
+                Reason(
+                    "decide",
+                    "TTFT objective missed this window and the limit comes down: cutting now",
+                    data={"ttftQuantileMs": ttft_q_s * 1e3, "objectiveMs": policy.slo.ttft_ms},
+                )
+            )
     return Recommendation(policy.clamp(target), urgent=urgent, reasons=tuple(reasons))
+
+
+def _ttft_missed(policy: Policy, pooled: PodObservation) -> float | None:
+    """The window's TTFT quantile at the SLO percentile when it is above the
+    objective by more than MIN_BREACH_SCATTER, else None.
+
+    The gate sheds what waited past the deadline, so a miss among the
+    requests served means they waited inside the engine: admitted faster
+    than it prefills. A lower limit is the fix, and a correction, not a
+    reaction to noise, so the stabilization window must not hold it back
+    (as with a TPOT breach).
+    """
+    if pooled.ttft is None:
+        return None
+    quantile = pooled.ttft.quantile(policy.slo.percentile / 100.0)
+    if quantile is None or quantile <= policy.slo.ttft_ms / 1000.0 * math.exp(MIN_BREACH_SCATTER):
+        return None
+    return quantile
 
 
 def _estimates(pooled: PodObservation, mix: LengthMix, tpot_q_s: float | None) -> Estimates:

@@ -157,6 +157,27 @@ def test_a_breach_cuts_even_a_trusted_models_limit() -> None:
     assert rec.target.max_inflight_tokens is not None and rec.target.max_inflight_tokens <= 0.7 * 60_000 + 1
 
 
+
+@pytest.mark.parametrize(("ttft_s", "urgent"), [(3.0, True), (2.1, False), (0.2, False)])
+def test_a_ttft_miss_makes_a_cut_urgent(ttft_s: float, urgent: bool) -> None:
+    # 2.1 s is inside the scatter allowance over 2 s (x e^0.1 = 2.21 s).
+    model = trained_model()
+    applied = Knobs(max_inflight_tokens=400_000)
+    observation = window(1000, 200, applied=applied, engine_ttft_s=ttft_s)
+    rec = recommend(POLICY, observation, model, applied, DecideMemory(), tpot_q_s=None)
+    assert rec.target.max_inflight_tokens is not None and rec.target.max_inflight_tokens < 400_000
+    assert rec.urgent is urgent
+    assert any(r.message.startswith("TTFT objective missed") for r in rec.reasons) is urgent
+
+
+def test_a_ttft_miss_does_not_hurry_a_raise() -> None:
+    model = trained_model()
+    applied = Knobs(max_inflight_tokens=20_000)
+    observation = window(1000, 200, applied=applied, queue=5.0, engine_ttft_s=3.0)
+    rec = recommend(POLICY, observation, model, applied, DecideMemory(), tpot_q_s=None)
+    assert rec.target.max_inflight_tokens is not None and rec.target.max_inflight_tokens > 20_000
+    assert not rec.urgent
+
 def test_without_lengths_the_setting_is_kept() -> None:
     applied = Knobs(max_inflight_tokens=60_000)
     pod = PodObservation(arrival_rps=5.0, applied=applied)

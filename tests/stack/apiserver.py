@@ -1,5 +1,9 @@
 """A real kube-apiserver (v1.33, etcd embedded in the same process) on loopback.
 
+(stack.node runs the same server for a real node: inside the node's network
+namespace, on its address, with the Node authorizer and kubelet credentials;
+see start_kube_apiserver's arguments. What follows describes the loopback one.)
+
 What runs and what does not:
 
 * Authentication: a static token file with one admin, `admin` in group
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -67,11 +72,27 @@ def _generate_service_account_key(workdir: Path) -> tuple[Path, Path]:
     return private_key, public_key
 
 
-def write_kubeconfig(path: Path, *, server: str, ca_file: Path, token: str, user: str) -> Path:
-    """Write a kubeconfig for `server` (verified against `ca_file`) as bearer `token`.
+def write_kubeconfig(
+    path: Path,
+    *,
+    server: str,
+    ca_file: Path,
+    user: str,
+    token: str | None = None,
+    client_cert: tuple[Path, Path] | None = None,
+) -> Path:
+    """Write a kubeconfig for `server` (verified against `ca_file`) as bearer
+    `token`, or with the client certificate and key `client_cert`.
 
     `user` names the kubeconfig's user and context. Mode 0600: it holds a credential.
     """
+    if client_cert is None:
+        credential = {"token": token}
+    else:
+        credential = {
+            "client-certificate": str(client_cert[0]),
+            "client-key": str(client_cert[1]),
+        }
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -81,7 +102,7 @@ def write_kubeconfig(path: Path, *, server: str, ca_file: Path, token: str, user
                 "cluster": {"server": server, "certificate-authority": str(ca_file)},
             }
         ],
-        "users": [{"name": user, "user": {"token": token}}],
+        "users": [{"name": user, "user": credential}],
         "contexts": [{"name": user, "context": {"cluster": "batchpilot-test", "user": user}}],
         "current-context": user,
     }
@@ -98,13 +119,14 @@ class KubeAPIServer(Stoppable):
         *,
         workdir: Path,
         owns_workdir: bool,
+        address: str,
         port: int,
         token: str,
         argv: Sequence[str],
         env: Mapping[str, str],
     ) -> None:
         self.workdir = workdir
-        self.server = f"https://127.0.0.1:{port}"
+        self.server = f"https://{address}:{port}"
         self.token = token
         """Bearer token of the admin (group system:masters)."""
         self.ca_file = workdir / "certs" / "apiserver.crt"
@@ -216,7 +238,14 @@ class KubeAPIServer(Stoppable):
 
 
 def start_kube_apiserver(
-    workdir: Path | None = None, *, timeout_s: float = START_TIMEOUT_S
+    workdir: Path | None = None,
+    *,
+    timeout_s: float = START_TIMEOUT_S,
+    address: str = "127.0.0.1",
+    command_prefix: Sequence[str] = (),
+    authorization_mode: str = "RBAC",
+    service_cluster_ip_range: str = "10.0.0.0/24",
+    extra_args: Sequence[str] = (),
 ) -> KubeAPIServer:
     """Start an apiserver on free loopback ports and wait for /readyz.
 
@@ -225,6 +254,14 @@ def start_kube_apiserver(
     directory that stop() deletes (kept when the start fails: the error points
     at the log in it). Raises StackError (naming the fix) when a binary is
     missing or the server does not come up.
+
+    A node (stack.node) serves it on `address`, the node's own address, and
+    runs it through `command_prefix` (nsenter into the node's fresh network
+    namespace, where the ports picked free here are free too; etcd stays on
+    that namespace's loopback), with its
+    `authorization_mode`, Service range and `extra_args` (admission, kubelet
+    client certificate); the server's self-signed certificate then names
+    `address` and the first Service IP too.
     """
     binary = str(kube_apiserver_path())
     owns_workdir = workdir is None
@@ -240,28 +277,31 @@ def start_kube_apiserver(
         port, etcd_client_port, etcd_peer_port = (free_loopback_port() for _ in range(3))
         etcd_client_url = f"http://127.0.0.1:{etcd_client_port}"
         argv = [
+            *command_prefix,
             binary,
             f"--etcd-servers={etcd_client_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
             f"--secure-port={port}",
             f"--cert-dir={workdir / 'certs'}",
             f"--token-auth-file={token_file}",
-            "--authorization-mode=RBAC",
+            f"--authorization-mode={authorization_mode}",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={verification_key}",
             f"--service-account-signing-key-file={signing_key}",
             f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
-            # Never routed: nothing here sends traffic to service IPs.
-            "--service-cluster-ip-range=10.0.0.0/24",
-            # The `kubernetes` Service's endpoint would be 127.0.0.1, which
-            # Endpoints validation rejects as loopback, every 10 s in the log.
-            "--endpoint-reconciler-type=none",
+            # On loopback never routed: nothing there sends traffic to service IPs.
+            f"--service-cluster-ip-range={service_cluster_ip_range}",
             # On SIGTERM, end open watches within 2 s: without it the shutdown
             # waits for them until its 60 s timeout (measured: 60.0 s with one
             # watch open, 1.2 s with this flag).
             "--shutdown-watch-termination-grace-period=2s",
+            *extra_args,
         ]
+        if ipaddress.ip_address(address).is_loopback:
+            # The `kubernetes` Service's endpoint would be 127.0.0.1, which
+            # Endpoints validation rejects as loopback, every 10 s in the log.
+            argv.append("--endpoint-reconciler-type=none")
         env = {
             **os.environ,
             # Read by hack/kube-apiserver/main.go. A fresh data dir per attempt:
@@ -271,7 +311,13 @@ def start_kube_apiserver(
             "BATCHPILOT_ETCD_PEER_URL": f"http://127.0.0.1:{etcd_peer_port}",
         }
         return KubeAPIServer(
-            workdir=workdir, owns_workdir=owns_workdir, port=port, token=token, argv=argv, env=env
+            workdir=workdir,
+            owns_workdir=owns_workdir,
+            address=address,
+            port=port,
+            token=token,
+            argv=argv,
+            env=env,
         )
 
     def wait_ready(server: KubeAPIServer) -> None:

@@ -1,10 +1,12 @@
 """pytest fixtures for the local stack; tests/conftest.py registers this module.
 
 Session scope for the servers (the apiserver is ready in about 5 s;
-Prometheus in 0.1 s, with its first scrape about 6 s after start), function
-scope for what a test creates in them. A test that uses any of these fixtures
-is marked `stack`, so `-m "not stack"` leaves the stack out. A missing binary
-fails the test with the fix; it never skips it, because CI must run these tests.
+Prometheus in 0.1 s, with its first scrape about 6 s after start; the
+single-node cluster in about 9 s), function scope for what a test creates in
+them. A test that uses any of these fixtures is marked `stack`, or `cluster`
+for the real node (root only), so `-m "not stack and not cluster"` leaves them
+out. A missing binary fails the test with the fix; it never skips it, because
+CI must run these tests.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from kubernetes import client
 from batchpilot.sim.llamacpp import DEFAULT_SERVER_OPTIONS, ServerOptions
 
 from .apiserver import KubeAPIServer, start_kube_apiserver
+from .images import image_ref, oci_archive
 from .kube import ServingPod, create_namespace, create_serving_pod, unique_name
 from .llamacpp import LlamaServer, start_llama_server
+from .node import Cluster, start_cluster
 from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
 from .tools import StackError, helm_path, kubectl_path
+from .workloads import Images
 
 STACK_FIXTURES = frozenset(
     {
@@ -39,6 +44,8 @@ STACK_FIXTURES = frozenset(
 )
 # Fixtures that run the real CPU engine: their tests are marked `engine`.
 ENGINE_FIXTURES = frozenset({"llama_server"})
+# Fixtures that run real pods on a single-node cluster: marked `cluster`.
+CLUSTER_FIXTURES = frozenset({"cluster", "cluster_images"})
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -49,6 +56,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.stack)
         if ENGINE_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.engine)
+        if CLUSTER_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.cluster)
 
 
 _Result = TypeVar("_Result")
@@ -70,6 +79,34 @@ def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPIServer
     server = _or_fail(lambda: start_kube_apiserver(tmp_path_factory.mktemp("kube-apiserver")))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The session's single-node cluster (stack.node): .apiserver, .kubeconfig,
+    .api_client(), .import_image(archive), .exec_in_node(argv), .node_name,
+    .node_ip. Its logs are in the session's pytest temp dir (cluster0/)."""
+    started = _or_fail(lambda: start_cluster(tmp_path_factory.mktemp("cluster")))
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_images(cluster: Cluster) -> Images:
+    """The operator and gate images (scripts/build-images), imported into the
+    session cluster's containerd once; pods run them with imagePullPolicy Never."""
+
+    def load(name: str) -> str:
+        imported = cluster.import_image(oci_archive(name))
+        expected = image_ref(name)
+        if imported != expected:
+            raise StackError(
+                f"the {name} archive holds {imported}, but this tree builds {expected}: "
+                "run scripts/build-images"
+            )
+        return imported
+
+    return _or_fail(lambda: Images(operator=load("operator"), gate=load("gate")))
 
 
 @pytest.fixture(scope="session")

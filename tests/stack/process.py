@@ -230,6 +230,12 @@ class ManagedProcess:
             raise StackError(f"{self.name} (pid {self.pid}) survived SIGKILL") from error
         self._log.close()
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting: several servers then stop at once, and each
+        stop() afterwards only waits."""
+        if self.running():
+            self._popen.terminate()
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after STOP_GRACE_S. Safe to call twice."""
         if self.running():

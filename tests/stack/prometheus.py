@@ -80,12 +80,12 @@ class PrometheusServer(Stoppable):
         *,
         workdir: Path,
         owns_workdir: bool,
-        port: int,
+        url: str,
         process: ManagedProcess,
         target_count: int,
     ) -> None:
         self.workdir = workdir
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = url
         self.process = process
         self._owns_workdir = owns_workdir
         self._target_count = target_count
@@ -158,7 +158,7 @@ def start_prometheus(
         return PrometheusServer(
             workdir=workdir,
             owns_workdir=owns_workdir,
-            port=port,
+            url=f"http://127.0.0.1:{port}",
             process=process,
             target_count=len(scrape_targets),
         )
@@ -171,3 +171,58 @@ def start_prometheus(
         )
 
     return start_with_port_retry(launch, wait_ready)
+
+
+def start_prometheus_in_namespace(
+    scrape_configs: Sequence[Mapping[str, object]],
+    *,
+    command_prefix: Sequence[str],
+    address: str,
+    workdir: Path,
+    expected_up: int,
+    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S,
+    timeout_s: float = START_TIMEOUT_S,
+) -> PrometheusServer:
+    """Start Prometheus with these scrape configs inside a network namespace
+    (`command_prefix`, e.g. stack.node.Cluster.nsenter_prefix()) on
+    `address`:9090, and wait until `expected_up` targets are up.
+
+    For discovered targets (file_sd_configs) rather than static ones: the
+    namespace is one the test created, so the fixed port cannot clash.
+    """
+    interval = _duration(scrape_interval_s)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_file = workdir / "prometheus.yml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": interval, "evaluation_interval": interval},
+                "scrape_configs": [
+                    {"scrape_timeout": interval, **dict(config)} for config in scrape_configs
+                ],
+            },
+            sort_keys=False,
+        )
+    )
+    argv = [
+        *command_prefix,
+        str(prometheus_path()),
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address={address}:9090",
+    ]
+    server = PrometheusServer(
+        workdir=workdir,
+        owns_workdir=False,
+        url=f"http://{address}:9090",
+        process=ManagedProcess("prometheus", argv, workdir / "prometheus.log"),
+        target_count=expected_up,
+    )
+    try:
+        server.process.wait_until(
+            server._ready_and_scraped, timeout_s, f"ready with {expected_up} target(s) up"
+        )
+    except BaseException:
+        server.stop()
+        raise
+    return server

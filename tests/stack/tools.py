@@ -8,8 +8,13 @@ up on PATH, where their packages put them; batchpilot itself runs as
 `python -m batchpilot.cli.main` under this interpreter (BATCHPILOT_CLI).
 
     $BATCHPILOT_CACHE_DIR/bin/kube-apiserver-etcd    scripts/build-kube-apiserver
+    $BATCHPILOT_CACHE_DIR/bin/{kubelet,kube-scheduler,kube-controller-manager,
+        kube-proxy,crictl}, bin/kube-node/{pause,agnhost}.oci.tar
+                                                     scripts/build-kube-node
     $BATCHPILOT_CACHE_DIR/tools/bin/{kubectl,helm}   scripts/dev-setup
     prometheus, openssl (on PATH, from Debian)       scripts/dev-setup
+    containerd, runc, ctr, conntrack, ip, iptables, nsenter and the CNI plugins
+        (Debian's, by absolute path)                 scripts/dev-setup
 
 BATCHPILOT_CACHE_DIR defaults to $XDG_CACHE_HOME/batchpilot, i.e.
 ~/.cache/batchpilot, the same rule as the scripts. Paths are resolved on every
@@ -51,6 +56,57 @@ def _require_executable(path: Path, what: str) -> Path:
 def kube_apiserver_path() -> Path:
     """The kube-apiserver binary with etcd embedded (hack/kube-apiserver)."""
     return _require_executable(cache_dir() / "bin" / "kube-apiserver-etcd", "kube-apiserver")
+
+
+def kube_node_binary_path(name: str) -> Path:
+    """kubelet, kube-scheduler, kube-controller-manager, kube-proxy or crictl."""
+    return _require_executable(cache_dir() / "bin" / name, name)
+
+
+def node_image_archive_path(name: str) -> Path:
+    """The OCI image archive `name` (pause or agnhost) that scripts/build-kube-node packs."""
+    path = cache_dir() / "bin" / "kube-node" / f"{name}.oci.tar"
+    if not path.is_file():
+        raise StackError(f"the {name} image archive not found at {path}: {SETUP_FIX}")
+    return path
+
+
+# Debian's packages put these at fixed paths; run by those, like the binaries
+# above, so that a PATH without /usr/sbin (a non-login root shell) still works.
+NODE_SYSTEM_TOOLS = {
+    "containerd": "/usr/bin/containerd",
+    "containerd-shim-runc-v2": "/usr/bin/containerd-shim-runc-v2",
+    "ctr": "/usr/bin/ctr",
+    "runc": "/usr/sbin/runc",
+    "conntrack": "/usr/sbin/conntrack",
+    "ip": "/usr/sbin/ip",
+    "iptables": "/usr/sbin/iptables",
+    "nsenter": "/usr/bin/nsenter",
+}
+CNI_BIN_DIR = Path("/usr/lib/cni")
+CNI_PLUGINS = ("bridge", "host-local", "loopback")
+
+
+def node_system_tool_path(name: str) -> Path:
+    """A Debian tool the node runs (see NODE_SYSTEM_TOOLS)."""
+    path = Path(NODE_SYSTEM_TOOLS[name])
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise StackError(
+            f"{name} not found at {path}: {SETUP_FIX} (installs Debian's containerd, runc, "
+            "conntrack, iproute2, iptables, util-linux and containernetworking-plugins)"
+        )
+    return path
+
+
+def cni_bin_dir() -> Path:
+    """Debian's CNI plugins folder, checked for the plugins the node's network uses."""
+    for plugin in CNI_PLUGINS:
+        if not os.access(CNI_BIN_DIR / plugin, os.X_OK):
+            raise StackError(
+                f"CNI plugin {plugin} not found in {CNI_BIN_DIR}: {SETUP_FIX} "
+                "(installs Debian's containernetworking-plugins)"
+            )
+    return CNI_BIN_DIR
 
 
 def kubectl_path() -> Path:
