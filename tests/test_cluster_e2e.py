@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,7 +60,8 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from stack.fleet import CALIBRATION
+from stack.checks import condition_statuses, eventually, metric_sum
+from stack.fleet import CALIBRATION, short_to_long_scenario
 from stack.kube import unique_name
 from stack.node import Cluster
 from stack.prometheus import PrometheusServer, start_prometheus_in_namespace
@@ -95,32 +96,16 @@ SLO_TTFT_MS, SLO_TPOT_MS = 24_000, 800
 # The engines' ceilings: what examples/policy-auto.yaml declares in spec.engine
 # and examples/vllm-deployment.yaml passes to vLLM.
 MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS = 512, 8192
-SCENARIO = f"""
-name: e2e-cluster-short-to-long
-seed: 5
-engine:
-  calibration: {CALIBRATION}
-  model: meta-llama/Meta-Llama-3.1-8B
-  system: h100_sxm
-  slowdown: 16
-  kv_cache_tokens: {KV_CACHE_TOKENS}
-  max_num_seqs: {MAX_NUM_SEQS}
-  max_num_batched_tokens: {MAX_NUM_BATCHED_TOKENS}
-replicas: 2
-slo: {{ttft_ms: {SLO_TTFT_MS}, tpot_ms: {SLO_TPOT_MS}}}
-control_interval_s: 10
-workload:
-  - duration_s: {SHIFT_S:g}
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 6}}
-      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
-      output_tokens: {{dist: lognormal, p50: 10, p90: 30, max: 60}}
-  - duration_s: {DURATION_S - SHIFT_S:g}
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 6}}
-      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
-      output_tokens: {{dist: lognormal, p50: 100, p90: 200, max: 400}}
-"""
+SCENARIO = short_to_long_scenario(
+    "e2e-cluster-short-to-long",
+    max_num_seqs=MAX_NUM_SEQS,
+    max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+    kv_cache_tokens=KV_CACHE_TOKENS,
+    slo_ttft_ms=SLO_TTFT_MS,
+    slo_tpot_ms=SLO_TPOT_MS,
+    shift_s=SHIFT_S,
+    duration_s=DURATION_S,
+)
 # Light, steady traffic for the faults: every pod completes requests in every
 # window (the canary's per-pod scores and MetricsAvailable need that).
 LIGHT_SCENARIO = f"""
@@ -216,28 +201,6 @@ def fetch_in_node(cluster: Cluster, *urls: str) -> dict[str, tuple[int, str] | N
     }
 
 
-def metric_total(text: str, name: str) -> float:
-    return sum(
-        float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name)
-    )
-
-
-def wait_for(check: Callable[[], tuple[bool, Any]], what: str, timeout_s: float) -> Any:
-    """Poll `check` -> (done, detail) until done; fail with the last detail seen."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done, detail = check()
-        if done:
-            return detail
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} within {timeout_s:.0f} s; last seen: {detail}")
-        time.sleep(0.2)
-
-
-def conditions(status: dict[str, Any]) -> dict[str, str]:
-    return {c["type"]: c["status"] for c in status.get("conditions") or []}
-
-
 @dataclass
 class Env:
     cluster: Cluster
@@ -304,17 +267,20 @@ class Env:
             for name, url in urls.items()
         }
 
+    def annotations(self, pods: list[client.V1Pod]) -> dict[str, dict[str, str]]:
+        """Each pod's annotations, read now."""
+        return {
+            pod.metadata.name: self.core.read_namespaced_pod(
+                pod.metadata.name, self.namespace
+            ).metadata.annotations
+            or {}
+            for pod in pods
+        }
+
     def records(self, pods: list[client.V1Pod]) -> dict[str, AppliedRecord | None]:
         return {
-            pod.metadata.name: AppliedRecord.from_json(
-                (
-                    self.core.read_namespaced_pod(
-                        pod.metadata.name, self.namespace
-                    ).metadata.annotations
-                    or {}
-                ).get(APPLIED_ANNOTATION)
-            )
-            for pod in pods
+            name: AppliedRecord.from_json(annotations.get(APPLIED_ANNOTATION))
+            for name, annotations in self.annotations(pods).items()
         }
 
     # -- the policy --
@@ -373,7 +339,7 @@ class Env:
             reply = fetch_in_node(self.cluster, healthz)[healthz]
             return reply is not None and reply[0] == 200, live[0]
 
-        return wait_for(check, "the operator pod Running and live", START_TIMEOUT_S)
+        return eventually(check, "the operator pod Running and live", START_TIMEOUT_S)
 
     def operator_metrics(self, pod: client.V1Pod) -> str:
         url = f"http://{pod.status.pod_ip}:8080/metrics"
@@ -382,11 +348,11 @@ class Env:
         return reply[1]
 
     def steps(self, pod: client.V1Pod) -> float:
-        return metric_total(self.operator_metrics(pod), STEPS_METRIC)
+        return metric_sum(self.operator_metrics(pod), STEPS_METRIC)
 
     def wait_steps(self, pod: client.V1Pod, count: int) -> None:
         start = self.steps(pod)
-        wait_for(
+        eventually(
             lambda: ((now := self.steps(pod)) >= start + count, now),
             f"{count} more control steps",
             count * INTERVAL_S * 3 + 10,
@@ -606,7 +572,7 @@ def _wait_default_service_account(core: client.CoreV1Api, namespace: str) -> Non
         accounts = core.list_namespaced_service_account(namespace).items
         return any(a.metadata.name == "default" for a in accounts), namespace
 
-    wait_for(check, f"the default ServiceAccount in {namespace}", 60)
+    eventually(check, f"the default ServiceAccount in {namespace}", 60)
 
 
 class PodDiscovery:
@@ -734,7 +700,7 @@ def _ready_replicas(apps: client.AppsV1Api, namespace: str, name: str, replicas:
         )
         return done, status.to_dict() if not done else status
 
-    wait_for(
+    eventually(
         check, f"Deployment {namespace}/{name} with {replicas} ready replicas", START_TIMEOUT_S
     )
 
@@ -874,9 +840,11 @@ def wait_observing(env: Env, pods: int = 2) -> dict[str, Any]:
     def check() -> tuple[bool, Any]:
         status = env.status()
         reporting = (status.get("pods") or {}).get("reporting")
-        return conditions(status).get("MetricsAvailable") == "True" and reporting == pods, status
+        return condition_statuses(status).get(
+            "MetricsAvailable"
+        ) == "True" and reporting == pods, status
 
-    return wait_for(check, f"fresh metrics from {pods} pods", SETTLE_TIMEOUT_S)
+    return eventually(check, f"fresh metrics from {pods} pods", SETTLE_TIMEOUT_S)
 
 
 def wait_settled(env: Env, what: str) -> dict[str, Any]:
@@ -902,11 +870,11 @@ def wait_settled(env: Env, what: str) -> dict[str, Any]:
             for pod, r in seen["records"].items()
         )
         applied = (seen["status"].get("applied") or {}).get("summary")
-        stable = conditions(seen["status"]).get("Progressing") == "False"
+        stable = condition_statuses(seen["status"]).get("Progressing") == "False"
         seen["setting"] = setting
         return recorded and applied == f"2/2 {knobs_summary(setting)}" and stable, seen
 
-    return wait_for(check, what, SETTLE_TIMEOUT_S)
+    return eventually(check, what, SETTLE_TIMEOUT_S)
 
 
 def pin(knobs: Knobs, max_concurrency: int) -> dict[str, Any]:
@@ -1014,13 +982,7 @@ def test_recommend_then_auto(env: Env) -> None:
     wide = env.kubectl("get", "infpol", "-n", env.namespace, "-o", "wide")
     auto_status = env.status()
     reasons = env.events()
-    annotations = {
-        pod.metadata.name: env.core.read_namespaced_pod(
-            pod.metadata.name, env.namespace
-        ).metadata.annotations
-        or {}
-        for pod in pods
-    }
+    annotations = env.annotations(pods)
     metrics = env.operator_metrics(operator)
 
     REPORT.update(
@@ -1140,7 +1102,7 @@ def test_operator_pod_deleted_mid_rollout(env: Env) -> None:
             moved = [p for p, c in configs.items() if c and c["version"] > versions[p]]
             return len(moved) == 1, configs
 
-        at_delete = wait_for(
+        at_delete = eventually(
             partly_changed, "the canary gate changed, the other not yet", SETTLE_TIMEOUT_S
         )
         deleted_at = time.monotonic()
@@ -1199,7 +1161,7 @@ def test_operator_pod_deleted_mid_rollout(env: Env) -> None:
     # The replacement writes the status: it describes the patched spec, and the
     # last change is the replacement's own rollout.
     assert generation_before < policy["metadata"]["generation"] == status["observedGeneration"]
-    assert conditions(status)["Ready"] == "True", status
+    assert condition_statuses(status)["Ready"] == "True", status
     if setting == target:
         changed = datetime.fromisoformat(status["lastChangeTime"].replace("Z", "+00:00"))
         assert changed >= deleted_wall.replace(microsecond=0), (
@@ -1244,7 +1206,7 @@ def test_rolling_update_keeps_settings_and_requests(env: Env) -> None:
             ]
             return not left, left
 
-        wait_for(old_gone, "the old pods gone", 90)
+        eventually(old_gone, "the old pods gone", 90)
         rows = env.finish_load(load, out, 120)
     new_pods = env.serving_pods()
     assert not {p.metadata.name for p in new_pods} & old_pods
@@ -1304,7 +1266,7 @@ def test_helm_upgrade_rolls_the_operator(env: Env) -> None:
         names = [p.metadata.name for p in pods]
         return old.metadata.name not in names and len(pods) == 1, names
 
-    wait_for(rolled, "the old operator pod replaced", START_TIMEOUT_S)
+    eventually(rolled, "the old operator pod replaced", START_TIMEOUT_S)
     new = env.operator_running()
     live_s = time.monotonic() - began
     env.wait_steps(new, QUIET_STEPS)
@@ -1374,13 +1336,7 @@ def test_uninstall_restores_startup_settings(env: Env) -> None:
     deleted_s = time.monotonic() - began
     env.helm("uninstall", RELEASE, "-n", env.operator_namespace, "--wait", "--timeout", "90s")
     gates = env.gates(pods)
-    annotations = {
-        pod.metadata.name: env.core.read_namespaced_pod(
-            pod.metadata.name, env.namespace
-        ).metadata.annotations
-        or {}
-        for pod in pods
-    }
+    annotations = env.annotations(pods)
     crd = client.ApiextensionsV1Api(env.api).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
     REPORT["faults"]["uninstall"] = {
         "summary": (

@@ -48,6 +48,7 @@ from stack.fleet import (
     GATE_TOKEN_SECRET,
     GatedPod,
     chart_identity_kubeconfig,
+    short_to_long_scenario,
     start_fleet,
 )
 from stack.operator_process import OperatorProcess
@@ -77,36 +78,15 @@ SHIFT_S = 40.0
 DURATION_S = 140.0
 KV_CACHE_TOKENS = 20_000
 SLO_TTFT_MS, SLO_TPOT_MS = 24_000, 800
-# The engine runs 16x slower than an H100 (`slowdown`) so that two pods
-# saturate at a few requests per second: the same queueing and KV pressure as
-# a busy GPU at a request rate two shared CPU cores can stream through
-# gates and a client (~1k token chunks per wall second).
-SCENARIO = f"""
-name: e2e-short-to-long
-seed: 5
-engine:
-  calibration: {CALIBRATION}
-  model: meta-llama/Meta-Llama-3.1-8B
-  system: h100_sxm
-  slowdown: 16
-  kv_cache_tokens: {KV_CACHE_TOKENS}
-  max_num_seqs: 256
-  max_num_batched_tokens: 8192
-replicas: 2
-slo: {{ttft_ms: {SLO_TTFT_MS}, tpot_ms: {SLO_TPOT_MS}}}
-control_interval_s: 10
-workload:
-  - duration_s: {SHIFT_S:g}
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 6}}
-      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
-      output_tokens: {{dist: lognormal, p50: 10, p90: 30, max: 60}}
-  - duration_s: {DURATION_S - SHIFT_S:g}
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 6}}
-      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
-      output_tokens: {{dist: lognormal, p50: 100, p90: 200, max: 400}}
-"""
+SCENARIO = short_to_long_scenario(
+    "e2e-short-to-long",
+    max_num_seqs=256,
+    kv_cache_tokens=KV_CACHE_TOKENS,
+    slo_ttft_ms=SLO_TTFT_MS,
+    slo_tpot_ms=SLO_TPOT_MS,
+    shift_s=SHIFT_S,
+    duration_s=DURATION_S,
+)
 # The policy in wall time. 5 s steps over a 10 s window (ten 1 s scrapes).
 INTERVAL_S = 5
 POLICY_SPEC: dict[str, Any] = {

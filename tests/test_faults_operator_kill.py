@@ -34,9 +34,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from stack import KubeAPIServer, create_namespace, unique_name
+from stack.checks import condition_statuses, eventually, metric_sum
 from stack.fleet import (
     CALIBRATION,
     GATE_TOKEN_SECRET,
@@ -104,6 +104,8 @@ workload:
 """
 # A restarted operator is live within ~5 s and steps within one interval; a
 # canary then takes CANARY_INTERVALS more. 45 s covers that on two busy cores.
+# Fast enough to catch the moment some but not all gates have changed.
+POLL_S = 0.05
 SETTLE_TIMEOUT_S = 45.0
 # Events one policy may get, by reason: the switch to Auto, and one
 # SettingsApplied per step that changed a gate. Such steps: the canary start
@@ -210,28 +212,12 @@ def policy_body(case: Case, admin_port: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def eventually(check: Callable[[], tuple[bool, Any]], what: str, timeout_s: float) -> Any:
-    """Poll `check` -> (done, detail) until done; fail with the last detail seen."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done, detail = check()
-        if done:
-            return detail
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} within {timeout_s:.0f} s; last seen: {detail}")
-        time.sleep(0.05)
-
-
 def metric_total(url: str, name: str) -> float:
     """The sum of a metric's samples on a /metrics page (0 when it does not answer)."""
     reply = http_get(url)
     if reply is None or reply[0] != 200:
         return 0.0
-    return sum(
-        float(line.rpartition(" ")[2])
-        for line in reply[1].decode().splitlines()
-        if line.startswith(name)
-    )
+    return metric_sum(reply[1].decode(), name)
 
 
 @dataclass
@@ -276,10 +262,6 @@ class View:
         return [event for event in listed.items if event.involved_object.uid == uid]
 
 
-def conditions(status: dict[str, Any]) -> dict[str, str]:
-    return {c["type"]: c["status"] for c in status.get("conditions") or []}
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_operator_sigkilled_mid_change_restarts_into_one_setting(
     kill_env: KillEnv, k8s_client: client.ApiClient, tmp_path: Path, case: Case
@@ -305,10 +287,15 @@ def test_operator_sigkilled_mid_change_restarts_into_one_setting(
         def observing() -> tuple[bool, dict[str, Any]]:
             status = view.status()
             reporting = (status.get("pods") or {}).get("reporting")
-            fresh = conditions(status).get("MetricsAvailable") == "True"
+            fresh = condition_statuses(status).get("MetricsAvailable") == "True"
             return fresh and reporting == len(selected), status
 
-        eventually(observing, "fresh metrics from every pod (mode Recommend)", SETTLE_TIMEOUT_S)
+        eventually(
+            observing,
+            "fresh metrics from every pod (mode Recommend)",
+            SETTLE_TIMEOUT_S,
+            poll_s=POLL_S,
+        )
         unchanged = {pod: config["version"] for pod, config in before.items()}
         assert view.versions() == unchanged, "mode Recommend changed a gate"
 
@@ -331,7 +318,9 @@ def test_operator_sigkilled_mid_change_restarts_into_one_setting(
                 ]
                 return 0 < len(moved) < len(selected), configs
 
-            at_kill = eventually(partly_changed, "some but not all gates changed", SETTLE_TIMEOUT_S)
+            at_kill = eventually(
+                partly_changed, "some but not all gates changed", SETTLE_TIMEOUT_S, poll_s=POLL_S
+            )
             operator.kill()
             records_at_kill = view.records()
         finally:
@@ -367,7 +356,7 @@ def test_operator_sigkilled_mid_change_restarts_into_one_setting(
                 return moved, metric_total(operator.metrics_url, DECISIONS)
 
             steps_at_follow = eventually(
-                followed, "the other pods following the canary", SETTLE_TIMEOUT_S
+                followed, "the other pods following the canary", SETTLE_TIMEOUT_S, poll_s=POLL_S
             )
 
         def consistent() -> tuple[bool, dict[str, Any]]:
@@ -388,18 +377,21 @@ def test_operator_sigkilled_mid_change_restarts_into_one_setting(
             )
             summary = f"{len(selected)}/{len(selected)} {knobs_summary(setting)}"
             applied = (seen["status"].get("applied") or {}).get("summary")
-            stable = conditions(seen["status"]).get("Progressing") == "False"
+            stable = condition_statuses(seen["status"]).get("Progressing") == "False"
             return recorded and applied == summary and stable, seen
 
         settled = eventually(
-            consistent, "every pod on one setting, recorded, in status", SETTLE_TIMEOUT_S
+            consistent,
+            "every pod on one setting, recorded, in status",
+            SETTLE_TIMEOUT_S,
+            poll_s=POLL_S,
         )
         (setting,) = {Knobs.from_mapping(config["knobs"]) for config in settled["gates"].values()}
         assert setting in (TARGET, STARTUP), settled
         # Each pod's record still holds what it ran before batchpilot.
         assert all(r.startup == STARTUP for r in settled["records"].values()), settled
         assert settled["status"]["applied"]["laggards"] == [], settled["status"]
-        assert conditions(settled["status"])["Ready"] == "True", settled["status"]
+        assert condition_statuses(settled["status"])["Ready"] == "True", settled["status"]
 
         # -- and it stays so: no more changes, no Events beyond the bound -------------
         steps = metric_total(operator.metrics_url, DECISIONS)
@@ -407,6 +399,7 @@ def test_operator_sigkilled_mid_change_restarts_into_one_setting(
             lambda: (metric_total(operator.metrics_url, DECISIONS) >= steps + QUIET_STEPS, steps),
             f"{QUIET_STEPS} more control steps",
             SETTLE_TIMEOUT_S,
+            poll_s=POLL_S,
         )
         assert view.versions() == {pod: c["version"] for pod, c in settled["gates"].items()}
         events = view.events(view.read_policy()["metadata"]["uid"])
@@ -429,7 +422,7 @@ def test_operator_sigkilled_mid_change_restarts_into_one_setting(
                 return err.status == 404, str(err.reason)
             return False, "still there"
 
-        eventually(deleted, "the policy deleted (finalizer done)", SETTLE_TIMEOUT_S)
+        eventually(deleted, "the policy deleted (finalizer done)", SETTLE_TIMEOUT_S, poll_s=POLL_S)
         restored = view.gates()
         assert all(c and Knobs.from_mapping(c["knobs"]) == STARTUP for c in restored.values())
         assert view.records() == {pod.name: None for pod in selected}

@@ -49,27 +49,27 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
-def _config(targets: Sequence[ScrapeTarget], interval_s: float, metrics_path: str) -> str:
+def _config(scrape_configs: Sequence[Mapping[str, object]], interval_s: float) -> str:
     interval = _duration(interval_s)
     return yaml.safe_dump(
         {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
-            "scrape_configs": [
-                {
-                    "job_name": "batchpilot",
-                    # The default 10 s timeout is longer than the interval, which
-                    # Prometheus rejects.
-                    "scrape_timeout": interval,
-                    "metrics_path": metrics_path,
-                    "static_configs": [
-                        {"targets": [target.address], "labels": dict(target.labels)}
-                        for target in targets
-                    ],
-                }
-            ],
+            # The default 10 s timeout is longer than the interval, which
+            # Prometheus rejects.
+            "scrape_configs": [{"scrape_timeout": interval, **config} for config in scrape_configs],
         },
         sort_keys=False,
     )
+
+
+def _static_job(targets: Sequence[ScrapeTarget], metrics_path: str) -> dict[str, object]:
+    return {
+        "job_name": "batchpilot",
+        "metrics_path": metrics_path,
+        "static_configs": [
+            {"targets": [target.address], "labels": dict(target.labels)} for target in targets
+        ],
+    }
 
 
 class PrometheusServer(Stoppable):
@@ -144,7 +144,7 @@ def start_prometheus(
     )
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "prometheus.yml"
-    config_file.write_text(_config(scrape_targets, scrape_interval_s, metrics_path))
+    config_file.write_text(_config([_static_job(scrape_targets, metrics_path)], scrape_interval_s))
 
     def launch() -> PrometheusServer:
         port = free_loopback_port()
@@ -190,20 +190,9 @@ def start_prometheus_in_namespace(
     For discovered targets (file_sd_configs) rather than static ones: the
     namespace is one the test created, so the fixed port cannot clash.
     """
-    interval = _duration(scrape_interval_s)
     workdir.mkdir(parents=True, exist_ok=True)
     config_file = workdir / "prometheus.yml"
-    config_file.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": interval, "evaluation_interval": interval},
-                "scrape_configs": [
-                    {"scrape_timeout": interval, **dict(config)} for config in scrape_configs
-                ],
-            },
-            sort_keys=False,
-        )
-    )
+    config_file.write_text(_config(scrape_configs, scrape_interval_s))
     argv = [
         *command_prefix,
         str(prometheus_path()),
