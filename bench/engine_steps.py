@@ -54,8 +54,6 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.llamacpp import start_llama_server  # noqa: E402
-
 from batchpilot.sim.calibration import COLUMNS  # noqa: E402
 from batchpilot.sim.llamacpp import (  # noqa: E402
     DEFAULT_SERVER_OPTIONS,
@@ -63,6 +61,7 @@ from batchpilot.sim.llamacpp import (  # noqa: E402
     ServerOptions,
 )
 from batchpilot.sim.load import prompt_ids  # noqa: E402
+from batchpilot.sim.sandbox.llama_server import start_llama_server  # noqa: E402
 
 PREFILL_LENGTHS = (32, 64, 128, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 2, 4, 8, 16)

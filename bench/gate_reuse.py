@@ -49,10 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The test stack (tests/stack) starts llama-server the way the engine tests do.
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.llamacpp import start_llama_server  # noqa: E402
-from stack.process import ManagedProcess  # noqa: E402
-
 from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions  # noqa: E402
+from batchpilot.sim.sandbox.llama_server import start_llama_server  # noqa: E402
+from batchpilot.sim.sandbox.process import ManagedProcess  # noqa: E402
 
 TOKEN = "gate-reuse-bench-token"
 CAPS = (2, 8, 1, 16, 4, 12)

@@ -129,10 +129,6 @@ def import_from_tree() -> None:
     # so a package whose path is the repo root finds the same modules.
     if "batchpilot" not in sys.modules and importlib.util.find_spec("batchpilot") is None:
         _bare_package("batchpilot", ROOT)
-    # engine_steps imports stack.llamacpp; stack/__init__ would also import the
-    # Kubernetes client for the apiserver helpers, which the GPU machine lacks.
-    if "stack" not in sys.modules:
-        _bare_package("stack", ROOT / "tests" / "stack")
     if str(ROOT / "bench") not in sys.path:
         sys.path.insert(0, str(ROOT / "bench"))
 
@@ -354,10 +350,14 @@ def start_server(
     binary: Path, model: Path, parallel: int, out: Path, cleanup: ExitStack
 ) -> dict[str, Any]:
     """llama-server on a free loopback port with every layer on the GPU, stopped when `cleanup` closes."""
-    from stack.llamacpp import _PORT_TAKEN, LlamaServer
-    from stack.process import ManagedProcess, free_loopback_port, http_ok, start_with_port_retry
-
     from batchpilot.sim.llamacpp import ServerOptions, server_argv
+    from batchpilot.sim.sandbox.llama_server import _PORT_TAKEN, LlamaServer
+    from batchpilot.sim.sandbox.process import (
+        ManagedProcess,
+        free_loopback_port,
+        http_ok,
+        start_with_port_retry,
+    )
 
     # Every live stream gets a slot and its whole prompt and output in the KV cache.
     ctx_size = max(GPU_CTX_SIZE, parallel * (LIVE_PROMPT_TOKENS + LIVE_OUTPUT_TOKENS))
@@ -560,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     import_from_tree()
-    from stack.tools import cache_dir
+    from batchpilot.sim.sandbox.tools import cache_dir
 
     cache = cache_dir()
     with ExitStack() as cleanup:

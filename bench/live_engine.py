@@ -61,11 +61,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.llamacpp import LlamaServer, start_llama_server  # noqa: E402
-from stack.process import ManagedProcess, cpu_seconds, free_loopback_port, http_ok  # noqa: E402
-from stack.prometheus import ScrapeTarget, start_prometheus  # noqa: E402
-from stack.tools import BATCHPILOT_CLI  # noqa: E402
-
 from batchpilot.controller.knobs import Knobs  # noqa: E402
 from batchpilot.operator.gates import GateClient, GateError  # noqa: E402
 from batchpilot.sim.baselines import FixedController  # noqa: E402
@@ -79,6 +74,10 @@ from batchpilot.sim.bench import summarize as sim_summarize  # noqa: E402
 from batchpilot.sim.controllers import ControllerContext, build_controller  # noqa: E402
 from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions  # noqa: E402
 from batchpilot.sim.load import RequestRecord, replay, summarize  # noqa: E402
+from batchpilot.sim.sandbox.llama_server import LlamaServer, start_llama_server  # noqa: E402
+from batchpilot.sim.sandbox.process import ManagedProcess, cpu_seconds, free_loopback_port, http_ok  # noqa: E402
+from batchpilot.sim.sandbox.prometheus import ScrapeTarget, start_prometheus  # noqa: E402
+from batchpilot.sim.sandbox.tools import BATCHPILOT_CLI  # noqa: E402
 from batchpilot.sim.scenario import Scenario, load_scenario  # noqa: E402
 from batchpilot.sim.workload import Workload, build_workload  # noqa: E402
 

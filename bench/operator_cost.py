@@ -51,17 +51,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # way the integration tests do.
 sys.path.insert(0, str(ROOT / "tests"))
 
-from stack.apiserver import start_kube_apiserver  # noqa: E402
-from stack.kube import create_crd, create_namespace, create_serving_pod  # noqa: E402
-from stack.process import ManagedProcess, cpu_seconds, free_loopback_port, http_get, serve_in_thread  # noqa: E402
-from stack.prometheus import start_prometheus  # noqa: E402
-
 from batchpilot.controller.knobs import DISCIPLINES, Knobs  # noqa: E402
 from batchpilot.controller.policy import EngineKind  # noqa: E402
 from batchpilot.controller.signals import Kind, Signal, signal_specs  # noqa: E402
 from batchpilot.operator.config import OperatorConfig  # noqa: E402
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION  # noqa: E402
 from batchpilot.sim.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets  # noqa: E402
+from batchpilot.sim.sandbox.apiserver import start_kube_apiserver  # noqa: E402
+from batchpilot.sim.sandbox.kube import create_crd, create_namespace, create_serving_pod  # noqa: E402
+from batchpilot.sim.sandbox.process import (  # noqa: E402
+    ManagedProcess,
+    cpu_seconds,
+    free_loopback_port,
+    http_get,
+    serve_in_thread,
+)
+from batchpilot.sim.sandbox.prometheus import start_prometheus  # noqa: E402
 
 SCRAPE_INTERVAL_S = 15.0
 POLICY_INTERVAL_S = 30

@@ -41,12 +41,13 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 from stack import create_crd, create_namespace, start_kube_apiserver  # noqa: E402
-from stack.fleet import CALIBRATION, GATE_TOKEN_SECRET, Fleet, start_fleet  # noqa: E402
-from stack.operator_process import OperatorProcess  # noqa: E402
-from stack.process import http_get  # noqa: E402
-from stack.tools import BATCHPILOT_CLI  # noqa: E402
+from stack.workloads import CALIBRATION  # noqa: E402
 
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION  # noqa: E402
+from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, Fleet, start_fleet  # noqa: E402
+from batchpilot.sim.sandbox.operator_process import OperatorProcess  # noqa: E402
+from batchpilot.sim.sandbox.process import http_get  # noqa: E402
+from batchpilot.sim.sandbox.tools import BATCHPILOT_CLI  # noqa: E402
 
 POD_IPS = ("127.0.0.2", "127.0.0.3")
 NAMESPACE = "soak"

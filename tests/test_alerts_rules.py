@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from stack.tools import SETUP_FIX, StackError, helm_path
+
+from batchpilot.sim.sandbox.tools import SETUP_FIX, StackError, helm_path
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "batchpilot"

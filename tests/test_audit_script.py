@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from stack.process import serve_in_thread
+
+from batchpilot.sim.sandbox.process import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIT = REPO / "scripts" / "audit"

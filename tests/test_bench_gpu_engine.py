@@ -52,7 +52,7 @@ class NotOnTheGpuMachine:
 sys.meta_path.insert(0, NotOnTheGpuMachine())
 script = runpy.run_path({script!r})
 script["import_from_tree"]()
-import batchpilot, engine_steps, batchpilot.sim.bench, batchpilot.sim.llamacpp, stack.llamacpp
+import batchpilot, engine_steps, batchpilot.sim.bench, batchpilot.sim.llamacpp, batchpilot.sim.sandbox.llama_server
 assert batchpilot.__path__ == [{repo!r}], batchpilot.__path__
 sys.exit(script["main"](sys.argv[1:]))
 """

@@ -61,12 +61,15 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from stack.checks import condition_statuses, eventually, metric_sum
-from stack.fleet import CALIBRATION, short_to_long_scenario
-from stack.kube import unique_name
 from stack.node import Cluster
-from stack.prometheus import PrometheusServer, start_prometheus_in_namespace
-from stack.tools import helm_path, kubectl_path
-from stack.workloads import Images, SimEngine, calibration_configmap, simulated
+from stack.workloads import (
+    CALIBRATION,
+    Images,
+    SimEngine,
+    calibration_configmap,
+    short_to_long_scenario,
+    simulated,
+)
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.annotations import KNOBS_ANNOTATION
@@ -74,6 +77,9 @@ from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.operator.status import knobs_summary
 from batchpilot.sim.load import OK, SHED, RequestRecord, summarize
+from batchpilot.sim.sandbox.kube import unique_name
+from batchpilot.sim.sandbox.prometheus import PrometheusServer, start_prometheus_in_namespace
+from batchpilot.sim.sandbox.tools import helm_path, kubectl_path
 from batchpilot.sim.scenario import SLO
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -40,11 +40,9 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from stack.fleet import CALIBRATION
-from stack.kube import unique_name
 from stack.node import Cluster
-from stack.tools import kubectl_path
 from stack.workloads import (
+    CALIBRATION,
     GATE_CONTAINER,
     Images,
     SimEngine,
@@ -56,6 +54,8 @@ from stack.workloads import (
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.gate.annotations import KNOBS_ANNOTATION
+from batchpilot.sim.sandbox.kube import unique_name
+from batchpilot.sim.sandbox.tools import kubectl_path
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from stack.kube import unique_name
 from stack.node import (
     KUBERNETES_SERVICE_IP,
     POD_CIDR,
@@ -31,7 +30,9 @@ from stack.node import (
     read_sysctls,
     start_cluster,
 )
-from stack.tools import StackError, node_image_archive_path
+
+from batchpilot.sim.sandbox.kube import unique_name
+from batchpilot.sim.sandbox.tools import StackError, node_image_archive_path
 
 K8S_VERSION = "v1.33.13"
 # Pods start in 1-3 s on an idle machine; the 2 cores are shared with builds.
@@ -192,7 +193,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from kubernetes import client
 from stack.node import start_cluster
-from stack.tools import StackError, node_image_archive_path
+from batchpilot.sim.sandbox.tools import StackError, node_image_archive_path
 started = start_cluster(Path(sys.argv[2]))
 image = started.import_image(node_image_archive_path("pause"))
 pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orphan"},

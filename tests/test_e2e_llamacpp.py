@@ -2,7 +2,7 @@
 llama-server pods through a traffic shift, observed by a real Prometheus.
 
 tests/test_e2e_operator.py's stack with the simulated engines replaced by
-llama.cpp's llama-server (tests/stack/llamacpp.py). All real processes, all
+llama.cpp's llama-server (sim/sandbox/llama_server.py). All real processes, all
 on loopback:
 
 - the API server (stack fixtures) with the InferencePolicy CRD applied;
@@ -49,15 +49,16 @@ from typing import Any
 import pytest
 from kubernetes import client
 from stack import KubeAPIServer
-from stack.fleet import GATE_TOKEN_SECRET, GatedPod, chart_identity_kubeconfig, start_fleet
-from stack.operator_process import OperatorProcess
-from stack.process import http_get
+from stack.chart import chart_identity_kubeconfig
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.operator.status import knobs_document
 from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions
 from batchpilot.sim.load import ERROR, OK, SHED, RequestRecord, replay, summarize
+from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, GatedPod, start_fleet
+from batchpilot.sim.sandbox.operator_process import OperatorProcess
+from batchpilot.sim.sandbox.process import http_get
 from batchpilot.sim.scenario import SLO, Arrival, LengthDist, SyntheticPhase
 from batchpilot.sim.workload import Workload, phases_workload
 
@@ -183,7 +184,7 @@ def llama_e2e(
     namespace: str,
     tmp_path: Path,
 ) -> Iterator[dict[str, Any]]:
-    """tests/stack/fleet.py's fleet with llama-server as each pod's engine, plus the operator."""
+    """sim/sandbox/fleet.py's fleet with llama-server as each pod's engine, plus the operator."""
     with (
         start_fleet(
             k8s_client, namespace, ips=POD_IPS, labels=LABELS, workdir=tmp_path, llama=ENGINE

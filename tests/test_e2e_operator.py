@@ -1,6 +1,6 @@
 """End to end: `batchpilot operator` steering real gates in front of simulated engines.
 
-What runs, all real processes on loopback (tests/stack/fleet.py starts them):
+What runs, all real processes on loopback (sim/sandbox/fleet.py starts them):
 
 - the API server (stack fixtures) with the InferencePolicy CRD applied by kubectl;
 - two serving "pods" in it (127.0.0.2, 127.0.0.3), each backed by
@@ -43,21 +43,16 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from stack import KubeAPIServer
-from stack.fleet import (
-    CALIBRATION,
-    GATE_TOKEN_SECRET,
-    GatedPod,
-    chart_identity_kubeconfig,
-    short_to_long_scenario,
-    start_fleet,
-)
-from stack.operator_process import OperatorProcess
-from stack.process import http_get
+from stack.chart import chart_identity_kubeconfig
+from stack.workloads import CALIBRATION, short_to_long_scenario
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.gates import APPLIED_ANNOTATION
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.sim.load import RequestRecord, summarize
+from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, GatedPod, start_fleet
+from batchpilot.sim.sandbox.operator_process import OperatorProcess
+from batchpilot.sim.sandbox.process import http_get
 from batchpilot.sim.scenario import SLO
 
 ROOT = Path(__file__).resolve().parents[1]

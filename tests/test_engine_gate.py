@@ -1,4 +1,4 @@
-"""The gate in front of the real engine: llama.cpp's llama-server (tests/stack/llamacpp.py).
+"""The gate in front of the real engine: llama.cpp's llama-server (sim/sandbox/llama_server.py).
 
 The gate runs as its own process (`batchpilot gate`, on uvloop), as in the
 pod, started with tests/test_faults_gate.py's helpers. The clients are plain
@@ -28,10 +28,10 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from stack.llamacpp import LlamaServer
 from test_faults_gate import TOKEN, GateProcess, start_gate, wait_ready
 
 from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions
+from batchpilot.sim.sandbox.llama_server import LlamaServer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -23,9 +23,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from stack import KubeAPIServer, create_crd
-from stack.tools import StackError, helm_path, kubectl_path
 
 from batchpilot.gate.settings import load_settings
+from batchpilot.sim.sandbox.tools import StackError, helm_path, kubectl_path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

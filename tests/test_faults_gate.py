@@ -27,7 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from stack.process import ManagedProcess, http_get
+
+from batchpilot.sim.sandbox.process import ManagedProcess, http_get
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CALIBRATION = SHARED / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"

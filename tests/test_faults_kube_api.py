@@ -40,8 +40,6 @@ from stack import (
     start_kube_apiserver,
 )
 from stack.kube_fault_proxy import KubeFaultProxy, ProxiedRequest
-from stack.operator_process import OperatorProcess
-from stack.process import http_ok
 from test_operator_process import (
     GROUP,
     PLURAL,
@@ -53,6 +51,8 @@ from test_operator_process import (
 )
 
 from batchpilot.operator import handlers, kube
+from batchpilot.sim.sandbox.operator_process import OperatorProcess
+from batchpilot.sim.sandbox.process import http_ok
 
 REPO = Path(__file__).resolve().parent.parent
 SELECTOR = {"matchLabels": {"app": "llm"}}

@@ -1,6 +1,6 @@
 """`batchpilot operator` SIGKILLed mid-canary and mid-rollout, then started again (issue #9).
 
-What runs, all real processes on loopback (tests/stack/fleet.py): the API
+What runs, all real processes on loopback (sim/sandbox/fleet.py): the API
 server; three serving pods, each `batchpilot sim serve` behind `batchpilot
 gate`; Prometheus scraping gates and engines; `batchpilot sim load` sending
 light, steady traffic through the gates for the whole module; the operator
@@ -44,23 +44,18 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from stack import KubeAPIServer, create_namespace, unique_name
+from stack.chart import chart_identity_kubeconfig
 from stack.checks import condition_statuses, eventually, metric_sum
-from stack.fleet import (
-    CALIBRATION,
-    GATE_TOKEN_SECRET,
-    Fleet,
-    GatedPod,
-    chart_identity_kubeconfig,
-    start_fleet,
-)
-from stack.operator_process import OperatorProcess
-from stack.process import ManagedProcess, http_get
-from stack.tools import BATCHPILOT_CLI
+from stack.workloads import CALIBRATION
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.operator.status import knobs_summary
+from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, Fleet, GatedPod, start_fleet
+from batchpilot.sim.sandbox.operator_process import OperatorProcess
+from batchpilot.sim.sandbox.process import ManagedProcess, http_get
+from batchpilot.sim.sandbox.tools import BATCHPILOT_CLI
 
 pytestmark = [
     pytest.mark.stack,

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import yaml
-from stack.tools import StackError, helm_path
 
 from batchpilot.operator.config import load_config
+from batchpilot.sim.sandbox.tools import StackError, helm_path
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "batchpilot"

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from stack.images import Container, image_ref, podman, run_container
-from stack.process import http_get
 from test_faults_gate import (
     CALIBRATION,
     HEALTH_INTERVAL_S,
@@ -28,6 +27,8 @@ from test_faults_gate import (
     send,
     start_sim,
 )
+
+from batchpilot.sim.sandbox.process import http_get
 
 pytestmark = pytest.mark.images
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from stack.operator_process import OperatorProcess
-from stack.process import http_get
 
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
+from batchpilot.sim.sandbox.operator_process import OperatorProcess
+from batchpilot.sim.sandbox.process import http_get
 
 # Policies step every 2 s here, the operator ticks every 0.5 s.
 INTERVAL_S = 2

@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from prometheus_api_client import PrometheusConnect
 from stack import PrometheusServer, ScrapeTarget
-from stack.process import serve_in_thread
 
 from batchpilot.controller.observe import PrometheusSource
 from batchpilot.controller.policy import Policy, PolicyError
 from batchpilot.controller.signals import Signal
+from batchpilot.sim.sandbox.process import serve_in_thread
 
 VICTIM_NAMESPACE = "victim"
 VICTIM_POD = "secret-pod"

@@ -17,11 +17,13 @@ from typing import Any
 
 import pytest
 import stack
-import stack.prometheus
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from prometheus_api_client import PrometheusConnect
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+import batchpilot.sim.sandbox.process as sandbox_process
+import batchpilot.sim.sandbox.prometheus as sandbox_prometheus
 
 REPO = Path(__file__).resolve().parent.parent
 # RBAC decisions and new scrapes show up within about a second; waits give up after this.
@@ -403,7 +405,7 @@ def test_prometheus_scrapes_exporters_and_promql_returns_their_values(
 @pytest.mark.stack
 @pytest.mark.parametrize(
     ("taken_picks", "starts"),
-    [(1, True), (stack.process.PORT_ATTEMPTS, False)],
+    [(1, True), (sandbox_process.PORT_ATTEMPTS, False)],
     ids=["one-lost-race", "every-pick-lost"],
 )
 def test_port_lost_to_another_process_is_retried_with_a_fresh_one(
@@ -417,11 +419,11 @@ def test_port_lost_to_another_process_is_retried_with_a_fresh_one(
 
         def pick_port() -> int:
             picks.append(
-                taken_port if len(picks) < taken_picks else stack.process.free_loopback_port()
+                taken_port if len(picks) < taken_picks else sandbox_process.free_loopback_port()
             )
             return picks[-1]
 
-        monkeypatch.setattr(stack.prometheus, "free_loopback_port", pick_port)
+        monkeypatch.setattr(sandbox_prometheus, "free_loopback_port", pick_port)
         if starts:
             with stack.start_prometheus([], workdir=tmp_path) as server:
                 assert server.url != f"http://127.0.0.1:{taken_port}"

@@ -19,8 +19,8 @@ kube_api, k8s_client, namespace, make_serving_pod, prometheus, kubectl, helm, cl
 A missing binary raises StackError whose message is the fix: run scripts/dev-setup.
 """
 
-from .apiserver import KubeAPIServer, start_kube_apiserver
-from .kube import (
+from batchpilot.sim.sandbox.apiserver import KubeAPIServer, start_kube_apiserver
+from batchpilot.sim.sandbox.kube import (
     ServingPod,
     create_crd,
     create_namespace,
@@ -29,9 +29,8 @@ from .kube import (
     service_account_token,
     unique_name,
 )
-from .node import Cluster, clear_leftovers, start_cluster
-from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
-from .tools import (
+from batchpilot.sim.sandbox.prometheus import PrometheusServer, ScrapeTarget, start_prometheus
+from batchpilot.sim.sandbox.tools import (
     StackError,
     helm_path,
     kube_apiserver_path,
@@ -40,6 +39,8 @@ from .tools import (
     node_image_archive_path,
     prometheus_path,
 )
+
+from .node import Cluster, clear_leftovers, start_cluster
 
 __all__ = [
     "Cluster",

@@ -20,14 +20,19 @@ import pytest
 from kubernetes import client
 
 from batchpilot.sim.llamacpp import DEFAULT_SERVER_OPTIONS, ServerOptions
+from batchpilot.sim.sandbox.apiserver import KubeAPIServer, start_kube_apiserver
+from batchpilot.sim.sandbox.kube import (
+    ServingPod,
+    create_namespace,
+    create_serving_pod,
+    unique_name,
+)
+from batchpilot.sim.sandbox.llama_server import LlamaServer, start_llama_server
+from batchpilot.sim.sandbox.prometheus import PrometheusServer, ScrapeTarget, start_prometheus
+from batchpilot.sim.sandbox.tools import StackError, helm_path, kubectl_path
 
-from .apiserver import KubeAPIServer, start_kube_apiserver
 from .images import image_ref, oci_archive
-from .kube import ServingPod, create_namespace, create_serving_pod, unique_name
-from .llamacpp import LlamaServer, start_llama_server
 from .node import Cluster, start_cluster
-from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
-from .tools import StackError, helm_path, kubectl_path
 from .workloads import Images
 
 STACK_FIXTURES = frozenset(

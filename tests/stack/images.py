@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tools import SETUP_FIX, StackError, cache_dir
+from batchpilot.sim.sandbox.tools import SETUP_FIX, StackError, cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGES = REPO / "scripts" / "build-images"

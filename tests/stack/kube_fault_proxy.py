@@ -40,10 +40,9 @@ from aiohttp import web
 # (RFC 9110 7.6.1 hop-by-hop ones, and the framing aiohttp sets per leg) are
 # the ones this proxy must not forward either.
 from batchpilot.gate.proxy import HOP_BY_HOP
-
-from .apiserver import KubeAPIServer, write_kubeconfig
-from .process import Stoppable, free_loopback_port
-from .tools import StackError, run_openssl
+from batchpilot.sim.sandbox.apiserver import KubeAPIServer, write_kubeconfig
+from batchpilot.sim.sandbox.process import Stoppable, free_loopback_port
+from batchpilot.sim.sandbox.tools import StackError, run_openssl
 
 # Starting the loop and binding takes milliseconds; a loaded machine gets more.
 START_TIMEOUT_S = 30.0

@@ -52,9 +52,9 @@ from pathlib import Path
 import kubernetes
 import yaml
 
-from .apiserver import KubeAPIServer, start_kube_apiserver, write_kubeconfig
-from .process import POLL_INTERVAL_S, ManagedProcess, ServerExited, Stoppable
-from .tools import (
+from batchpilot.sim.sandbox.apiserver import KubeAPIServer, start_kube_apiserver, write_kubeconfig
+from batchpilot.sim.sandbox.process import POLL_INTERVAL_S, ManagedProcess, ServerExited, Stoppable
+from batchpilot.sim.sandbox.tools import (
     NODE_SYSTEM_TOOLS,
     StackError,
     cni_bin_dir,

@@ -32,6 +32,15 @@ CALIBRATION_KEY = "calibration.csv"
 # Resources only a GPU node has: a pod asking for them never schedules here.
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 GATE_CONTAINER = "gate"
+# The simulator's calibration: measured vLLM step latencies, from ../shared
+# (not in this repository).
+CALIBRATION = (
+    Path(__file__).resolve().parents[3]
+    / "shared"
+    / "data"
+    / "calibration"
+    / "llama3.1-8b_vllm_step_latency.csv"
+)
 
 
 @dataclass(frozen=True)
@@ -147,3 +156,50 @@ def simulated(workload: dict[str, Any], *, images: Images, engine: SimEngine) ->
         {"name": "sim-calibration", "configMap": {"name": CALIBRATION_CONFIGMAP}}
     )
     return result
+
+
+def short_to_long_scenario(
+    name: str,
+    *,
+    max_num_seqs: int,
+    kv_cache_tokens: int,
+    slo_ttft_ms: int,
+    slo_tpot_ms: int,
+    shift_s: float,
+    duration_s: float,
+    max_num_batched_tokens: int = 8192,
+) -> str:
+    """The end-to-end tests' scenario: 6 requests/s whose outputs shift from
+    short (p50 10 tokens) to long (p50 100) at `shift_s`.
+
+    The engine runs 16x slower than an H100 (`slowdown`) so that two pods
+    saturate at a few requests per second: the same queueing and KV pressure
+    as a busy GPU at a request rate two shared CPU cores can stream through
+    gates and a client (~1k token chunks per wall second).
+    """
+    return f"""
+name: {name}
+seed: 5
+engine:
+  calibration: {CALIBRATION}
+  model: meta-llama/Meta-Llama-3.1-8B
+  system: h100_sxm
+  slowdown: 16
+  kv_cache_tokens: {kv_cache_tokens}
+  max_num_seqs: {max_num_seqs}
+  max_num_batched_tokens: {max_num_batched_tokens}
+replicas: 2
+slo: {{ttft_ms: {slo_ttft_ms}, tpot_ms: {slo_tpot_ms}}}
+control_interval_s: 10
+workload:
+  - duration_s: {shift_s:g}
+    synthetic:
+      arrival: {{process: poisson, rate_rps: 6}}
+      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
+      output_tokens: {{dist: lognormal, p50: 10, p90: 30, max: 60}}
+  - duration_s: {duration_s - shift_s:g}
+    synthetic:
+      arrival: {{process: poisson, rate_rps: 6}}
+      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
+      output_tokens: {{dist: lognormal, p50: 100, p90: 200, max: 400}}
+"""

@@ -184,7 +184,7 @@ def start_prometheus_in_namespace(
     timeout_s: float = START_TIMEOUT_S,
 ) -> PrometheusServer:
     """Start Prometheus with these scrape configs inside a network namespace
-    (`command_prefix`, e.g. stack.node.Cluster.nsenter_prefix()) on
+    (`command_prefix`, e.g. tests/stack/node.py Cluster.nsenter_prefix()) on
     `address`:9090, and wait until `expected_up` targets are up.
 
     For discovered targets (file_sd_configs) rather than static ones: the

@@ -3,7 +3,7 @@
 One serving "pod" is what a cluster would run for one replica:
 
 - the engine on ip:sim_port: `batchpilot sim serve`, or with `llama=` the
-  real llama-server (stack.llamacpp);
+  real llama-server (sandbox.llama_server);
 - `batchpilot gate` in front of it on ip:gate_port, its admin API on
   ip:admin_port (one admin port for every pod, as the policy's
   `spec.actuation.adminPort` is one port);
@@ -16,10 +16,9 @@ The gates' admin token is in the Secret `gate-token` of the namespace (key
 
     with start_fleet(api, namespace, scenario=path, ips=("127.0.0.2", "127.0.0.3"),
                      labels={"app": "chat"}, workdir=tmp) as fleet:
-        ...  # e.g. an OperatorProcess (stack.operator_process) with fleet.prometheus_url
+        ...  # e.g. an OperatorProcess (sandbox.operator_process) with fleet.prometheus_url
 
-The engines' scenarios calibrate on CALIBRATION, from ../shared (not in this
-repository). Used by tests/test_e2e_operator.py,
+Used by `batchpilot sandbox`, tests/test_e2e_operator.py,
 tests/test_faults_operator_kill.py and bench/soak.py.
 """
 
@@ -30,82 +29,26 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes import client
 
 from batchpilot.sim.llamacpp import ServerOptions
 
-from .apiserver import KubeAPIServer
-from .kube import create_serving_pod, service_account_token, unique_name
-from .llamacpp import start_llama_server
+from .kube import create_serving_pod
+from .llama_server import start_llama_server
 from .process import ManagedProcess, Stoppable, free_loopback_port, http_get, http_ok
 from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
-from .tools import BATCHPILOT_CLI, helm_path, kubectl_path
+from .tools import BATCHPILOT_CLI
 
-REPO = Path(__file__).resolve().parents[2]
-CALIBRATION = REPO.parent / "shared" / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"
-CHART = REPO / "helm" / "batchpilot"
-RBAC_KINDS = frozenset(
-    {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
-)
 GATE_TOKEN_SECRET = "gate-token"
 # How long a gate or an engine may take to answer after its start: the 60 s
 # that tests/test_e2e_operator.py and bench/soak.py allowed each before they
 # shared this module.
 START_TIMEOUT_S = 60.0
-
-
-def short_to_long_scenario(
-    name: str,
-    *,
-    max_num_seqs: int,
-    kv_cache_tokens: int,
-    slo_ttft_ms: int,
-    slo_tpot_ms: int,
-    shift_s: float,
-    duration_s: float,
-    max_num_batched_tokens: int = 8192,
-) -> str:
-    """The end-to-end tests' scenario: 6 requests/s whose outputs shift from
-    short (p50 10 tokens) to long (p50 100) at `shift_s`.
-
-    The engine runs 16x slower than an H100 (`slowdown`) so that two pods
-    saturate at a few requests per second: the same queueing and KV pressure
-    as a busy GPU at a request rate two shared CPU cores can stream through
-    gates and a client (~1k token chunks per wall second).
-    """
-    return f"""
-name: {name}
-seed: 5
-engine:
-  calibration: {CALIBRATION}
-  model: meta-llama/Meta-Llama-3.1-8B
-  system: h100_sxm
-  slowdown: 16
-  kv_cache_tokens: {kv_cache_tokens}
-  max_num_seqs: {max_num_seqs}
-  max_num_batched_tokens: {max_num_batched_tokens}
-replicas: 2
-slo: {{ttft_ms: {slo_ttft_ms}, tpot_ms: {slo_tpot_ms}}}
-control_interval_s: 10
-workload:
-  - duration_s: {shift_s:g}
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 6}}
-      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
-      output_tokens: {{dist: lognormal, p50: 10, p90: 30, max: 60}}
-  - duration_s: {duration_s - shift_s:g}
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 6}}
-      prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
-      output_tokens: {{dist: lognormal, p50: 100, p90: 200, max: 400}}
-"""
 
 
 @dataclass
@@ -264,33 +207,3 @@ def _launch(fleet: Fleet, name: str, args: list[str]) -> ManagedProcess:
     process = ManagedProcess(name, [*BATCHPILOT_CLI, *args], fleet.workdir / f"{name}.log")
     fleet._processes.append(process)
     return process
-
-
-def chart_identity_kubeconfig(
-    kube: KubeAPIServer,
-    api: client.ApiClient,
-    namespace: str,
-    *,
-    helm: Path | None = None,
-    kubectl: Path | None = None,
-) -> Path:
-    """A kubeconfig for the Helm chart's own ServiceAccount, its RBAC applied for real.
-
-    An operator run under it, not as an admin, also proves the chart grants
-    enough for the whole loop (watch, status, pods, Events, the gate token
-    Secret `gate-token`).
-    """
-    helm, kubectl = helm or helm_path(), kubectl or kubectl_path()
-    rendered = subprocess.run(
-        [str(helm), "template", unique_name("operator"), str(CHART), "--namespace", namespace,
-         "--set", f"watchNamespaces={{{namespace}}}",
-         "--set", f"rbac.gateTokenSecretNames={{{GATE_TOKEN_SECRET}}}"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    rbac = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] in RBAC_KINDS]
-    subprocess.run(
-        [str(kubectl), "--kubeconfig", str(kube.kubeconfig), "apply", "--server-side", "-f", "-"],
-        input=yaml.safe_dump_all(rbac), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    (account,) = [doc["metadata"]["name"] for doc in rbac if doc["kind"] == "ServiceAccount"]
-    return kube.kubeconfig_for(service_account_token(api, namespace, account), account)

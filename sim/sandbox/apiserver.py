@@ -1,6 +1,6 @@
 """A real kube-apiserver (v1.33, etcd embedded in the same process) on loopback.
 
-(stack.node runs the same server for a real node: inside the node's network
+(tests/stack/node.py runs the same server for a real node: inside the node's network
 namespace, on its address, with the Node authorizer and kubelet credentials;
 see start_kube_apiserver's arguments. What follows describes the loopback one.)
 
@@ -18,11 +18,11 @@ What runs and what does not:
   nothing creates a namespace's `default` ServiceAccount, and the ServiceAccount
   admission plugin rejects every pod until it exists. Instead of turning that
   plugin off (pods would then lack the serviceAccountName and token volume a
-  real cluster gives them), `stack.kube.create_namespace` creates the
+  real cluster gives them), `batchpilot.sim.sandbox.kube.create_namespace` creates the
   ServiceAccount as the controller would. Also absent with the controller
   manager: namespace deletion (a deleted namespace stays Terminating; use
   unique names), garbage collection of ownerReferences, Deployments making
-  pods. No scheduler or kubelet either: `stack.kube.create_serving_pod` writes
+  pods. No scheduler or kubelet either: `batchpilot.sim.sandbox.kube.create_serving_pod` writes
   a Running, Ready pod status itself.
 """
 
@@ -255,7 +255,7 @@ def start_kube_apiserver(
     at the log in it). Raises StackError (naming the fix) when a binary is
     missing or the server does not come up.
 
-    A node (stack.node) serves it on `address`, the node's own address, and
+    A node (tests/stack/node.py) serves it on `address`, the node's own address, and
     runs it through `command_prefix` (nsenter into the node's fresh network
     namespace, where the ports picked free here are free too; etcd stays on
     that namespace's loopback), with its

@@ -1,6 +1,6 @@
 """Objects in the test apiserver, made the way a full cluster would leave them.
 
-No controller manager, scheduler or kubelet runs (see stack.apiserver), so the
+No controller manager, scheduler or kubelet runs (see batchpilot.sim.sandbox.apiserver), so the
 helpers here do their part: a namespace gets its `default` ServiceAccount, and
 a pod gets a Running status with a loopback pod IP where the gate or simulator
 under test really listens.
