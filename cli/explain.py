@@ -165,7 +165,9 @@ def print_explanation(explanation: Explanation, console: Any) -> None:
     applied = status.get("applied") or {}
     good = (status.get("lastKnownGood") or {}).get("knobs")
     settings = Table(title="settings")
-    for column in ("knob", "recommended", "applied target", "last known good"):
+    # "applied": status.applied.knobs, the target in Auto, what the pods still
+    # run in Recommend after Auto (operator/status.py); never a guess.
+    for column in ("knob", "recommended", "applied", "last known good"):
         settings.add_column(column)
     knobs = recommendation.get("knobs") or {}
     for knob in sorted({*knobs, *(applied.get("knobs") or {}), *(good or {})}):
@@ -181,6 +183,8 @@ def print_explanation(explanation: Explanation, console: Any) -> None:
         f"model: {_model_text(status.get('model') or {})}"
     )
 
+    # A guard's reason ends "(knob: wanted A, allowed B)"; arrows are only in
+    # Events, for what a pod ran -> what it runs now.
     reasons = list(recommendation.get("reasons") or [])
     decided = [r for r in reasons if not r.startswith("guard")]
     guarded = [r for r in reasons if r.startswith("guard")]

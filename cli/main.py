@@ -13,6 +13,7 @@ from batchpilot.cli.demo import demo
 from batchpilot.cli.explain import explain
 from batchpilot.cli.recommend import recommend
 from batchpilot.cli.report import report
+from batchpilot.cli.sandbox import app as sandbox_app
 from batchpilot.gate.cli import gate
 from batchpilot.operator.cli import operator
 from batchpilot.sim.bench_cli import bench
@@ -25,10 +26,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain (click) help: rich's help table cuts option names with an ellipsis
+    # when the terminal or a pipe is 80 columns wide (`--max-num-batche…`);
+    # click's wraps the text and keeps every name whole.
+    rich_markup_mode=None,
 )
 
 register_sim_live(sim_app)  # sim serve, sim load
 app.add_typer(sim_app, name="sim")
+app.add_typer(sandbox_app, name="sandbox")
 for command in (demo, bench, recommend, explain, report, operator, gate):
     app.command()(command)
 

@@ -1,8 +1,11 @@
 """Explain: every recommendation carries its reasons as plain data.
 
 A `Reason` is one sentence plus the numbers behind it, attributed to the
-step that produced it (`decide`, `guard:max-step`, ...) and, where it
-changed a knob, the knob with its value before and after. The same records
+step that produced it (`decide`, `guard:max-step`, ...) and, where a guard
+changed a knob, the knob with the value the steps before it wanted and the
+value it allowed. That is not "old -> new" (what the pods ran, what they
+run next, as SettingsApplied Events say), so it is never written with an
+arrow: `maxConcurrency: wanted 209, allowed 512`. The same records
 feed the CR status (`Decision.to_status()`) and `batchpilot explain`
 (`reason_rows()`), so what a user reads is what the controller did.
 """
@@ -24,14 +27,15 @@ class Reason:
     step: str
     message: str
     knob: str | None = None
-    before: Scalar = None
-    after: Scalar = None
+    # What the steps before this one wanted for `knob`, and what this step let through.
+    wanted: Scalar = None
+    allowed: Scalar = None
     data: Mapping[str, Scalar] = field(default_factory=dict)
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step, "message": self.message}
         if self.knob is not None:
-            out.update(knob=self.knob, before=self.before, after=self.after)
+            out.update(knob=self.knob, wanted=self.wanted, allowed=self.allowed)
         if self.data:
             out["data"] = {k: _rounded(v) for k, v in self.data.items()}
         return out
@@ -137,7 +141,7 @@ def reason_rows(decision: Decision) -> list[tuple[str, str, str, str]]:
     """(step, knob, change, why) rows for a `batchpilot explain` table."""
     rows = []
     for reason in decision.reasons:
-        change = "" if reason.knob is None else f"{_text(reason.before)} -> {_text(reason.after)}"
+        change = "" if reason.knob is None else f"wanted {_text(reason.wanted)}, allowed {_text(reason.allowed)}"
         numbers = ", ".join(f"{k}={_text(_rounded(v))}" for k, v in reason.data.items())
         why = f"{reason.message} ({numbers})" if numbers else reason.message
         rows.append((reason.step, reason.knob or "", change, why))

@@ -52,6 +52,9 @@ class GuardState:
     metrics_available: bool = True
     # Earlier raw recommendations (time, target), oldest first.
     history: tuple[tuple[float, Knobs], ...] = ()
+    # Since when `history` is complete: a controller that took over pods
+    # another one steered (an operator restart) has not seen that one's.
+    history_from_s: float = -math.inf
     canary: CanaryState | None = None
     # This window's estimated SLO attainment per pod, for the canary verdict.
     pod_scores: Mapping[str, float] = field(default_factory=dict)
@@ -79,6 +82,18 @@ def stabilize(policy: Policy, state: GuardState, rec: Recommendation) -> Recomme
     if rec.urgent or window <= 0:
         return rec
     recent = [knobs for t, knobs in state.history if t > state.now_s - window] + [rec.target]
+    seen_s = state.now_s - state.history_from_s
+    disagree = f"recommendations in the last {window:g} s disagree: moving only as far as all agree"
+    if seen_s < window:
+        # The recommendations made before this controller took over are
+        # lost with the one that made them: the unseen part of the window
+        # counts as a recommendation to stay where the pods are, so the
+        # first unagreed move waits for a full window after a restart.
+        recent.append(state.current)
+        disagree = (
+            f"this controller took over the pods less than {window:g} s ago (an operator "
+            "restart or a spec change): holding until a full window of recommendations agrees"
+        )
     changes: dict[str, Any] = {}
     reasons: list[Reason] = []
     for knob, current, wanted in _steered(policy, state.current, rec.target):
@@ -95,7 +110,7 @@ def stabilize(policy: Policy, state: GuardState, rec: Recommendation) -> Recomme
             reasons.append(
                 Reason(
                     "guard:stabilize",
-                    f"recommendations in the last {window:g} s disagree: moving only as far as all agree",
+                    disagree,
                     knob,
                     getattr(rec.target, knob),
                     value,

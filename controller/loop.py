@@ -62,6 +62,9 @@ class PolicyController:
         self.current = initial_knobs(policy)
         self.last_known_good = self.current
         self._history: deque[tuple[float, Knobs]] = deque()
+        # Since when `_history` holds every recommendation made for these
+        # pods (see resume); -inf: no controller steered them before this one.
+        self._history_from_s = -math.inf
         self._canary: Any = None
         self._last_decision: Decision | None = None
 
@@ -69,7 +72,7 @@ class PolicyController:
     def last_decision(self) -> Decision | None:
         return self._last_decision
 
-    def resume(self, fleet_setting: Knobs) -> None:
+    def resume(self, fleet_setting: Knobs, *, steered_until_s: float | None = None) -> None:
         """Start from the setting the pods were left on, before the first step.
 
         A controller built by a restarted operator (or for a changed spec)
@@ -78,9 +81,17 @@ class PolicyController:
         on one of two pods for the fleet's setting. Nothing has shown this
         setting meets the SLOs, but it is what the fleet ran when the last
         controller stopped, so it is what a hold keeps.
+
+        `steered_until_s`: when an earlier controller steered these pods up
+        to now (their records say so), the time this one takes over. That
+        controller's recommendations died with it, so until a whole
+        stabilization window has passed the window is incomplete, and the
+        stabilization guard takes no unagreed move (guards.stabilize).
         """
         self.current = fleet_setting
         self.last_known_good = fleet_setting
+        if steered_until_s is not None:
+            self._history_from_s = steered_until_s
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision:
         pods = tuple(pods)
@@ -116,6 +127,7 @@ class PolicyController:
             last_known_good=self.last_known_good,
             metrics_available=metrics_available,
             history=tuple(self._history),
+            history_from_s=self._history_from_s,
             canary=self._canary,
             pod_scores=self._pod_scores(observation, tpot_q_s),
         )

@@ -5,7 +5,8 @@
   with (`startup_knobs`, so that a controller that lost its own record can
   still restore them), and the last engine-native result.
 - `PUT /config`: a JSON object of `Knobs` fields replacing the applied knobs
-  (missing fields take their defaults). Needs `Authorization: Bearer
+  (missing fields take their defaults, so `{}` clears every limit; the user
+  doc is docs/gate.md). Needs `Authorization: Bearer
   <token>`, the token read from `token_file` (re-read on every write, so a
   rotated Secret applies without a restart) or `token`. With no token
   configured, writes are refused. A body that does not validate changes

@@ -19,6 +19,15 @@ it), socket_error (a reset, or the request could not be written). Each one is
 a request that would otherwise have failed as upstream_unreachable; a retry
 that fails too is counted there as well.
 
+retried_requests_total{outcome=...}: generation requests that a client SDK
+marked as its own retry of a request it sent before (`x-stainless-retry-count`
+of 1 or more; the openai and anthropic SDKs resend a 429 twice by default,
+after `Retry-After`), by what the gate did with them: admitted or shed. Each
+one is counted in admitted_total or shed_total too, so
+shed_total - retried_requests_total{outcome="shed"} counts first attempts
+shed, i.e. distinct requests that met a full queue. A label of two values,
+not the retry count: the count is whatever a client sends.
+
 time_per_output_token_seconds: per streamed request that ended cleanly with
 at least two token events, (last event - first event) / (events - 1), timed
 as the engine's SSE `data:` events reach the gate; `data: [DONE]` is not an
@@ -72,6 +81,7 @@ ADMITTED_TOTAL = "batchpilot_gate_admitted_total"
 SHED_TOTAL = "batchpilot_gate_shed_total"
 FAILED_TOTAL = "batchpilot_gate_failed_total"
 UPSTREAM_RETRIES_TOTAL = "batchpilot_gate_upstream_retries_total"
+RETRIED_REQUESTS_TOTAL = "batchpilot_gate_retried_requests_total"
 KNOB = "batchpilot_gate_knob"
 DISCIPLINE = "batchpilot_gate_discipline"
 CONFIG_VERSION = "batchpilot_gate_config_version"
@@ -125,9 +135,7 @@ TPOT_BUCKETS_S = (
 )
 
 # vLLM's token-count buckets (1, 2, 5, 10, ... up to 131,072 tokens of context).
-TOKEN_BUCKETS = tuple(
-    float(m * 10**e) for e in range(6) for m in (1, 2, 5) if m * 10**e <= 131_072
-)
+TOKEN_BUCKETS = tuple(float(m * 10**e) for e in range(6) for m in (1, 2, 5) if m * 10**e <= 131_072)
 
 # `reason` label values, pre-created at zero so rate() works from the first
 # scrape and a dashboard shows every reason even before it happens.
@@ -151,6 +159,9 @@ FAILED_REASONS = (
 RETRY_SERVER_DISCONNECTED = "server_disconnected"
 RETRY_SOCKET_ERROR = "socket_error"
 RETRY_REASONS = (RETRY_SERVER_DISCONNECTED, RETRY_SOCKET_ERROR)
+RETRIED_ADMITTED = "admitted"
+RETRIED_SHED = "shed"
+RETRIED_OUTCOMES = (RETRIED_ADMITTED, RETRIED_SHED)
 
 # Numeric Knobs fields, exported as batchpilot_gate_knob{knob=...}.
 NUMERIC_KNOBS = tuple(f.name for f in fields(Knobs) if f.name != "discipline")
@@ -201,6 +212,7 @@ class GateMetrics(Collector):
         self.shed = dict.fromkeys(SHED_REASONS, 0)
         self.failed = dict.fromkeys(FAILED_REASONS, 0)
         self.upstream_retries = dict.fromkeys(RETRY_REASONS, 0)
+        self.retried_requests = dict.fromkeys(RETRIED_OUTCOMES, 0)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -236,14 +248,20 @@ class GateMetrics(Collector):
         yield CounterMetricFamily(
             ADMITTED_TOTAL, "Requests admitted to the engine.", value=self.admitted
         )
-        yield _by_reason(SHED_TOTAL, "Requests refused by the gate.", self.shed)
-        yield _by_reason(
+        yield _by_label(SHED_TOTAL, "Requests refused by the gate.", self.shed)
+        yield _by_label(
             FAILED_TOTAL, "Requests that failed after admission, by reason.", self.failed
         )
-        yield _by_reason(
+        yield _by_label(
             UPSTREAM_RETRIES_TOTAL,
             "Requests resent on a new connection: the engine had closed the pooled one.",
             self.upstream_retries,
+        )
+        yield _by_label(
+            RETRIED_REQUESTS_TOTAL,
+            "Requests a client SDK marked as its retry (x-stainless-retry-count >= 1), by outcome.",
+            self.retried_requests,
+            label="outcome",
         )
         knob_family = GaugeMetricFamily(
             KNOB, "Applied knob value (+Inf: no limit from batchpilot).", labels=["knob"]
@@ -267,8 +285,10 @@ class GateMetrics(Collector):
         )
 
 
-def _by_reason(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=["reason"])
-    for reason, count in counts.items():
-        family.add_metric([reason], count)
+def _by_label(
+    name: str, documentation: str, counts: dict[str, int], label: str = "reason"
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
     return family

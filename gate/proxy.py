@@ -5,9 +5,22 @@
   engine's answer is relayed as it arrives, chunk by chunk, whatever its
   status: SSE streams are never buffered, and engine errors reach the client
   unchanged (and are counted).
-- `GET /v1/models`, `GET /health`: forwarded without admission.
+- Every other route and method (`/v1/embeddings`, `/v1/models`, `/health`,
+  `/tokenize`, the engine's `/metrics`, ...): passed through unthrottled and
+  uncounted, the request body streamed to the engine as it arrives, and the
+  answer streamed back. The caps model generation (batch slots, KV tokens);
+  embeddings and the rest either do not use them or, on engines that serve
+  both, are too unlike a generation to size. Users see exactly what the engine
+  serves, its 404 included. docs/gate.md says which routes are which.
+- Except `/set_internal_state` (any method): 403. It is SGLang's live-tuning
+  endpoint, which the gate's native adapter steers behind the admin token; a
+  client calling it through the data port would silently undo what the
+  gate applied.
 - A request shed at the queue deadline gets 429 with `Retry-After` and an
-  OpenAI-style error object; the engine never sees it.
+  OpenAI-style error object; the engine never sees it. A request that a
+  client SDK marks as a retry (`x-stainless-retry-count` of 1 or more: the
+  openai and anthropic SDKs resend a 429 twice by default, after
+  `Retry-After`) is counted in retried_requests_total as well (metrics.py).
 - A client that goes away, queued or mid-stream, gives its place back at
   once, and the upstream request is closed so the engine stops generating.
   This relies on aiohttp's `handler_cancellation` (set by the server).
@@ -16,7 +29,9 @@
   advertising keep-alive, so the pool can hand out a connection whose close
   is still in flight) is sent once more, on a new connection of its own, as
   long as no byte of an answer came back: the engine cannot have processed
-  it. Anything else that fails stays a failure (see `retry_reason`).
+  it. Anything else that fails stays a failure (see `retry_reason`). A
+  passed-through body is streamed, so it cannot be sent twice: such a request
+  always goes out on a new connection of its own, which cannot be stale.
 """
 
 from __future__ import annotations
@@ -28,8 +43,8 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 
 import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from batchpilot.gate.estimate import RequestError, estimate_request
 from batchpilot.gate.metrics import (
@@ -38,6 +53,8 @@ from batchpilot.gate.metrics import (
     FAILED_UPSTREAM_5XX,
     FAILED_UPSTREAM_STREAM_BROKEN,
     FAILED_UPSTREAM_UNREACHABLE,
+    RETRIED_ADMITTED,
+    RETRIED_SHED,
     RETRY_SERVER_DISCONNECTED,
     RETRY_SOCKET_ERROR,
     Histogram,
@@ -47,10 +64,15 @@ from batchpilot.gate.runtime import Gate
 log = logging.getLogger("batchpilot.gate")
 
 ADMITTED_ROUTES = ("/v1/completions", "/v1/chat/completions")
-PASSTHROUGH_ROUTES = ("/v1/models", "/health")
+REFUSED_ROUTES = ("/set_internal_state",)
+# Sent by the Stainless-generated SDKs (openai, anthropic): 0 on a first
+# attempt, n on the n-th automatic retry.
+RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
-# RFC 9110 section 7.6.1 hop-by-hop headers, plus the framing headers that
-# aiohttp recomputes for each leg (Host, Content-Length, Transfer-Encoding).
+# RFC 9110 section 7.6.1 hop-by-hop headers (plus any the Connection header
+# names, see `_forwardable`), the framing headers that aiohttp recomputes for
+# each leg (Host, Content-Length, Transfer-Encoding), and Expect: aiohttp's
+# server has already answered a client's 100-continue itself.
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -64,6 +86,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",
+        "expect",
     }
 )
 
@@ -81,8 +104,27 @@ def error_response(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _forwardable(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+def _forwardable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    # A sender may declare more hop-by-hop fields by naming them in Connection.
+    named = {
+        token.strip().lower()
+        for value in headers.getall(hdrs.CONNECTION, [])
+        for token in value.split(",")
+    }
+    dropped = HOP_BY_HOP | named
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in dropped)
+
+
+def is_client_retry(headers: Mapping[str, str]) -> bool:
+    """Whether a client SDK says this request is its retry of one it sent before.
+
+    A value that is not a number counts as a first attempt: the header is the
+    SDK's, not an interface of the gate's, so it never fails a request.
+    """
+    try:
+        return int(headers.get(RETRY_COUNT_HEADER, "0")) > 0
+    except ValueError:
+        return False
 
 
 class Attempt:
@@ -221,8 +263,8 @@ class Proxy:
     def routes(self) -> list[web.RouteDef]:
         return [
             *(web.post(path, self.handle_generate) for path in ADMITTED_ROUTES),
-            *(web.get(path, self.handle_passthrough) for path in PASSTHROUGH_ROUTES),
-            web.route("*", "/{tail:.*}", self.handle_unknown),
+            *(web.route("*", path, self.handle_refused) for path in REFUSED_ROUTES),
+            web.route("*", "/{tail:.*}", self.handle_passthrough),
         ]
 
     async def handle_generate(self, request: web.Request) -> web.StreamResponse:
@@ -233,6 +275,9 @@ class Proxy:
         except RequestError as err:
             return error_response(400, err.message, "invalid_request_error", param=err.param)
         ticket = await self._gate.acquire(size, arrival_s)
+        if is_client_retry(request.headers):
+            outcome = RETRIED_SHED if ticket is None else RETRIED_ADMITTED
+            self._gate.metrics.retried_requests[outcome] += 1
         if ticket is None:
             return self._shed_response(arrival_s)
         self._gate.metrics.prompt_tokens.observe(size.prompt_tokens)
@@ -244,15 +289,17 @@ class Proxy:
             self._gate.release(ticket)
 
     async def handle_passthrough(self, request: web.Request) -> web.StreamResponse:
-        return await self._forward(request, await request.read(), None, count=False)
+        body = request.content if request.body_exists else None
+        return await self._forward(request, body, None, count=False)
 
-    async def handle_unknown(self, request: web.Request) -> web.Response:
-        routes = ", ".join([*ADMITTED_ROUTES, *PASSTHROUGH_ROUTES])
+    async def handle_refused(self, request: web.Request) -> web.Response:
         return error_response(
-            404,
-            f"{request.method} {request.path} is not served by the batchpilot gate; it serves {routes}",
-            "invalid_request_error",
-            code="not_found",
+            403,
+            f"{request.path} is not passed to the engine by the batchpilot gate: the gate steers "
+            "the engine's live settings itself; change them with PUT /config on the gate's admin "
+            "port (see docs/gate.md)",
+            "permission_error",
+            code="engine_admin_route",
         )
 
     def _shed_response(self, arrival_s: float) -> web.Response:
@@ -272,12 +319,13 @@ class Proxy:
     async def _forward(
         self,
         request: web.Request,
-        body: bytes,
+        body: bytes | aiohttp.StreamReader | None,
         ttft_from_s: float | None,
         count: bool,
     ) -> web.StreamResponse:
         """Relay one request to the engine and its answer back, chunk by chunk.
 
+        `body`: read already, or the client's stream to relay as it arrives.
         `ttft_from_s`: observe time-to-first-token from this arrival time, and
         time per output token (streaming requests only: for a non-streaming
         one the first byte comes at the end). `count`: count engine errors as
@@ -289,13 +337,16 @@ class Proxy:
         attempt = Attempt()
         try:
             try:
-                upstream = await self._session.request(
-                    request.method,
-                    url,
-                    data=body or None,
-                    headers=headers,
-                    trace_request_ctx=attempt,
-                )
+                if isinstance(body, aiohttp.StreamReader):
+                    upstream = await self._send_streamed(request, url, headers, body)
+                else:
+                    upstream = await self._session.request(
+                        request.method,
+                        url,
+                        data=body or None,
+                        headers=headers,
+                        trace_request_ctx=attempt,
+                    )
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
                 reason = retry_reason(err, attempt.reused)
                 if reason is None:
@@ -364,6 +415,24 @@ class Proxy:
             raise
         finally:
             upstream.release()
+
+    async def _send_streamed(
+        self,
+        request: web.Request,
+        url: str,
+        headers: CIMultiDict[str],
+        body: aiohttp.StreamReader,
+    ) -> aiohttp.ClientResponse:
+        """Send a request whose body is relayed from the client as it arrives.
+
+        On the fresh session: a stream cannot be replayed, so it must not meet
+        a pooled connection the engine has closed (the module docstring).
+        """
+        if request.content_length is not None:
+            # Keep the client's framing: a stream has no size aiohttp could
+            # compute, and would otherwise go out chunked.
+            headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
+        return await self._fresh_session.request(request.method, url, data=body, headers=headers)
 
     def _client_gone(self, upstream: aiohttp.ClientResponse, count: bool) -> None:
         if count:

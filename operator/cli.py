@@ -30,6 +30,7 @@ def operator(
 
     import kopf
 
+    from batchpilot.operator import logs
     from batchpilot.operator.config import ConfigError, load_config
     from batchpilot.operator.handlers import build_registry
 
@@ -44,6 +45,8 @@ def operator(
         # that is 20 lines a second saying nothing. Failures stay visible, and
         # what the operator did is in the policies' Events and status.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # On kopf's handler: its warnings and errors repeat every second in an outage.
+    logs.install(logging.getLogger())
     liveness = (
         f"http://{settings.health_host}:{settings.health_port}/healthz"
         if settings.health_port

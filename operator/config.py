@@ -26,6 +26,7 @@ tick_seconds: 5
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -79,9 +80,12 @@ class OperatorConfig:
     # while policies exist (a wedged event loop or a dead watch).
     liveness_stall_seconds: float = 120.0
     # Where kopf serves the liveness probe (GET /healthz) and where the
-    # operator's own /metrics is served; port 0 turns either off.
-    health_host: str = "0.0.0.0"
+    # operator's own /metrics is served; port 0 turns either off. Loopback by
+    # default, so an operator run on a laptop exposes nothing; the Helm chart
+    # sets 0.0.0.0 for the kubelet's probe and Prometheus's scrape.
+    health_host: str = "127.0.0.1"
     health_port: int = 8081
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 8080
     # Event reporting component name shown by `kubectl describe`.
     reporting_component: str = "batchpilot-operator"
@@ -173,9 +177,20 @@ def _coerce(name: str, raw: Any) -> Any:
         return _number(name, raw, float, *_FLOAT_SETTINGS[name])
     if name in _INT_SETTINGS:
         return _number(name, raw, int, *_INT_SETTINGS[name])
+    if name in ("health_host", "metrics_host"):
+        return _address(name, raw)
     if not isinstance(raw, str) or not raw:
         raise ConfigError(name, f"must be a non-empty string, got {raw!r}")
     return raw
+
+
+def _address(name: str, raw: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError as error:
+        raise ConfigError(
+            name, f"expected an IP address to listen on (127.0.0.1 or 0.0.0.0), got {raw!r}"
+        ) from error
 
 
 def _endpoints(raw: Any) -> dict[str, str]:

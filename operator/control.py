@@ -38,8 +38,10 @@ class Stepper(Protocol):
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision: ...
 
-    def resume(self, fleet_setting: Knobs) -> None:
-        """Before the first step: the setting this policy's pods were left on."""
+    def resume(self, fleet_setting: Knobs, *, steered_until_s: float | None = None) -> None:
+        """Before the first step: the setting this policy's pods were left on,
+        and, when an earlier controller steered them, the time this one took
+        over (controller/loop.py, PolicyController.resume)."""
 
 
 StepperFactory = Callable[[Policy, PromQueryClient], Stepper]
@@ -91,5 +93,5 @@ class ControllerStepper:
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision:
         return self._loop.run_once(now_s, pods)
 
-    def resume(self, fleet_setting: Knobs) -> None:
-        self._loop.resume(fleet_setting)
+    def resume(self, fleet_setting: Knobs, *, steered_until_s: float | None = None) -> None:
+        self._loop.resume(fleet_setting, steered_until_s=steered_until_s)

@@ -15,7 +15,7 @@ again at a later tick, so a 409, a 429 or an outage delays it but never loses it
 | `operator_liveness` | on each liveness probe (kopf's endpoint, cached 10 s) |
 | `pods_by_namespace` | on every pod event: keeps the pod index |
 | `pods_listed` | on every pod event: marks kopf's re-lists and deletions in the pod ledger |
-| `inferencepolicy_step` | every `tick_seconds` per policy: a control step when due, the status write |
+| `inferencepolicy_step` | every `tick_seconds` per policy: a control step when due, its log line, the status write |
 | `inferencepolicy_mode` | when spec.mode changes: an Event |
 | `inferencepolicy_restore` | when a policy is deleted (finalizer): the pods' startup settings back |
 """
@@ -47,6 +47,7 @@ from batchpilot.operator.kube import (
     list_pod_uids,
     write_policy_status,
 )
+from batchpilot.operator.logs import step_line
 from batchpilot.operator.metrics import OperatorMetrics
 from batchpilot.operator.podledger import AUDIT_RETRY_S, PodLedger
 from batchpilot.operator.spec import parse_policy
@@ -130,7 +131,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             ),
         )
         memo.metrics_server = (
-            start_http_server(config.metrics_port, registry=metrics.registry)[0]
+            start_http_server(config.metrics_port, config.metrics_host, registry=metrics.registry)[
+                0
+            ]
             if config.metrics_port
             else None
         )
@@ -217,6 +220,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         writer: StatusWriter = memo.status_writer
         current = _plain(status)
         if outcome.report is not None:
+            level, line = step_line(outcome.report)
+            log.log(level, "policy %s/%s: %s", meta.namespace, meta.name, line)
             desired = build_status(outcome.report, current, generation=generation, now=now)
             op.metrics.record_conditions(meta.namespace, meta.name, desired["conditions"])
             writer.want(meta.uid, desired)
@@ -230,7 +235,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     def inferencepolicy_mode(old: Any, new: Any, body: kopf.Body, **_: Any) -> None:
         if old is None:
             return  # creation, not a switch
-        then = " (the pods return to their startup settings)" if new == "Off" else ""
+        if new == "Off":
+            then = " (the pods return to their startup settings)"
+        elif old == "Auto":
+            # Recommend changes no pod, not even back: see docs/how-it-works.md#modes.
+            then = " (the pods keep the settings Auto applied; mode Off restores their startup settings)"
+        else:
+            then = ""
         kopf.event(body, type="Normal", reason="ModeChanged", message=f"mode {old} -> {new}{then}")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="inferencepolicy_restore")

@@ -77,7 +77,8 @@ class OperatorMetrics:
         )
         self.actuations = Counter(
             "batchpilot_operator_actuations_total",
-            "Gate configuration requests, by result (changed, unchanged, failed, restored).",
+            "Gates brought to their target, by result (changed; unchanged: found at the target, "
+            "not written; failed; restored).",
             ["result"],
             registry=self.registry,
         )

@@ -2,9 +2,10 @@
 
 A cycle: (re)parse the spec when its generation changed -> select the pods
 from the pod index -> run the controller's step in a worker thread (queries
-and model fitting must never block the event loop) -> in Auto, send every
-Ready pod its target through the gate admin API and record it on the pod ->
-describe the outcome as a `CycleReport` for status.py, plus the Events to
+and model fitting must never block the event loop) -> in Auto, read every
+Ready pod's gate and send it its target where it runs something else, and
+record it on the pod; in Recommend, read what the pods configured in Auto
+still run -> describe the outcome as a `CycleReport` for status.py, plus the Events to
 post. kopf's handlers (handlers.py) call these and only translate the
 outcome into kopf's terms (status patch, Events, TemporaryError).
 
@@ -53,7 +54,15 @@ from batchpilot.operator.kube import (
 )
 from batchpilot.operator.metrics import CountingQueryClient, OperatorMetrics
 from batchpilot.operator.spec import LabelSelector, PolicySpec, parse_policy
-from batchpilot.operator.status import ActuationReport, CycleReport, PodCounts, Problem, timestamp
+from batchpilot.operator.status import (
+    ActuationReport,
+    CycleReport,
+    HeldReport,
+    PodCounts,
+    Problem,
+    knobs_summary,
+    timestamp,
+)
 
 # A Deployment's selector is immutable, but the Deployment can be deleted and
 # recreated under the same name: re-read it every 5 minutes.
@@ -335,10 +344,14 @@ async def _step(
     if not runtime.resumed:
         runtime.resumed = True
         left_on = fleet_setting(ready, runtime.name)
-        if left_on is None:
-            left_on = await _startup_setting(op, parsed, ready)
         if left_on is not None:
-            stepper.resume(left_on)
+            # The records say an earlier controller steered these pods: its
+            # stabilization window went with it (an operator restart).
+            stepper.resume(left_on, steered_until_s=now_wall.timestamp())
+        else:
+            left_on = await _startup_setting(op, parsed, ready)
+            if left_on is not None:
+                stepper.resume(left_on)
     names = [pod.name for pod in ready]
     waiting = time.perf_counter()
     async with op.step_slots:
@@ -374,6 +387,9 @@ async def _step(
     elif mode is Mode.OFF and any(_ours(pod, runtime.name) for pod in selected):
         async with runtime.lock:
             outcome.events.extend(await restore_pods(op, runtime, parsed, selected))
+    held = None
+    if mode is Mode.RECOMMEND:
+        held = await held_settings(op, runtime, parsed, ready)
     op.metrics.step_seconds.labels("actuate").observe(time.perf_counter() - phase_started)
 
     runtime.seen_good = runtime.seen_good or decision.conditions.slo_met is True
@@ -385,6 +401,7 @@ async def _step(
         # Until some window met the SLOs, "last known good" would only be the
         # starting point, which nothing has shown to be good.
         last_known_good=stepper.last_known_good if runtime.seen_good else None,
+        held=held,
     )
     return outcome
 
@@ -397,11 +414,12 @@ async def apply_decision(
     ready: Sequence[PodInfo],
     now_wall: datetime,
 ) -> tuple[ActuationReport, list[EventNote]]:
-    """Send each Ready pod its target (idempotent), record it, report laggards.
+    """Bring each Ready pod to its target, record it, report laggards.
 
-    The target goes to every pod on every step, not only on a change: a PUT
-    of unchanged knobs is a no-op for the gate (same version), and a gate that
-    restarted with its startup settings gets its target back within one step.
+    Every gate is read on every step, not only on a change: a gate that
+    restarted with its startup settings gets its target back within one
+    step, and what it ran before is what the SettingsApplied Event names,
+    not what the operator last sent it.
     """
     notes: list[EventNote] = []
     try:
@@ -460,18 +478,21 @@ async def _apply_one(
             f"already steered by InferencePolicy {record.policy}; two policies select this pod",
             None,
         )
-    startup = record.startup if record is not None else None
-    if record is None:
-        # First contact: remember what the gate ran before batchpilot, so
-        # that deleting the policy (or mode Off) can put exactly that back.
-        # The gate's own report of its startup settings wins over its current
-        # ones: an operator killed between a write and this pod's record has
-        # already changed the current ones.
-        current = await op.gates.read(pod.ip, port)
-        startup = current.startup or current.knobs
-    answer = await op.gates.write(pod.ip, port, token, target)
+    # What the gate runs now, read back: the record says what the operator
+    # sent, which a gate restarted with its startup settings no longer runs.
+    current = await op.gates.read(pod.ip, port)
+    # On first contact (no record), remember what the gate ran before
+    # batchpilot, so that deleting the policy (or mode Off) can put exactly
+    # that back. The gate's own report of its startup settings wins over its
+    # current ones: an operator killed between a write and this pod's record
+    # has already changed the current ones.
+    startup = record.startup if record is not None else current.startup or current.knobs
+    # A gate already at its target is not written to: the read is the
+    # whole steady-state cost, one GET per pod per interval.
+    answer = (
+        current if current.knobs == target else await op.gates.write(pod.ip, port, token, target)
+    )
     op.metrics.actuations.labels("changed" if answer.changed else "unchanged").inc()
-    before = record.knobs if record is not None else startup
     if (
         record is None
         or record.knobs != target
@@ -488,7 +509,46 @@ async def _apply_one(
             f"engine refused its part ({answer.native_status}: {answer.native_detail})",
             None,
         )
-    return pod.name, None, before if answer.changed else None
+    return pod.name, None, current.knobs if answer.changed else None
+
+
+async def held_settings(
+    op: Operator, runtime: PolicyRuntime, parsed: PolicySpec, ready: Sequence[PodInfo]
+) -> HeldReport | None:
+    """Mode Recommend: what the Ready pods this policy configured in Auto run now.
+
+    Recommend changes no pod, so pods Auto configured keep batchpilot's
+    settings until mode Off (or deletion) restores their startup ones; the
+    status must say so. Their gates are asked (GET, no token), as in Auto:
+    a gate that restarted runs its startup settings whatever its record says.
+    None when no Ready pod carries this policy's record.
+    """
+    ours = [pod for pod in ready if _ours(pod, runtime.name)]
+    if not ours:
+        return None
+    slots = asyncio.Semaphore(op.config.actuation_concurrency)
+
+    async def one(pod: PodInfo) -> Knobs | str:
+        assert pod.ip is not None
+        async with slots:
+            try:
+                return (await op.gates.read(pod.ip, parsed.actuation.admin_port)).knobs
+            except GateError as err:
+                return str(err)
+
+    answers = dict(
+        zip((pod.name for pod in ours), await asyncio.gather(*map(one, ours)), strict=True)
+    )
+    running = Counter(knobs for knobs in answers.values() if isinstance(knobs, Knobs))
+    # No gate answered: what the records say was applied is the best knowledge.
+    recorded = Counter(pod.record.knobs for pod in ours if pod.record is not None)
+    knobs = (running or recorded).most_common(1)[0][0]
+    others = tuple(
+        f"{pod}: {answer}" if isinstance(answer, str) else f"{pod}: runs {knobs_summary(answer)}"
+        for pod, answer in sorted(answers.items())
+        if answer != knobs
+    )
+    return HeldReport(knobs, running[knobs], others)
 
 
 async def restore_pods(

@@ -132,6 +132,17 @@ def parse_policy(
             "spec.actuation.tokenSecretRef",
             "required when spec.mode is Auto: the gate refuses configuration writes without its admin token",
         )
+    cap = policy.bounds.get("max_concurrency")
+    if cap is not None and cap.high is not None and cap.high > policy.engine.max_num_seqs:
+        # A bound above the engine's declared ceiling would have the gate
+        # admit what the engine can only queue; the CRD's CEL rule says so
+        # on apply, this catches policies stored before that rule.
+        raise PolicyError(
+            "spec.knobs.maxConcurrency.max",
+            f"{cap.high} is above spec.engine.maxNumSeqs ({policy.engine.max_num_seqs}), "
+            "which the engine cannot run; after restarting the engine with more sequences, "
+            "raise spec.engine.maxNumSeqs in the same edit",
+        )
     if policy.steers("max_num_batched_tokens") and not actuation.native:
         raise PolicyError(
             "spec.knobs.maxNumBatchedTokens",

@@ -78,6 +78,21 @@ class ActuationReport:
 
 
 @dataclass(frozen=True, slots=True)
+class HeldReport:
+    """Mode Recommend after Auto: what the pods batchpilot configured still run.
+
+    Leaving Auto for Recommend changes no pod (Off is what gives the pods
+    their startup settings back), so the status says what their gates,
+    asked this step, run: never "not applied" while batchpilot's settings do.
+    """
+
+    knobs: Knobs  # the setting most of them run
+    running: int  # Ready pods whose gate reports `knobs`
+    # "pod: what it runs instead, or why its gate did not answer".
+    others: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CycleReport:
     mode: Mode
     pods: PodCounts = field(default_factory=PodCounts)
@@ -87,6 +102,8 @@ class CycleReport:
     problem: tuple[str, str] | None = None
     # The settings last seen meeting the SLOs, from the controller's state.
     last_known_good: Knobs | None = None
+    # Mode Recommend only: batchpilot's settings the pods still run, if any.
+    held: HeldReport | None = None
 
 
 def knobs_document(knobs: Knobs) -> dict[str, Any]:
@@ -109,11 +126,16 @@ def knobs_summary(knobs: Knobs) -> str:
 
 
 def reason_text(reason: Reason) -> str:
-    """`guard:max-step: limited to x4 per interval (maxConcurrency 256 -> 64)`."""
+    """`guard:max-step: limited to x4 per interval (maxConcurrency: wanted 256, allowed 64)`.
+
+    Never an arrow: in Events "A -> B" is what a pod ran and what it runs
+    now, and a guard's pair is something else (what was wanted, what it let
+    through), often with the pods at the second value all along.
+    """
     text = f"{reason.step}: {reason.message}"
     if reason.knob is not None:
         name = CAMEL_NAMES.get(reason.knob, reason.knob)
-        text += f" ({name} {_value(reason.before)} -> {_value(reason.after)})"
+        text += f" ({name}: wanted {_value(reason.wanted)}, allowed {_value(reason.allowed)})"
     return text
 
 
@@ -144,8 +166,22 @@ def build_status(
             if key in previous:
                 status[key] = previous[key]
 
-    if report.actuation is not None:
-        status["applied"] = _applied(report.actuation, report.pods)
+    actuation, held, ready = report.actuation, report.held, report.pods.ready
+    if actuation is not None:
+        status["applied"] = _applied(
+            actuation.target,
+            actuation.up_to_date,
+            actuation.laggards,
+            f"{actuation.up_to_date}/{ready} {knobs_summary(actuation.target)}",
+        )
+    elif held is not None:
+        status["applied"] = _applied(
+            held.knobs,
+            held.running,
+            held.others,
+            f"{held.running}/{ready} still {knobs_summary(held.knobs)} "
+            f"from Auto (mode {report.mode.value})",
+        )
     elif report.mode is not Mode.AUTO:
         status["applied"] = {"summary": f"not applied (mode {report.mode.value})"}
     elif "applied" in previous:
@@ -218,26 +254,30 @@ def _pods(counts: PodCounts) -> dict[str, Any]:
 def _recommendation(decision: Decision, previous: Any, stamp: str) -> dict[str, Any]:
     knobs = knobs_document(decision.target)
     old = previous if isinstance(previous, Mapping) else {}
-    reasons = [reason_text(r) for r in decision.reasons[:MAX_REASONS]]
-    if len(decision.reasons) > MAX_REASONS:
-        reasons.append(f"... and {len(decision.reasons) - MAX_REASONS} more")
     return {
         "knobs": knobs,
-        "reasons": reasons,
+        "reasons": _capped([reason_text(r) for r in decision.reasons], MAX_REASONS),
         "time": old.get("time", stamp) if old.get("knobs") == knobs else stamp,
     }
 
 
-def _applied(actuation: ActuationReport, pods: PodCounts) -> dict[str, Any]:
-    laggards = list(actuation.laggards[:MAX_LAGGARDS])
-    if len(actuation.laggards) > MAX_LAGGARDS:
-        laggards.append(f"... and {len(actuation.laggards) - MAX_LAGGARDS} more")
+def _applied(
+    knobs: Knobs, up_to_date: int, laggards: Sequence[str], summary: str
+) -> dict[str, Any]:
     return {
-        "knobs": knobs_document(actuation.target),
-        "upToDate": actuation.up_to_date,
-        "laggards": laggards,
-        "summary": f"{actuation.up_to_date}/{pods.ready} {knobs_summary(actuation.target)}",
+        "knobs": knobs_document(knobs),
+        "upToDate": up_to_date,
+        "laggards": _capped(laggards, MAX_LAGGARDS),
+        "summary": summary,
     }
+
+
+def _capped(lines: Sequence[str], limit: int) -> list[str]:
+    """At most `limit` lines, then one counting the rest."""
+    kept = list(lines[:limit])
+    if len(lines) > limit:
+        kept.append(f"... and {len(lines) - limit} more")
+    return kept
 
 
 def _conditions(
@@ -303,7 +343,17 @@ def _wanted_conditions(report: CycleReport) -> dict[str, tuple[str, str, str]]:
         )
 
     slo_met = None if decision is None else decision.conditions.slo_met
-    if slo_met is None:
+    if problem is not None and problem[0] == Problem.METRICS_UNAVAILABLE:
+        wanted[SLO_MET] = (UNKNOWN, "QueryFailed", f"not judged: {problem[1]}")
+    elif decision is None:
+        wanted[SLO_MET] = (UNKNOWN, "NoStep", "no control step has judged the objectives")
+    elif not decision.conditions.metrics_available:
+        wanted[SLO_MET] = (
+            UNKNOWN,
+            "MissingOrStale",
+            "not judged: " + _reporting_message(report),
+        )
+    elif slo_met is None:
         wanted[SLO_MET] = (
             UNKNOWN,
             "NoCompletedRequests",
@@ -331,7 +381,10 @@ def _wanted_conditions(report: CycleReport) -> dict[str, tuple[str, str, str]]:
     else:
         wanted[PROGRESSING] = (FALSE, "Stable", "no change in progress")
 
-    if actuation is not None and actuation.laggards:
+    if problem is not None:
+        # The step did not run: nothing is steered until the cause clears.
+        wanted[DEGRADED] = (TRUE, problem[0], f"no control step ran: {problem[1]}")
+    elif actuation is not None and actuation.laggards:
         wanted[DEGRADED] = (TRUE, "ActuationFailed", "; ".join(actuation.laggards[:3]))
     elif (
         decision is not None
@@ -345,13 +398,24 @@ def _wanted_conditions(report: CycleReport) -> dict[str, tuple[str, str, str]]:
             f"{silent} ready pod(s) have no fresh metrics",
         )
     else:
-        wanted[DEGRADED] = (FALSE, "Healthy", "every step ran and every ready pod is at its target")
+        wanted[DEGRADED] = (FALSE, "Healthy", _healthy_message(report))
     return wanted
+
+
+def _healthy_message(report: CycleReport) -> str:
+    if report.mode is Mode.AUTO:
+        return "the step ran and every ready pod is at its target"
+    return f"the step ran (mode {report.mode.value})"
 
 
 def _ready_message(report: CycleReport) -> str:
     if report.mode is Mode.AUTO:
         return "recommending and applying settings to the ready pods"
+    if report.held is not None:
+        return (
+            "recommending settings; the pods keep the settings Auto last applied, "
+            "nothing new is applied (mode Recommend; mode Off restores their startup settings)"
+        )
     if report.mode is Mode.RECOMMEND:
         return "recommending settings; nothing is applied (mode Recommend)"
     return "observing only; the pods run their startup settings (mode Off)"

@@ -490,3 +490,44 @@ def _kind_order(kind: str) -> tuple[int, int]:
     if kind == PREFILL_KIND:
         return (1, 0)
     return (2, _mixed_chunk(kind))
+
+
+# `batchpilot sim calibrate llama3.1-8b_vllm_step_latency.csv --model
+# meta-llama/Meta-Llama-3.1-8B --system h100_sxm` (../shared/data/calibration),
+# milliseconds per engine step.
+BUILTIN_STEP_COST = {
+    "decode_base_ms": 6.34081040756466,
+    "decode_per_seq_ms": 0.012813882541553885,
+    "decode_per_context_token_ms": 4.105361508693374e-05,
+    "prefill_floor_ms": 7.614852609980007,
+    "prefill_base_ms": 4.012474906948813,
+    "prefill_per_token_ms": 0.016757793369903615,
+    "prefill_attention_ms": 9.21350142929489e-07,
+    "mixed_base_ms": 0.5481134374166436,
+    "mixed_decode_scale": 1.0279712315336944,
+}
+
+
+def write_builtin_calibration(path: Path, model: str, system: str) -> Path:
+    """Rows of the calibration format computed from BUILTIN_STEP_COST, so that
+    the scenario loader's own fit reproduces it (the model is linear in its
+    coefficients and the rows span every term). The demo and the sandbox run
+    on it when ../shared is absent."""
+    cost = StepCostModel.from_dict(BUILTIN_STEP_COST)
+    prefix = f"{model},{system},vllm,1"
+    rows = ["model,system,backend,tp,kind,batch_or_chunk,context_len,latency_ms"]
+    for tokens in (128, 256, 512, 1024, 2048, 4096, 8192):
+        rows.append(
+            f"{prefix},prefill_bs1,1,{tokens},{cost.prefill_ms(tokens, tokens * tokens):.6f}"
+        )
+    for batch in (1, 8, 32, 128, 512):
+        for context in (128, 1024, 4096):
+            rows.append(
+                f"{prefix},decode_step,{batch},{context},{cost.decode_ms(batch, batch * context):.6f}"
+            )
+    for chunk in (256, 1024):
+        for batch in (4, 32, 128):
+            latency = cost.step_ms(batch, batch * 2048, chunk, chunk * chunk)
+            rows.append(f"{prefix},mixed_chunk{chunk}_isl2048,{batch},2048,{latency:.6f}")
+    path.write_text("\n".join(rows) + "\n")
+    return path

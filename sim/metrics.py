@@ -214,8 +214,12 @@ class ReplicaMetrics:
             by_family.setdefault(family, []).append(f"{name} {_format_value(value)}")
         lines: list[str] = []
         for family, kind, help_text in _FAMILIES:
-            lines.append(f"# HELP {family} {help_text}")
-            lines.append(f"# TYPE {family} {kind}")
+            # prometheus_client (which vLLM exports with) names a counter's
+            # HELP and TYPE lines as its samples, `_total` included; without
+            # it, parsers read the samples as a second, untyped family.
+            exposed = f"{family}_total" if kind == "counter" else family
+            lines.append(f"# HELP {exposed} {help_text}")
+            lines.append(f"# TYPE {exposed} {kind}")
             lines.extend(by_family.get(family, ()))
         return "\n".join(lines) + "\n"
 

@@ -142,6 +142,9 @@ ADMIN_PORT = 9090
 RELEASE = "batchpilot"
 # Pods start in ~10 s here; the operator's imports take 4-7 s on two busy cores.
 START_TIMEOUT_S = 120.0
+# A deleted CRD goes once the apiserver removed the objects stored under it:
+# a second or two here.
+CRD_GONE_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 60.0
 # Steps watched after a fault settled: a churning record, version or Event shows within two.
 QUIET_STEPS = 2
@@ -781,6 +784,9 @@ def env(
                             "tick_seconds": 1,
                         },
                         "rbac": {"gateTokenSecretNames": [SECRET["metadata"]["name"]]},
+                        # A CRD another module applied with kubectl stays
+                        # kubectl's, as docs/install.md says to install then.
+                        "crds": {"enabled": not crd_existed},
                     }
                 )
             )
@@ -826,6 +832,18 @@ def env(
                 # this session must not find one owned by this release.
                 with contextlib.suppress(ApiException):
                     extensions.delete_custom_resource_definition(crd_name)
+                # Deletion waits for the apiserver to remove the policies
+                # stored under it; the next module's `kubectl apply -f crds/`
+                # would find it still Terminating and fail to patch it.
+                deadline = time.monotonic() + CRD_GONE_TIMEOUT_S
+                while time.monotonic() < deadline:
+                    try:
+                        extensions.read_custom_resource_definition(crd_name)
+                    except ApiException as error:
+                        if error.status == 404:
+                            break
+                        raise
+                    time.sleep(0.2)
 
 
 def ensure_auto(env: Env) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -76,6 +77,56 @@ def test_stabilize(history: list[tuple[float, int]], wanted: int, urgent: bool, 
     out = stabilize(POLICY, state(history=past), rec(urgent=urgent, max_concurrency=wanted))
     assert out.target.max_concurrency == expected
     assert any(r.step == "guard:stabilize" for r in out.reasons) == (expected != wanted)
+
+
+@pytest.mark.parametrize(
+    ("took_over_s", "wanted", "urgent", "expected"),
+    [
+        # 20 s of a 60 s window seen since an operator restart: the unseen 40 s count as "stay"
+        (280.0, 120, False, 64),
+        (280.0, 20, False, 64),
+        # a whole window seen: the move is taken as the recommendations agree
+        (240.0, 120, False, 120),
+        # urgent moves skip the window, restart or not
+        (280.0, 120, True, 120),
+    ],
+)
+def test_stabilize_after_a_takeover_waits_a_full_window(took_over_s: float, wanted: int, urgent: bool,
+                                                        expected: int) -> None:
+    """The first unagreed change after an operator restart waits a whole window, not 9 s."""
+    out = stabilize(POLICY, state(history_from_s=took_over_s), rec(urgent=urgent, max_concurrency=wanted))
+    assert out.target.max_concurrency == expected
+    held = [r for r in out.reasons if r.step == "guard:stabilize"]
+    if expected != wanted:
+        (reason,) = held
+        assert "took over the pods less than 60 s ago" in reason.message
+        assert (reason.wanted, reason.allowed) == (wanted, 64)
+    else:
+        assert held == []
+
+
+def test_stabilize_holds_the_discipline_after_a_takeover() -> None:
+    out = stabilize(POLICY, state(history_from_s=290.0), rec(discipline="shortest-prompt-first"))
+    assert out.target.discipline == "fcfs"
+
+
+@pytest.mark.parametrize(
+    ("guard", "guard_state", "wanted", "allowed"),
+    [
+        (stabilize, state(history=((280.0, CURRENT.with_changes(max_concurrency=90)),)), 120, 90),
+        (limit_step, state(), 512, 128),
+        (skip_small_changes, state(), 68, 64),
+        (clamp, state(), 600, 512),
+    ],
+)
+def test_a_guards_reason_records_what_was_wanted_and_what_it_allowed(
+    guard: Any, guard_state: GuardState, wanted: int, allowed: int
+) -> None:
+    """Not "old -> new": the pods may run `allowed` all along (the reason status and explain render)."""
+    out = guard(POLICY, guard_state, rec(max_concurrency=wanted))
+    (reason,) = out.reasons
+    assert (reason.knob, reason.wanted, reason.allowed) == ("max_concurrency", wanted, allowed)
+    assert out.target.max_concurrency == allowed
 
 
 def test_stabilize_holds_a_disputed_discipline() -> None:

@@ -80,6 +80,17 @@ INVALID = [
         id="min-above-max",
     ),
     pytest.param(
+        {"selector": SELECTOR, "slo": SLO, "engine": {"maxNumSeqs": 64},
+         "knobs": {"maxConcurrency": {"max": 512}}},
+        ["spec.knobs.maxConcurrency.max", "above spec.engine.maxNumSeqs", "in the same edit"],
+        id="cap-above-engine-ceiling",
+    ),
+    pytest.param(
+        {"selector": SELECTOR, "slo": SLO, "knobs": {"maxConcurrency": {"min": 8, "max": 512}}},
+        ["spec.knobs.maxConcurrency.max", "above spec.engine.maxNumSeqs (default"],
+        id="cap-above-default-engine-ceiling",
+    ),
+    pytest.param(
         {"selector": SELECTOR, "targetRef": {"kind": "Deployment", "name": "chat"}, "slo": SLO},
         ["spec.selector", "spec.targetRef", "exactly one"],
         id="selector-and-targetRef",
@@ -148,3 +159,34 @@ def test_invalid_policies_are_rejected_naming_the_field(
     # Nothing half-created.
     listed = run_kubectl(kubectl, crd_installed, "get", "infpol", "-n", namespace, "-o", "name")
     assert listed.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"engine": {"maxNumSeqs": 64}, "knobs": {"maxConcurrency": {"max": 64}}},
+        {"knobs": {"maxConcurrency": {"max": 256}}},  # the default maxNumSeqs
+        {"engine": {"maxNumSeqs": 512}, "knobs": {"maxConcurrency": {"min": 8}}},
+    ],
+    ids=["at-the-ceiling", "at-the-default-ceiling", "no-max"],
+)
+def test_a_cap_up_to_the_engine_ceiling_is_accepted(
+    crd_installed: Path, kubectl: Path, namespace: str, spec: dict[str, Any]
+) -> None:
+    applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-",
+                          stdin=_policy({"selector": SELECTOR, "slo": SLO, **spec}))
+    assert applied.returncode == 0, applied.stderr
+
+
+def test_raising_the_engine_ceiling_and_the_cap_in_one_edit_is_accepted(
+    crd_installed: Path, kubectl: Path, namespace: str
+) -> None:
+    """The engine restarted with more sequences: one apply raises both, as the rule's message says."""
+    before = {"selector": SELECTOR, "slo": SLO, "engine": {"maxNumSeqs": 64}, "knobs": {"maxConcurrency": {"max": 64}}}
+    assert run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-", stdin=_policy(before)).returncode == 0
+    cap_only = {**before, "knobs": {"maxConcurrency": {"max": 512}}}
+    refused = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-", stdin=_policy(cap_only))
+    assert refused.returncode != 0 and "spec.engine.maxNumSeqs" in refused.stderr
+    both = {**cap_only, "engine": {"maxNumSeqs": 512}}
+    applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-", stdin=_policy(both))
+    assert applied.returncode == 0, applied.stderr

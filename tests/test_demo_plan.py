@@ -14,7 +14,6 @@ import pytest
 from typer.testing import CliRunner
 
 from batchpilot.cli.demo import (
-    BUILTIN_STEP_COST,
     MIN_INTERVAL_S,
     PLOT_FILE,
     SUMMARY_FILE,
@@ -29,6 +28,7 @@ from batchpilot.cli.demo import (
 from batchpilot.cli.main import app
 from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.signals import Signal
+from batchpilot.sim.calibration import BUILTIN_STEP_COST
 from batchpilot.sim.engine import Replica
 
 ROOT = Path(__file__).resolve().parents[1]

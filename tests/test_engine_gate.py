@@ -80,13 +80,18 @@ class Stream:
         """Token events: one per token, whatever its text (a special token's is empty).
 
         Not tokens: llama-server's closing event (it carries the finish_reason)
-        and a chat stream's opening one (the role).
+        and a chat stream's opening one when it carries only the role
+        (`content: null`); under load llama-server sends the role with the
+        first token instead, and that event counts.
         """
         return sum(
             1
             for event in self.events
             if event["choices"][0]["finish_reason"] is None
-            and "role" not in event["choices"][0].get("delta", {})
+            and isinstance(
+                event["choices"][0].get("text", event["choices"][0].get("delta", {}).get("content")),
+                str,
+            )
         )
 
     @property

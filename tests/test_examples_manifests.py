@@ -12,6 +12,7 @@ cross-references between the Flux objects.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,49 @@ def test_gitops_namespace_applies_server_side(kubectl: Path, kube_api: KubeAPISe
 def test_workload_examples_are_valid_kubernetes_1_33(example: str) -> None:
     for doc in load(EXAMPLES / example):
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+# --- images: the placeholders docs/install.md builds, listed there in one place ---------
+
+
+def _containers_by_example() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for example in MANIFESTS:
+        for doc in load(EXAMPLES / example):
+            if doc["kind"] in ("Pod", "Deployment", "StatefulSet"):
+                pod = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+                found += [(example, container) for container in pod["containers"]]
+    return found
+
+
+def test_batchpilot_images_are_the_ones_install_md_builds_and_lists() -> None:
+    install = (REPO / "docs" / "install.md").read_text()
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    built = {
+        ref.rpartition("/")[2].partition(":")[0]: ref
+        for ref in re.findall(r"^docker build .* -t (\S+) \.$", install, flags=re.MULTILINE)
+    }
+    # One placeholder registry, the chart's version: what the image table lists.
+    assert built == {
+        name: f"<your-registry>/batchpilot/{name}:{app_version}" for name in ("operator", "gate")
+    }
+    assert [ref for ref in built.values() if f"| `{ref}` |" not in install] == []
+
+    containers = _containers_by_example()
+    gates = {example: c["image"] for example, c in containers if c["name"] == "gate"}
+    assert set(gates) >= {*WORKLOADS, "gate-sidecar-pod.yaml"}
+    assert {example: image for example, image in gates.items() if image != built["gate"]} == {}
+    # No other image of ours under another name (a registry that is not a placeholder).
+    assert [
+        c["image"]
+        for _, c in containers
+        if "batchpilot" in c["image"] and c["image"] not in built.values()
+    ] == []
+    # The chart is installed with the operator image built above, in every doc.
+    operator_repository = built["operator"].rpartition(":")[0]
+    for doc in (REPO / "README.md", REPO / "docs" / "install.md"):
+        repositories = set(re.findall(r"image\.repository=(\S+)", doc.read_text()))
+        assert repositories == {operator_repository}, doc.name
 
 
 # --- the gate sidecar and the policy each Deployment is written for -------------------

@@ -128,8 +128,8 @@ def operator_status() -> dict[str, Any]:
                 "guard:max-step",
                 "limited to x4 per interval",
                 knob="max_concurrency",
-                before=256,
-                after=64,
+                wanted=256,
+                allowed=64,
             ),
         ),
         quality=ModelQuality(samples=24, heldout_error=0.08, trusted=True),
@@ -191,7 +191,9 @@ def test_explain_reads_status_and_pods(
     assert "maxConcurrency" in out and "64" in out and "128" in out
     # The decision's reason and, separately, the guard that changed it.
     assert "largest admission limit" in out
-    assert "guard:max-step" in out and "maxConcurrency 256 -> 64" in out
+    # What the step before wanted and what the guard let through: never an "old -> new" arrow.
+    assert "guard:max-step" in out and "maxConcurrency: wanted 256, allowed 64" in out
+    assert "256 -> 64" not in out
     assert "ObjectivesMissed" in out and "HeldOutErrorLow" in out
     # Pods: the up-to-date one, the laggard the operator reported, the not-ready one; not the unselected pod.
     assert LAGGARD_WHY in out

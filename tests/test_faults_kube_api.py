@@ -23,7 +23,9 @@ status writer's retry rule unit by unit.
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ from test_operator_process import (
     read_policy,
 )
 
-from batchpilot.operator import handlers, kube
+from batchpilot.operator import handlers, kube, logs
 from batchpilot.sim.sandbox.operator_process import OperatorProcess
 from batchpilot.sim.sandbox.process import http_ok
 
@@ -67,6 +69,9 @@ CONVERGE_S = 30.0
 # After an outage kopf's watches resume at their next retry and the status
 # writer writes at its next: each at most its longest backoff later.
 RESUMED_S = CONVERGE_S + max(*handlers.ERROR_BACKOFFS_S, handlers.STATUS_RETRY_MAX_S)
+# How long the killed apiserver stays down for the log check: kopf retries its
+# watches about once a second at first, the policy steps every 2 s.
+OUTAGE_S = 12.0
 
 
 def status_of(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
@@ -153,7 +158,9 @@ def test_apiserver_killed_and_restarted(
             )
 
         unavailable = 'batchpilot_operator_errors_total{reason="MetricsUnavailable"}'
+        log_path = tmp_path / "operator.log"
         with kube.outage():  # SIGKILL: apiserver and etcd die mid-watch
+            outage_log_from = log_path.stat().st_size
             # Prometheus goes too, so the next control step changes the status
             # (MetricsAvailable=False) while there is no apiserver to write it to.
             prom.stop()
@@ -161,7 +168,14 @@ def test_apiserver_killed_and_restarted(
                 lambda: metric(operator.metrics_url, unavailable) >= 1,
                 "a control step finding Prometheus gone while the apiserver is down",
             )
+            # Long enough for kopf's watches to fail and retry several times
+            # (backoffs 1, 1, 2, 3, 5 s) and the policy to step five times.
+            time.sleep(OUTAGE_S)
             assert operator.running()
+            with log_path.open("rb") as log:
+                log.seek(outage_log_from)
+                outage_log = log.read().decode(errors="replace")
+        assert_one_line_per_cause(outage_log)
         # Restarted on the same address and data: the operator's kubeconfig still works.
 
         with kube.api_client() as api:
@@ -199,6 +213,21 @@ def test_apiserver_killed_and_restarted(
             )
         assert generation == 3
         eventually(lambda: healthy(operator), "the operator alive and answering its probe")
+
+
+def assert_one_line_per_cause(log: str) -> None:
+    """Warnings and errors logged in an outage shorter than the repeat interval: each cause once."""
+    assert OUTAGE_S < logs.REPEAT_INTERVAL_S
+    # kopf's format: `[time] logger [LEVEL   ] message`; traceback lines have no level.
+    troubles = re.findall(
+        r"^\[[^]]+\] (\S+) +\[(WARNING|ERROR|CRITICAL) *\] (.*)$", log, re.MULTILINE
+    )
+    assert troubles, log  # the outage was noticed
+    causes = Counter(
+        (name, level, re.sub(r"0x[0-9a-fA-F]+|\d+", "#", message))
+        for name, level, message in troubles
+    )
+    assert [cause for cause, lines in causes.items() if lines > 1] == [], log
 
 
 def test_pod_deleted_while_the_pod_watch_was_down(

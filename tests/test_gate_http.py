@@ -42,7 +42,9 @@ class FakeEngine:
     Request headers steer it: `x-hold` waits for `release_holds` before the
     first token, `x-fail-status` answers that status, `x-break-after` cuts
     the connection after that many tokens, `x-request-id` names the request
-    in `arrivals`.
+    in `arrivals`. `POST /v1/embeddings` stands for any route the gate passes
+    through: it records what it received and echoes the body back chunk by
+    chunk as it arrives.
     """
 
     token_delay_s: float = 0.002
@@ -56,6 +58,7 @@ class FakeEngine:
     release_holds: asyncio.Event = field(default_factory=asyncio.Event)
     internal_state_calls: list[dict[str, Any]] = field(default_factory=list)
     internal_state_answer: tuple[int, Any] = (200, [True])
+    passed_through: list[web.Request] = field(default_factory=list)
     port: int = 0
 
     def app(self) -> web.Application:
@@ -67,9 +70,19 @@ class FakeEngine:
                 web.get("/v1/models", self.models),
                 web.get("/health", self.health),
                 web.post("/set_internal_state", self.set_internal_state),
+                web.post("/v1/embeddings", self.echo),
             ]
         )
         return app
+
+    async def echo(self, request: web.Request) -> web.StreamResponse:
+        self.passed_through.append(request)
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        async for chunk in request.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -680,7 +693,9 @@ class IdleClosingEngine:
                         length = int(value)
                 await reader.readexactly(length)
                 if head.startswith("GET /health"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
                     await writer.drain()
                     return
                 self.generations.append((connection, served))
@@ -852,24 +867,148 @@ def test_readiness_follows_engine_health_and_liveness_does_not() -> None:
     run(scenario)
 
 
-def test_passthrough_routes_and_unknown_routes() -> None:
+def test_generation_is_admitted_and_every_other_route_passes_through_unthrottled() -> None:
     async def scenario() -> None:
-        async with gate_stack(Knobs(max_concurrency=1)) as stack:
+        async with gate_stack(Knobs(max_concurrency=1, queue_deadline_ms=100)) as stack:
+            # The one slot is taken: a generation request would queue and be shed.
+            blocker = asyncio.create_task(stack.complete(**{"x-hold": "1"}))
+            await wait_until(lambda: stack.engine.running == 1)
+            url = f"{stack.url}/v1/embeddings?encoding=float"
+            body = json.dumps({"model": "fake-model", "input": ["a", "b"]}).encode()
+            async with stack.client.post(url, data=body) as response:
+                assert (response.status, await response.read()) == (200, body)
+            passed = stack.engine.passed_through[-1]
+            assert (passed.method, passed.path_qs) == ("POST", "/v1/embeddings?encoding=float")
+            # The client's framing is kept: a sized body is not re-sent chunked.
+            assert passed.headers["Content-Length"] == str(len(body))
             async with stack.client.get(f"{stack.url}/v1/models") as response:
                 assert (await response.json())["data"][0]["id"] == "fake-model"
-            async with stack.client.get(f"{stack.url}/health") as response:
+            # What the engine does not serve, the client hears from the engine.
+            async with stack.client.get(f"{stack.url}/tokenize") as response:
+                assert (response.status, await response.text()) == (404, "404: Not Found")
+            stack.engine.release_holds.set()
+            assert (await blocker)[0] == 200
+            metrics = await stack.metrics()
+            # Only the generation request went through admission.
+            assert metrics[("batchpilot_gate_admitted_total", ())] == 1
+            assert metrics[("batchpilot_gate_shed_total", (("reason", "queue_deadline"),))] == 0
+
+    run(scenario)
+
+
+def test_passed_through_bodies_stream_both_ways_without_buffering() -> None:
+    """The engine echoes each part of the body back before the client sends the next:
+    this completes only if neither the request nor the answer is held back whole."""
+
+    async def scenario() -> None:
+        async with gate_stack() as stack:
+            echoed: asyncio.Queue[bytes] = asyncio.Queue()
+            parts = [f"part {index};".encode() * 1000 for index in range(5)]
+
+            async def body() -> AsyncIterator[bytes]:
+                for part in parts:
+                    yield part
+                    received = b""
+                    while len(received) < len(part):
+                        received += await echoed.get()
+                    assert received == part
+
+            async with stack.client.post(f"{stack.url}/v1/embeddings", data=body()) as response:
                 assert response.status == 200
-            async with stack.client.post(f"{stack.url}/v1/embeddings", json={}) as response:
-                assert response.status == 404
-                assert "/v1/chat/completions" in (await response.json())["error"]["message"]
-            body = {
-                "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 3,
-                "stream": True,
+                async for chunk in response.content.iter_any():
+                    echoed.put_nowait(chunk)
+            # Sent chunked by the client, so chunked to the engine: no size was known.
+            passed = stack.engine.passed_through[-1]
+            assert passed.headers.get("Transfer-Encoding") == "chunked"
+            assert "Content-Length" not in passed.headers
+
+    run(scenario)
+
+
+def test_hop_by_hop_headers_stop_at_the_gate_and_end_to_end_ones_pass() -> None:
+    async def scenario() -> None:
+        async with gate_stack() as stack:
+            headers = {
+                # RFC 9110 7.6.1: fields that Connection names are hop-by-hop.
+                "Connection": "keep-alive, x-hop-secret",
+                "x-hop-secret": "for the gate only",
+                "Keep-Alive": "timeout=5",
+                "TE": "trailers",
+                "Authorization": "Bearer engine-api-key",
+                "x-end-to-end": "kept",
             }
-            async with stack.client.post(f"{stack.url}/v1/chat/completions", json=body) as response:
-                assert sse_indices(await response.text()) == [0, 1, 2]
-            assert (await stack.metrics())[("batchpilot_gate_admitted_total", ())] == 1
+            url = f"{stack.url}/v1/embeddings"
+            async with stack.client.post(url, data=b"{}", headers=headers) as response:
+                assert response.status == 200
+            received = stack.engine.passed_through[-1].headers
+            for hop in ("x-hop-secret", "Keep-Alive", "TE"):
+                assert hop not in received, hop
+            assert "x-hop-secret" not in received.get("Connection", "")
+            assert received["Authorization"] == "Bearer engine-api-key"
+            assert received["x-end-to-end"] == "kept"
+
+    run(scenario)
+
+
+def test_engine_live_tuning_route_is_refused_on_the_data_port() -> None:
+    async def scenario() -> None:
+        async with gate_stack(native="sglang") as stack:
+            body = {"server_args": {"chunked_prefill_size": 1}}
+            async with stack.client.post(f"{stack.url}/set_internal_state", json=body) as response:
+                assert response.status == 403
+                error = (await response.json())["error"]
+                assert error["code"] == "engine_admin_route"
+                assert "PUT /config" in error["message"]
+            assert stack.engine.internal_state_calls == []
+
+    run(scenario)
+
+
+async def _stainless_like_client(stack: Stack, name: str, retries: int = 2) -> int:
+    """What the openai SDK does by default: resend a 429 twice, after its Retry-After,
+    numbering the attempts in x-stainless-retry-count. Returns the last status."""
+    body = {"prompt": "hi", "max_tokens": 2, "stream": True}
+    for attempt in range(retries + 1):
+        headers = {"x-stainless-retry-count": str(attempt), "x-request-id": name}
+        async with stack.client.post(
+            f"{stack.url}/v1/completions", json=body, headers=headers
+        ) as response:
+            await response.read()
+            if response.status != 429 or attempt == retries:
+                return response.status
+            await asyncio.sleep(float(response.headers["Retry-After"]))
+    raise AssertionError("unreachable")
+
+
+def test_client_retries_of_shed_requests_are_counted_apart() -> None:
+    retried = "batchpilot_gate_retried_requests_total"
+    shed = ("batchpilot_gate_shed_total", (("reason", "queue_deadline"),))
+
+    async def scenario() -> None:
+        async with gate_stack(Knobs(max_concurrency=1, queue_deadline_ms=100)) as stack:
+            blocker = asyncio.create_task(stack.complete(**{"x-hold": "1"}))
+            await wait_until(lambda: stack.engine.running == 1)
+            # 4 requests, each shed on its first attempt and both retries.
+            statuses = await asyncio.gather(
+                *(_stainless_like_client(stack, f"r{index}") for index in range(4))
+            )
+            assert statuses == [429] * 4
+            metrics = await stack.metrics()
+            assert metrics[shed] == 12
+            assert metrics[(retried, (("outcome", "shed"),))] == 8
+            # Distinct requests that met the full queue: sheds less retried sheds.
+            assert metrics[shed] - metrics[(retried, (("outcome", "shed"),))] == 4
+            stack.engine.release_holds.set()
+            assert (await blocker)[0] == 200
+            # A retry that finds room is admitted and counted so; a header that
+            # is not a number is a first attempt, never a reason to refuse.
+            assert (await stack.complete(**{"x-stainless-retry-count": "1"}))[0] == 200
+            for not_a_count in ("soon", "²"):
+                headers = {"x-stainless-retry-count": not_a_count}
+                assert (await stack.complete(**headers))[0] == 200
+            metrics = await stack.metrics()
+            assert metrics[(retried, (("outcome", "admitted"),))] == 1
+            assert metrics[("batchpilot_gate_admitted_total", ())] == 4
 
     run(scenario)
 
@@ -969,6 +1108,7 @@ def test_metric_names_and_labels_are_exactly_the_contract() -> None:
                 "batchpilot_gate_shed": ("counter", {"reason"}),
                 "batchpilot_gate_failed": ("counter", {"reason"}),
                 "batchpilot_gate_upstream_retries": ("counter", {"reason"}),
+                "batchpilot_gate_retried_requests": ("counter", {"outcome"}),
                 "batchpilot_gate_knob": ("gauge", {"knob"}),
                 "batchpilot_gate_discipline": ("gauge", {"discipline"}),
                 "batchpilot_gate_config_version": ("gauge", set()),
@@ -977,6 +1117,7 @@ def test_metric_names_and_labels_are_exactly_the_contract() -> None:
             # The fake engine's 4 token events, 2 ms apart.
             assert "batchpilot_gate_time_per_output_token_seconds_count 1.0" in text
             assert 'batchpilot_gate_upstream_retries_total{reason="socket_error"} 0.0' in text
+            assert 'batchpilot_gate_retried_requests_total{outcome="shed"} 0.0' in text
             assert "batchpilot_gate_admitted_total 1.0" in text
 
     run(scenario)

@@ -1,6 +1,9 @@
 """The chart against the real API server (tests/stack): every rendered object is
-accepted by a server-side dry-run, and the RBAC, applied for real, lets the
-operator's ServiceAccount do exactly its job.
+accepted by a server-side dry-run, the RBAC, applied for real, lets the
+operator's ServiceAccount do exactly its job, and `helm install` works the ways
+docs/install.md says (CRDs applied with kubectl first; several releases on
+disjoint namespaces), running the doc's commands as written, and refuses
+conflicting releases with the value to change.
 
 ServiceMonitor and PrometheusRule are left out of the dry-run: the test API
 server has no Prometheus Operator CRDs (promtool checks the rules instead,
@@ -9,6 +12,8 @@ tests/test_alerts_rules.py).
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +25,14 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from stack import KubeAPIServer, create_namespace, service_account_token, unique_name
+from stack import (
+    KubeAPIServer,
+    StackError,
+    create_namespace,
+    service_account_token,
+    start_kube_apiserver,
+    unique_name,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "batchpilot"
@@ -229,3 +241,235 @@ def test_real_calls_succeed_or_get_403(installed: Installed) -> None:
     assert _status_of(lambda: core.list_namespaced_secret(ns)) == 403
     other_pods = _status_of(lambda: core.list_namespaced_pod(installed.other))
     assert other_pods == (200 if installed.cluster_wide else 403)
+
+
+# --- helm install: who owns the CRD, several releases ----------------------------------
+# Each test gets an API server of its own: a CRD is cluster-wide, and the
+# session's kube_api holds the CRD that other tests applied without Helm.
+
+INSTALL_DOC = REPO / "docs" / "install.md"
+OWNERSHIP_SECTION = "### CRDs installed with kubectl, and several releases"
+CRD_NAME = "inferencepolicies.batchpilot.dev"
+# The docs' placeholders, and what the tests type instead (an image reference
+# is never pulled: the test API server runs no pods).
+PLACEHOLDERS = {"<your-registry>": "registry.example"}
+
+
+def doc_block(section: str, first_command: str) -> str:
+    """The ```bash block of docs/install.md's `section` that starts with
+    `first_command`, placeholders filled in: what a user would paste."""
+    blocks: list[str] = []
+    in_section = False
+    fence: tuple[str, list[str]] | None = None  # the open code block's language and lines
+    for line in INSTALL_DOC.read_text().splitlines(keepends=True):
+        if fence is not None:
+            if not line.startswith("```"):
+                fence[1].append(line)
+                continue
+            if fence[0] == "bash" and in_section:
+                blocks.append("".join(fence[1]))
+            fence = None
+        elif line.startswith("```"):
+            fence = (line[3:].strip(), [])
+        elif line.startswith("#"):  # a heading: a `# comment` inside a block never gets here
+            in_section = line.strip() == section
+    matching = [block for block in blocks if block.startswith(first_command)]
+    assert len(matching) == 1, f"expected one bash block starting {first_command!r} in {section!r}"
+    (block,) = matching
+    for placeholder, value in PLACEHOLDERS.items():
+        block = block.replace(placeholder, value)
+    return block
+
+
+@dataclass
+class Cluster:
+    """An API server with no CRD, and a shell whose helm and kubectl talk to it."""
+
+    api: KubeAPIServer
+    tools: Path  # the directory holding dev-setup's helm and kubectl
+
+    def sh(self, script: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.api.kubeconfig),
+            "PATH": f"{self.tools}{os.pathsep}{os.environ['PATH']}",
+        }
+        return subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    def ok(self, script: str) -> str:
+        result = self.sh(script)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def releases(self) -> dict[str, str]:
+        """{name: status} of every release in the cluster."""
+        return {
+            release["name"]: release["status"]
+            for release in json.loads(self.ok("helm list --all-namespaces -o json"))
+        }
+
+    def crd_owner(self) -> str | None:
+        with self.api.api_client() as admin:
+            crd = client.ApiextensionsV1Api(admin).read_custom_resource_definition(CRD_NAME)
+        return (crd.metadata.annotations or {}).get("meta.helm.sh/release-name")
+
+
+def _start_cluster(workdir: Path, helm: Path, kubectl: Path) -> Cluster:
+    assert helm.parent == kubectl.parent  # one directory on PATH serves both
+    try:
+        return Cluster(api=start_kube_apiserver(workdir), tools=helm.parent)
+    except StackError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def empty_cluster(tmp_path: Path, helm: Path, kubectl: Path) -> Iterator[Cluster]:
+    cluster = _start_cluster(tmp_path, helm, kubectl)
+    yield cluster
+    cluster.api.stop()
+
+
+@pytest.fixture(scope="module")
+def two_teams(
+    tmp_path_factory: pytest.TempPathFactory, helm: Path, kubectl: Path
+) -> Iterator[Cluster]:
+    """The docs' two releases, each watching its team's namespace; and team-c,
+    an empty namespace for the mistakes below."""
+    cluster = _start_cluster(tmp_path_factory.mktemp("two-teams"), helm, kubectl)
+    cluster.ok(doc_block(OWNERSHIP_SECTION, "kubectl create namespace team-a"))
+    cluster.ok("kubectl create namespace team-c")
+    yield cluster
+    cluster.api.stop()
+
+
+def test_crds_applied_with_kubectl_then_the_chart_as_documented(empty_cluster: Cluster) -> None:
+    documented = doc_block(OWNERSHIP_SECTION, "kubectl apply -f crds/")
+    assert "--set crds.enabled=false" in documented
+    empty_cluster.ok("kubectl apply -f crds/")
+
+    # What the issue's user typed: the chart's defaults. Refused before Helm
+    # writes anything, with the value to set instead of "invalid ownership metadata".
+    without_the_value = documented.replace("kubectl apply -f crds/\n", "").replace(
+        "--set crds.enabled=false", ""
+    )
+    refused = empty_cluster.sh(without_the_value)
+    assert refused.returncode != 0
+    assert (
+        f"CustomResourceDefinition {CRD_NAME} already exists and belongs to no Helm release"
+        in refused.stderr
+    )
+    assert "install this release with --set crds.enabled=false" in refused.stderr
+    assert f'docs/install.md, "{OWNERSHIP_SECTION.lstrip("# ")}"' in refused.stderr
+    assert empty_cluster.releases() == {}
+
+    empty_cluster.ok(documented)
+
+    assert empty_cluster.releases() == {"batchpilot": "deployed"}
+    assert empty_cluster.crd_owner() is None  # still kubectl's: the chart left it alone
+    manifest = empty_cluster.ok("helm get manifest batchpilot -n batchpilot-system")
+    assert "kind: CustomResourceDefinition" not in manifest
+    # The documented upgrade path: the CRD again with kubectl, then the chart.
+    empty_cluster.ok(
+        "kubectl apply -f crds/\n"
+        "helm upgrade batchpilot ./helm/batchpilot -n batchpilot-system --reuse-values"
+    )
+    # This release watches every namespace, so a namespaced one would overlap it.
+    empty_cluster.ok("kubectl create namespace team-a")
+    overlapping = empty_cluster.sh(
+        "helm install team-a ./helm/batchpilot -n team-a "
+        "--set crds.enabled=false --set 'watchNamespaces={team-a}'"
+    )
+    assert overlapping.returncode != 0
+    assert (
+        "Helm release batchpilot in namespace batchpilot-system already watches every namespace"
+        in overlapping.stderr
+    )
+    assert empty_cluster.releases() == {"batchpilot": "deployed"}
+
+
+def test_several_releases_with_disjoint_namespaces_as_documented(two_teams: Cluster) -> None:
+    assert two_teams.releases() == {
+        "batchpilot-team-a": "deployed",
+        "batchpilot-team-b": "deployed",
+    }
+    assert two_teams.crd_owner() == "batchpilot-team-a"
+    assert "kind: CustomResourceDefinition" not in two_teams.ok(
+        "helm get manifest batchpilot-team-b -n team-b"
+    )
+    with two_teams.api.api_client() as admin:
+        rbac = client.RbacAuthorizationV1Api(admin)
+        selector = "app.kubernetes.io/part-of=batchpilot"
+        roles = {
+            (role.metadata.namespace, role.metadata.name)
+            for role in rbac.list_role_for_all_namespaces(label_selector=selector).items
+        }
+        cluster_roles = {
+            role.metadata.name for role in rbac.list_cluster_role(label_selector=selector).items
+        }
+    assert roles == {("team-a", "batchpilot-team-a"), ("team-b", "batchpilot-team-b")}
+    # Cluster-wide, only what kopf's discovery needs; no cluster-wide work rules.
+    assert cluster_roles == {"batchpilot-team-a-discovery", "batchpilot-team-b-discovery"}
+    # A release's own CRD, ClusterRole and Roles never count as someone else's.
+    for team in ("team-a", "team-b"):
+        two_teams.ok(f"helm upgrade batchpilot-{team} ./helm/batchpilot -n {team} --reuse-values")
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (
+            "helm install batchpilot-team-c ./helm/batchpilot -n team-c --set 'watchNamespaces={team-c}'",
+            f"crds.enabled=true, but CustomResourceDefinition {CRD_NAME} already exists and belongs "
+            "to Helm release batchpilot-team-a in namespace team-a. One installation owns the CRD and "
+            "every other release uses it: install this release with --set crds.enabled=false",
+        ),
+        (
+            "helm install batchpilot-team-a ./helm/batchpilot -n team-c --set crds.enabled=false "
+            "--set 'watchNamespaces={team-c}'",
+            "ClusterRole batchpilot-team-a-discovery already exists and belongs to Helm release "
+            "batchpilot-team-a in namespace team-a: cluster-scoped objects are named after the "
+            "release, so give this release another name",
+        ),
+        (
+            "helm install batchpilot-team-c ./helm/batchpilot -n team-c --set crds.enabled=false "
+            "--set 'watchNamespaces={team-c,team-b}'",
+            "watchNamespaces: namespace team-b is already watched by another batchpilot installation "
+            "(its Role batchpilot-team-b belongs to Helm release batchpilot-team-b in namespace team-b)",
+        ),
+        (
+            "helm install batchpilot-all ./helm/batchpilot -n team-c --set crds.enabled=false",
+            "watchNamespaces is empty, so this release would watch every namespace, but namespace "
+            "team-a is already watched by another batchpilot installation",
+        ),
+    ],
+    ids=[
+        "crd-owned-by-another-release",
+        "release-name-taken",
+        "namespace-overlap",
+        "cluster-wide-beside-namespaced",
+    ],
+)
+def test_a_conflicting_release_is_refused_with_the_value_to_change(
+    two_teams: Cluster, command: str, message: str
+) -> None:
+    before = two_teams.releases()
+    result = two_teams.sh(command)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "invalid ownership metadata" not in result.stderr
+    assert two_teams.releases() == before  # refused while rendering: nothing was written
+
+
+def test_uninstalling_the_crd_owner_leaves_the_crd_to_the_others(empty_cluster: Cluster) -> None:
+    empty_cluster.ok(doc_block(OWNERSHIP_SECTION, "kubectl create namespace team-a"))
+    empty_cluster.ok("helm uninstall batchpilot-team-a -n team-a")
+    assert empty_cluster.crd_owner() == "batchpilot-team-a"  # kept (crds.keep), as it was
+    empty_cluster.ok("helm upgrade batchpilot-team-b ./helm/batchpilot -n team-b --reuse-values")
+    assert empty_cluster.releases() == {"batchpilot-team-b": "deployed"}

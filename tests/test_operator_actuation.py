@@ -51,9 +51,12 @@ class ScriptedStepper:
     last_known_good: Knobs = field(default_factory=Knobs)
     calls: list[tuple[str, ...]] = field(default_factory=list)
     resumed: list[Knobs] = field(default_factory=list)
+    # Per resume: when it took over pods an earlier controller steered (None: none did).
+    took_over: list[float | None] = field(default_factory=list)
 
-    def resume(self, fleet_setting: Knobs) -> None:
+    def resume(self, fleet_setting: Knobs, *, steered_until_s: float | None = None) -> None:
         self.resumed.append(fleet_setting)
+        self.took_over.append(steered_until_s)
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision:
         self.calls.append(tuple(pods))
@@ -281,5 +284,75 @@ def test_a_pod_steered_by_another_policy_is_left_alone(stack_factory: Callable[.
             (laggard,) = outcome.report.actuation.laggards
             assert laggard.startswith("chat-1: already steered by InferencePolicy other-policy")
             assert [gate.gate.config.version for gate in stack.gates] == [2, 1]
+
+    asyncio.run(scenario())
+
+
+def test_an_event_names_what_a_restarted_gate_ran_not_what_was_sent(stack_factory: Callable[..., Any]) -> None:
+    """B4: a gate restarted unlimited, then a change: "none -> 32", not the record's "24 -> 32"."""
+    stepper = ScriptedStepper([Knobs(max_concurrency=24), Knobs(max_concurrency=32)])
+
+    async def scenario() -> None:
+        async with stack_factory(stepper) as stack, AsyncExitStack() as restarted:
+            runtime = PolicyRuntime("chat", stack.namespace)
+            await stack.cycle(runtime, spec_for(stack))
+            await stack.gates[0].stop()
+            # The same pod's gate back with no limit, as a restarted gate without its settings file.
+            (gate,), _ = await start_gates(restarted, [(IPS[0], TOKEN)], Knobs(), stack.admin_port)
+            second = await stack.cycle(runtime, spec_for(stack))
+            assert gate.gate.queue.knobs.max_concurrency == 32
+            (applied,) = [e for e in second.events if e.reason == "SettingsApplied"]
+            assert "chat-0: maxConcurrency none -> 32" in applied.message
+            assert "chat-1: maxConcurrency 24 -> 32" in applied.message
+            # The next step finds both at the target: no write, no Event.
+            third = await stack.cycle(runtime, spec_for(stack))
+            assert third.events == []
+            assert gate.gate.config.version == 2
+
+    asyncio.run(scenario())
+
+
+def test_recommend_after_auto_keeps_the_pods_and_reports_what_they_run(stack_factory: Callable[..., Any]) -> None:
+    """B3: leaving Auto for Recommend changes no gate, and the report reads what the gates run."""
+    cap15 = Knobs(max_concurrency=15)
+
+    async def scenario() -> None:
+        async with stack_factory(ScriptedStepper([cap15, Knobs(max_concurrency=40)])) as stack:
+            runtime = PolicyRuntime("chat", stack.namespace)
+            await stack.cycle(runtime, spec_for(stack, "Auto"), generation=1)
+            recommend = await stack.cycle(runtime, spec_for(stack, "Recommend"), generation=2)
+            assert [gate.gate.queue.knobs for gate in stack.gates] == [cap15, cap15]
+            assert recommend.events == []
+            report = recommend.report
+            assert report is not None and report.actuation is None and report.held is not None
+            assert (report.held.knobs, report.held.running, report.held.others) == (cap15, 2, ())
+            # A gate that restarted with its startup settings is named with what it runs.
+            await stack.gates[1].stop()
+            again = await stack.cycle(runtime, spec_for(stack, "Recommend"), generation=2)
+            assert again.report is not None and again.report.held is not None
+            assert again.report.held.running == 1
+            (other,) = again.report.held.others
+            assert other.startswith("chat-1: gate admin API at") and "unreachable" in other
+
+    asyncio.run(scenario())
+
+
+def test_a_controller_taking_over_steered_pods_is_told_when(stack_factory: Callable[..., Any]) -> None:
+    """After a restart the records say an earlier controller steered the pods: the new one
+    gets the time it took over, so its stabilization window starts empty (guards.stabilize)."""
+    target = Knobs(max_concurrency=24)
+
+    async def scenario() -> None:
+        stepper = ScriptedStepper([target])
+        async with stack_factory(stepper) as stack:
+            await stack.cycle(PolicyRuntime("chat", stack.namespace), spec_for(stack))
+            # Never steered before: resumed from the gates' startup settings, nothing missed.
+            assert (stepper.resumed, stepper.took_over) == ([STARTUP], [None])
+            restarted = PolicyRuntime("chat", stack.namespace)  # a new operator process's memory
+            before = datetime.now(UTC).timestamp()
+            await stack.cycle(restarted, spec_for(stack))
+            assert stepper.resumed[-1] == target
+            took_over = stepper.took_over[-1]
+            assert took_over is not None and before <= took_over <= datetime.now(UTC).timestamp()
 
     asyncio.run(scenario())

@@ -100,3 +100,46 @@ def test_no_status_write_while_nothing_changes(operator: OperatorProcess, k8s_cl
     assert status["applied"] == {"summary": "not applied (mode Recommend)"}
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["Ready"] == "True" and conditions["MetricsAvailable"] == "False"
+
+
+def log_lines(operator: OperatorProcess, needle: str) -> list[str]:
+    """The operator's log lines (kopf's format: `[time] logger [LEVEL] message`) that contain `needle`."""
+    assert operator.process is not None
+    return [line for line in (operator.workdir / "operator.log").read_text().splitlines() if needle in line]
+
+
+def test_one_info_line_per_step(operator: OperatorProcess, k8s_client: client.ApiClient, namespace: str,
+                                make_serving_pod: Callable[..., Any]) -> None:
+    make_serving_pod(namespace, "told-0", pod_ip="127.0.0.2", ports={"admin": 9090}, labels={"app": "told"})
+    create_policy(k8s_client, namespace, "told", selector={"matchLabels": {"app": "told"}})
+    eventually(lambda: metric(operator.metrics_url, "batchpilot_operator_decisions_total") >= 3, "three steps")
+    time.sleep(INTERVAL_S / 2)  # the third step's line is written after the metric moves
+    decisions = metric(operator.metrics_url, "batchpilot_operator_decisions_total")
+    lines = log_lines(operator, f"policy {namespace}/told: ")
+    # One per step (a fourth may have run between the two reads), each at INFO with the decision.
+    assert decisions <= len(lines) <= decisions + 1, lines
+    assert all("[INFO" in line and "mode Recommend; pods 1/1 ready" in line and "recommends cap=" in line
+               for line in lines), lines
+
+
+def test_prometheus_down_is_named_by_every_condition_and_logged_once(
+    kube_api: Any, inferencepolicy_crd: None, namespace: str, k8s_client: client.ApiClient,
+    make_serving_pod: Callable[..., Any], tmp_path: Path,
+) -> None:
+    """B2 and the log: every step fails the same way; the conditions say so, the log says it once a minute."""
+    make_serving_pod(namespace, "dark-0", pod_ip="127.0.0.2", ports={"admin": 9090}, labels={"app": "dark"})
+    # Port 9 (discard) on loopback: nothing listens, every query is refused.
+    with OperatorProcess(workdir=tmp_path, kubeconfig=kube_api.kubeconfig, namespaces=[namespace],
+                         prometheus_url="http://127.0.0.1:9").start() as operator:
+        create_policy(k8s_client, namespace, "dark", selector={"matchLabels": {"app": "dark"}})
+        eventually(lambda: metric(operator.metrics_url, 'batchpilot_operator_errors_total{reason="MetricsUnavailable"}')
+                   >= 4, "four failed steps")
+        status = read_policy(k8s_client, namespace, "dark")["status"]
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "MetricsUnavailable")
+        assert (conditions["SLOMet"]["status"], conditions["SLOMet"]["reason"]) == ("Unknown", "QueryFailed")
+        assert (conditions["Degraded"]["status"], conditions["Degraded"]["reason"]) == ("True", "MetricsUnavailable")
+        refused = conditions["Ready"]["message"]
+        assert refused in conditions["SLOMet"]["message"] and refused in conditions["Degraded"]["message"]
+        lines = log_lines(operator, f"policy {namespace}/dark: ")
+        assert len(lines) == 1 and "[WARNING" in lines[0] and "no step (MetricsUnavailable" in lines[0], lines

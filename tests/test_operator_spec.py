@@ -121,6 +121,9 @@ def test_metrics_fields_other_than_endpoint_reach_the_policy() -> None:
         ({"selector": SELECTOR, "slo": SLO, "knobs": {"maxConcurrency": {"min": 64, "max": 8}}},
          "spec.knobs.maxConcurrency.max", "at least min"),
         ({"selector": SELECTOR, "slo": SLO, "surprise": 1}, "spec.surprise", "unknown field"),
+        # Stored before the CRD's rule: the gate would admit what the engine can only queue.
+        ({"selector": SELECTOR, "slo": SLO, "engine": {"maxNumSeqs": 64}, "knobs": {"maxConcurrency": {"max": 512}}},
+         "spec.knobs.maxConcurrency.max", "512 is above spec.engine.maxNumSeqs (64)"),
     ],
 )
 def test_invalid_specs_name_the_field(spec: dict[str, Any], field: str, says: str) -> None:

@@ -15,6 +15,7 @@ from batchpilot.operator.status import (
     MAX_LAGGARDS,
     ActuationReport,
     CycleReport,
+    HeldReport,
     PodCounts,
     Problem,
     build_status,
@@ -189,9 +190,50 @@ def test_recommendation_time_moves_only_when_the_knobs_do() -> None:
     assert moved["recommendation"]["knobs"]["maxConcurrency"] == 32
 
 
-def test_reasons_carry_knob_changes_in_spec_names() -> None:
-    status = build_status(report(), {}, generation=1, now=T0)
-    assert status["recommendation"]["reasons"] == ["decide: predicted goodput is higher (maxConcurrency 256 -> 64)"]
+def test_guard_reasons_say_wanted_and_allowed_never_an_arrow() -> None:
+    """An arrow is "ran -> runs" in Events; a guard's pair is what was wanted and what it let through."""
+    held = Reason("guard:stabilize", "recommendations in the last 20 s disagree: moving only as far as all agree",
+                  "max_concurrency", 209, 512)
+    status = build_status(report(decision(cap=512, reasons=(held,))), {}, generation=1, now=T0)
+    (text,) = status["recommendation"]["reasons"]
+    assert text == ("guard:stabilize: recommendations in the last 20 s disagree: moving only as far as all agree "
+                    "(maxConcurrency: wanted 209, allowed 512)")
+    assert "->" not in text
+
+
+def test_prometheus_down_names_the_failed_query_in_every_condition() -> None:
+    """B2: not "no completed requests" nor "Healthy" while the query fails."""
+    down = "Prometheus query for admitted failed: connection refused"
+    status = build_status(report(decision=None, problem=(Problem.METRICS_UNAVAILABLE, down), actuation=None),
+                          {}, generation=1, now=T0)
+    got = conditions(status)
+    assert (got["SLOMet"]["status"], got["SLOMet"]["reason"]) == ("Unknown", "QueryFailed")
+    assert down in got["SLOMet"]["message"]
+    assert (got["Degraded"]["status"], got["Degraded"]["reason"]) == ("True", "MetricsUnavailable")
+    assert down in got["Degraded"]["message"]
+    # Metrics missing for the pods (Prometheus answered): that, not "no completed requests".
+    missing = conditions(build_status(report(decision(slo_met=None, metrics=False)), {}, generation=1, now=T0))
+    assert (missing["SLOMet"]["status"], missing["SLOMet"]["reason"]) == ("Unknown", "MissingOrStale")
+    idle = conditions(build_status(report(decision(slo_met=None)), {}, generation=1, now=T0))
+    assert idle["SLOMet"]["reason"] == "NoCompletedRequests"
+    assert idle["Degraded"]["reason"] == "Healthy"
+
+
+def test_recommend_after_auto_shows_the_settings_the_pods_still_run() -> None:
+    """B3: leaving Auto changes no pod, and the status says what they run, never "not applied"."""
+    cap15 = Knobs(max_concurrency=15)
+    held = report(mode=Mode.RECOMMEND, actuation=None, held=HeldReport(cap15, 1, ("chat-1: runs cap=none",)))
+    status = build_status(held, {}, generation=2, now=T0)
+    assert status["applied"] == {
+        "knobs": {"maxConcurrency": 15, "agingMs": 2000, "discipline": "fcfs"},
+        "upToDate": 1,
+        "laggards": ["chat-1: runs cap=none"],
+        "summary": "1/2 still cap=15 tokens=none fcfs deadline=none from Auto (mode Recommend)",
+    }
+    ready = conditions(status)["Ready"]
+    assert "keep the settings Auto last applied" in ready["message"]
+    never = build_status(report(mode=Mode.RECOMMEND, actuation=None), {}, generation=2, now=T0)
+    assert never["applied"] == {"summary": "not applied (mode Recommend)"}
 
 
 def test_last_change_time_set_by_changes_only() -> None:

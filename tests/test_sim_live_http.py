@@ -312,6 +312,29 @@ def test_metrics_are_the_engines_own_and_count_requests() -> None:
     run(scenario)
 
 
+def test_gate_passes_the_engines_other_routes_through() -> None:
+    async def scenario() -> None:
+        async with (
+            sim_server(time_scale=20) as (_, engine_url),
+            gate_in_front(engine_url, Knobs(max_concurrency=1)) as (_, url, _),
+            aiohttp.ClientSession() as session,
+        ):
+            body = {"prompt": "x", "max_tokens": 4, "stream": True}
+            assert (await post(session, url + "/v1/completions", body))[0] == 200
+            # vLLM serves /metrics on its API port: through the gate it is the engine's.
+            async with session.get(url + "/metrics") as response:
+                through = await response.text()
+            async with session.get(engine_url + "/metrics") as response:
+                assert through == await response.text()
+            assert "vllm:generation_tokens_total 4.0" in through
+            # No embeddings on a generative engine: the client hears the engine's
+            # own 404, not one from the gate.
+            async with session.post(url + "/v1/embeddings", json={"input": "x"}) as response:
+                assert (response.status, await response.text()) == (404, "404: Not Found")
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "param"),
     [

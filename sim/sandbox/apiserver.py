@@ -80,9 +80,11 @@ def write_kubeconfig(
     user: str,
     token: str | None = None,
     client_cert: tuple[Path, Path] | None = None,
+    namespace: str | None = None,
 ) -> Path:
     """Write a kubeconfig for `server` (verified against `ca_file`) as bearer
-    `token`, or with the client certificate and key `client_cert`.
+    `token`, or with the client certificate and key `client_cert`; its
+    context's default namespace is `namespace` when given.
 
     `user` names the kubeconfig's user and context. Mode 0600: it holds a credential.
     """
@@ -93,6 +95,9 @@ def write_kubeconfig(
             "client-certificate": str(client_cert[0]),
             "client-key": str(client_cert[1]),
         }
+    context = {"cluster": "batchpilot-test", "user": user}
+    if namespace is not None:
+        context["namespace"] = namespace
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -103,7 +108,7 @@ def write_kubeconfig(
             }
         ],
         "users": [{"name": user, "user": credential}],
-        "contexts": [{"name": user, "context": {"cluster": "batchpilot-test", "user": user}}],
+        "contexts": [{"name": user, "context": context}],
         "current-context": user,
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from .kube import create_serving_pod
 from .llama_server import start_llama_server
 from .process import ManagedProcess, Stoppable, free_loopback_port, http_get, http_ok
 from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
-from .tools import BATCHPILOT_CLI
+from .tools import BATCHPILOT_CLI, StackError
 
 GATE_TOKEN_SECRET = "gate-token"
 # How long a gate or an engine may take to answer after its start: the 60 s
@@ -128,14 +129,21 @@ def start_fleet(
     scenario: Path | None = None,
     time_scale: float = 1.0,
     llama: ServerOptions | None = None,
+    pod_prefix: str = "chat",
+    admin_port: int | None = None,
 ) -> Fleet:
-    """Start one gated engine per ip (pods `chat-0`, `chat-1`, ...) and Prometheus.
+    """Start one gated engine per ip (pods `chat-0`, `chat-1`, ... after
+    `pod_prefix`) and Prometheus.
 
     The engines are `sim serve` of `scenario`, or llama-servers started with
     `llama`: give exactly one. Every sim engine and gate is launched before
     any is waited for, so their start-ups overlap. The gates' token is random
     and stored in the Secret `gate-token`. Returns when every gate is ready
     (its engine answered) and Prometheus has scraped every target.
+
+    The gates' admin API listens on `admin_port` (a policy's
+    `spec.actuation.adminPort`), or on a port free on every ip. A given port
+    that is taken on one of them raises StackError naming it.
     """
     if (scenario is None) == (llama is None):
         raise ValueError("start_fleet: give exactly one of scenario= (sim serve) and llama=")
@@ -150,10 +158,14 @@ def start_fleet(
             data={"token": base64.b64encode(token.encode()).decode()},
         ),
     )
-    fleet = Fleet(namespace, free_loopback_port(ips), workdir)
+    if admin_port is None:
+        admin_port = free_loopback_port(ips)
+    else:
+        _require_free(admin_port, ips)
+    fleet = Fleet(namespace, admin_port, workdir)
     try:
         for index, ip in enumerate(ips):
-            name = f"chat-{index}"
+            name = f"{pod_prefix}-{index}"
             if llama is not None:
                 # Started and waited for one by one: llama-server loads in a second.
                 server = start_llama_server(llama, host=ip, workdir=workdir / name)
@@ -207,3 +219,19 @@ def _launch(fleet: Fleet, name: str, args: list[str]) -> ManagedProcess:
     process = ManagedProcess(name, [*BATCHPILOT_CLI, *args], fleet.workdir / f"{name}.log")
     fleet._processes.append(process)
     return process
+
+
+def _require_free(port: int, ips: Sequence[str]) -> None:
+    for ip in ips:
+        with socket.socket() as probe:
+            # As the gate binds (aiohttp sets SO_REUSEADDR): connections of a
+            # gate stopped a moment ago, still in TIME_WAIT, do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError as error:
+                raise StackError(
+                    f"port {port} on {ip} is taken ({error.strerror}): the gates' admin API "
+                    "needs it on every pod address; stop what listens there or choose another "
+                    "admin port"
+                ) from error

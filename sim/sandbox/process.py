@@ -168,6 +168,7 @@ class ManagedProcess:
         argv: Sequence[str],
         log_path: Path,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
@@ -178,6 +179,7 @@ class ManagedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=None if env is None else dict(env),
+            cwd=cwd,
             # Its own session: a Ctrl-C in the terminal reaches pytest, whose
             # teardown then stops the server in order.
             start_new_session=True,

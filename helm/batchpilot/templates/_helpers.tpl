@@ -80,6 +80,70 @@ combinations a schema cannot express readably.
 {{- end }}
 
 {{/*
+Who owns a live object, when it is not this release: "Helm release R in
+namespace N", "no Helm release (...)", or "" when the object is absent or this
+release's own. Called as (list $ $live), $live from `lookup`. Helm's own error
+for such an object, "invalid ownership metadata", names neither the owner nor
+the value to change; the callers fail with both instead. `lookup` reads the
+cluster on install and upgrade only: `helm template` and --dry-run=client get
+nothing, so GitOps renderings (Argo CD) are never refused here.
+*/}}
+{{- define "batchpilot.otherOwner" -}}
+{{- $root := index . 0 }}
+{{- $live := index . 1 }}
+{{- if $live }}
+{{- $annotations := default dict $live.metadata.annotations }}
+{{- $release := get $annotations "meta.helm.sh/release-name" }}
+{{- $namespace := get $annotations "meta.helm.sh/release-namespace" }}
+{{- if not $release }}
+{{- print "no Helm release (it was applied with kubectl or another tool)" }}
+{{- else if not (and (eq $release $root.Release.Name) (eq $namespace $root.Release.Namespace)) }}
+{{- printf "Helm release %s in namespace %s" $release $namespace }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Refuse a watch scope that overlaps another installation's: two operators on
+one namespace would overwrite each other's settings on the same pods. Each
+installation's scope is visible in its RBAC: a Role per watched namespace, or
+a ClusterRole granting inferencepolicies cluster-wide. Only objects labelled
+part-of=batchpilot and owned by someone else count. Rendering without a
+cluster (helm template) looks up nothing and checks nothing.
+*/}}
+{{- define "batchpilot.validateWatchScope" -}}
+{{- $rbac := "rbac.authorization.k8s.io/v1" }}
+{{- $roles := list }}
+{{- if .Values.watchNamespaces }}
+{{- range $namespace := .Values.watchNamespaces }}
+{{- $roles = concat $roles (default list (lookup $rbac "Role" $namespace "").items) }}
+{{- end }}
+{{- else }}
+{{- /* Cluster-wide: every namespaced installation overlaps this one. */}}
+{{- $roles = default list (lookup $rbac "Role" "" "").items }}
+{{- end }}
+{{- range $role := $roles }}
+{{- if eq (get (default dict $role.metadata.labels) "app.kubernetes.io/part-of") "batchpilot" }}
+{{- with include "batchpilot.otherOwner" (list $ $role) }}
+{{- $namespace := $role.metadata.namespace }}
+{{- if $.Values.watchNamespaces }}
+{{- fail (printf "watchNamespaces: namespace %s is already watched by another batchpilot installation (its Role %s belongs to %s), and two operators would fight over the same pods: remove %s from this release's watchNamespaces" $namespace $role.metadata.name . $namespace) }}
+{{- else }}
+{{- fail (printf "watchNamespaces is empty, so this release would watch every namespace, but namespace %s is already watched by another batchpilot installation (its Role %s belongs to %s): list this release's namespaces in watchNamespaces, leaving out the ones other releases watch" $namespace $role.metadata.name .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $clusterRole := default list (lookup $rbac "ClusterRole" "" "").items }}
+{{- if and (eq (get (default dict $clusterRole.metadata.labels) "app.kubernetes.io/part-of") "batchpilot") (contains "\"inferencepolicies\"" (toJson $clusterRole.rules)) }}
+{{- with include "batchpilot.otherOwner" (list $ $clusterRole) }}
+{{- fail (printf "watchNamespaces: %s already watches every namespace (its ClusterRole %s), and two operators would fight over the same pods: give that release watchNamespaces too, disjoint from this one's" . $clusterRole.metadata.name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The operator's config file: values.config verbatim, plus the settings the chart
 owns because other templates depend on them (RBAC scope, container ports).
 */}}
@@ -87,6 +151,7 @@ owns because other templates depend on them (RBAC scope, container ports).
 {{- $owned := dict
       "namespaces" .Values.watchNamespaces
       "health_host" "0.0.0.0"
+      "metrics_host" "0.0.0.0"
       "health_port" (int .Values.health.port)
       "metrics_port" (ternary (int .Values.metrics.port) 0 .Values.metrics.enabled) }}
 {{- merge $owned (deepCopy .Values.config) | toYaml }}
