@@ -21,11 +21,11 @@ import math
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from kubernetes import client as k8s
@@ -429,22 +429,20 @@ async def apply_decision(
         laggards = tuple(f"{pod.name}: {err}" for pod in ready)
         return ActuationReport(decision.target, 0, laggards), notes
     runtime.warned.pop(Problem.TOKEN_UNAVAILABLE, None)
-    slots = asyncio.Semaphore(op.config.actuation_concurrency)
     stamp = timestamp(now_wall)
 
     async def one(pod: PodInfo) -> tuple[str, str | None, Knobs | None]:
         """(pod, laggard reason or None, the knobs it ran before if they changed)."""
         target = decision.per_pod.get(pod.name, decision.target)
         assert pod.ip is not None
-        async with slots:
-            try:
-                canary = pod.name == decision.canary_pod
-                return await _apply_one(op, runtime, parsed, pod, target, canary, token, stamp)
-            except (GateError, KubeError) as err:
-                op.metrics.actuations.labels("failed").inc()
-                return pod.name, str(err), None
+        try:
+            canary = pod.name == decision.canary_pod
+            return await _apply_one(op, runtime, parsed, pod, target, canary, token, stamp)
+        except (GateError, KubeError) as err:
+            op.metrics.actuations.labels("failed").inc()
+            return pod.name, str(err), None
 
-    results = await asyncio.gather(*(one(pod) for pod in ready))
+    results = await _each_pod(op, ready, one)
     laggards = tuple(f"{name}: {why}" for name, why, _ in results if why is not None)
     changed = {name: before for name, why, before in results if why is None and before is not None}
     if changed:
@@ -526,19 +524,15 @@ async def held_settings(
     ours = [pod for pod in ready if _ours(pod, runtime.name)]
     if not ours:
         return None
-    slots = asyncio.Semaphore(op.config.actuation_concurrency)
 
     async def one(pod: PodInfo) -> Knobs | str:
         assert pod.ip is not None
-        async with slots:
-            try:
-                return (await op.gates.read(pod.ip, parsed.actuation.admin_port)).knobs
-            except GateError as err:
-                return str(err)
+        try:
+            return (await op.gates.read(pod.ip, parsed.actuation.admin_port)).knobs
+        except GateError as err:
+            return str(err)
 
-    answers = dict(
-        zip((pod.name for pod in ours), await asyncio.gather(*map(one, ours)), strict=True)
-    )
+    answers = dict(zip((pod.name for pod in ours), await _each_pod(op, ours, one), strict=True))
     running = Counter(knobs for knobs in answers.values() if isinstance(knobs, Knobs))
     # No gate answered: what the records say was applied is the best knowledge.
     recorded = Counter(pod.record.knobs for pod in ours if pod.record is not None)
@@ -579,26 +573,24 @@ async def restore_pods(
             )
         )
         return notes
-    slots = asyncio.Semaphore(op.config.actuation_concurrency)
 
     async def one(pod: PodInfo) -> str | None:
         record = pod.record
         assert record is not None
-        async with slots:
-            try:
-                if pod.ip is None:
-                    raise GateError("the pod has no IP")
-                await op.gates.write(pod.ip, port, token, record.startup or Knobs())
-                await asyncio.to_thread(
-                    write_annotations, op.kube, runtime.namespace, pod.name, CLEARED_ANNOTATIONS
-                )
-            except (GateError, KubeError) as err:
-                op.metrics.actuations.labels("failed").inc()
-                return f"{pod.name}: {err}"
+        try:
+            if pod.ip is None:
+                raise GateError("the pod has no IP")
+            await op.gates.write(pod.ip, port, token, record.startup or Knobs())
+            await asyncio.to_thread(
+                write_annotations, op.kube, runtime.namespace, pod.name, CLEARED_ANNOTATIONS
+            )
+        except (GateError, KubeError) as err:
+            op.metrics.actuations.labels("failed").inc()
+            return f"{pod.name}: {err}"
         op.metrics.actuations.labels("restored").inc()
         return None
 
-    failures = [why for why in await asyncio.gather(*(one(pod) for pod in ours)) if why is not None]
+    failures = [why for why in await _each_pod(op, ours, one) if why is not None]
     restored = len(ours) - len(failures)
     if restored:
         notes.append(
@@ -693,6 +685,22 @@ async def _startup_setting(
 
     answers = [knobs for knobs in await asyncio.gather(*map(startup, ready)) if knobs]
     return Counter(answers).most_common(1)[0][0] if answers else None
+
+
+T = TypeVar("T")
+
+
+async def _each_pod(
+    op: Operator, pods: Sequence[PodInfo], work: Callable[[PodInfo], Awaitable[T]]
+) -> list[T]:
+    """`work` for every pod, at most `actuation_concurrency` at once; results in pod order."""
+    slots = asyncio.Semaphore(op.config.actuation_concurrency)
+
+    async def bounded(pod: PodInfo) -> T:
+        async with slots:
+            return await work(pod)
+
+    return list(await asyncio.gather(*map(bounded, pods)))
 
 
 def _ours(pod: PodInfo, policy: str) -> bool:

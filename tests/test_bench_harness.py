@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
+from stack.workloads import CALIBRATION
 
 from batchpilot.controller.knobs import Knobs
 from batchpilot.sim import baselines
@@ -28,7 +29,6 @@ from batchpilot.sim.scenario import Scenario, load_scenario
 from batchpilot.sim.workload import build_workload
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CALIBRATION = SHARED / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"
 pytestmark = pytest.mark.skipif(not CALIBRATION.exists(), reason="../shared data not present")
 
 

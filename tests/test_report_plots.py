@@ -7,6 +7,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from stack.workloads import CALIBRATION
 from typer.testing import CliRunner
 
 from batchpilot.cli.demo import load_demo_scenario
@@ -103,17 +104,10 @@ def test_mean_cap(knobs, expected) -> None:
         assert value == expected
 
 
-SHARED_CALIBRATION = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "calibration"
-    / "llama3.1-8b_vllm_step_latency.csv"
-)
 
 
 @pytest.mark.skipif(
-    not SHARED_CALIBRATION.is_file(),
+    not CALIBRATION.is_file(),
     reason="../shared is absent: `bench` reads the built-in scenario's calibration file from it",
 )
 def test_bench_report_option_writes_the_plots(tmp_path: Path) -> None:

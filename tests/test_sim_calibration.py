@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stack.workloads import CALIBRATION
 from typer.testing import CliRunner
 
 from batchpilot.cli.main import app
@@ -20,24 +21,16 @@ from batchpilot.sim.calibration import (
     read_rows,
 )
 
-SHARED_CSV = (
-    Path(__file__).resolve().parents[1]
-    / ".."
-    / "shared"
-    / "data"
-    / "calibration"
-    / "llama3.1-8b_vllm_step_latency.csv"
-)
 MODEL = "meta-llama/Meta-Llama-3.1-8B"
 needs_shared = pytest.mark.skipif(
-    not SHARED_CSV.exists(), reason="../shared calibration data not present"
+    not CALIBRATION.exists(), reason="../shared calibration data not present"
 )
 
 
 @needs_shared
 @pytest.mark.parametrize("system", ["h100_sxm", "a100_sxm"])
 def test_error_within_target_per_kind(system: str) -> None:
-    calibration = fit(read_rows(SHARED_CSV), MODEL, system)
+    calibration = fit(read_rows(CALIBRATION), MODEL, system)
     kinds = {e.kind for e in calibration.errors}
     assert {"decode_step", "prefill_bs1"} <= kinds and any(k.startswith("mixed_") for k in kinds)
     for error in calibration.errors:
@@ -138,7 +131,7 @@ def test_missing_rows_name_the_selector(
     model: str, system: str, tp: int | None, field: str, fragment: str
 ) -> None:
     with pytest.raises(CalibrationError, match=fragment) as info:
-        fit(read_rows(SHARED_CSV), model, system, tp)
+        fit(read_rows(CALIBRATION), model, system, tp)
     assert info.value.field == field
 
 
@@ -169,7 +162,7 @@ def test_calibrate_cli_writes_json(tmp_path: Path) -> None:
         [
             "sim",
             "calibrate",
-            str(SHARED_CSV),
+            str(CALIBRATION),
             "--model",
             MODEL,
             "--system",
@@ -189,7 +182,7 @@ def test_calibrate_cli_writes_json(tmp_path: Path) -> None:
 @needs_shared
 def test_calibrate_cli_missing_system_exits_2() -> None:
     result = CliRunner().invoke(
-        app, ["sim", "calibrate", str(SHARED_CSV), "--model", MODEL, "--system", "mi300x"]
+        app, ["sim", "calibrate", str(CALIBRATION), "--model", MODEL, "--system", "mi300x"]
     )
     assert result.exit_code == 2
     assert "'mi300x' has no rows" in result.output

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,9 @@ from typing import Any
 
 import yaml
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from urllib3.exceptions import HTTPError
 
 from batchpilot.sim.calibration import write_builtin_calibration
 from batchpilot.sim.scenario import ScenarioError, load_scenario
@@ -144,7 +148,10 @@ class SandboxState:
         return parts
 
     def _apiserver_ready(self) -> bool:
-        with contextlib.suppress(Exception), self.api_client() as api:
+        # Refused or reset (urllib3's errors), an error status, or a
+        # kubeconfig `down` removed meanwhile: not answering.
+        unreachable = (ApiException, HTTPError, OSError, ConfigException)
+        with contextlib.suppress(*unreachable), self.api_client() as api:
             client.VersionApi(api).get_code(_request_timeout=2)
             return True
         return False
@@ -251,7 +258,7 @@ def down(directory: Path) -> bool:
 
 def _remove(directory: Path) -> None:
     if directory.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(directory)], check=True)
+        shutil.rmtree(directory)
 
 
 def supervise(directory: Path, scenario: Path) -> None:
