@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from batchpilot.controller.loop import STEPS, PolicyController
-from batchpilot.controller.observe import RawWindow, SnapshotSource
+from batchpilot.controller.observe import RawWindow
 from batchpilot.controller.policy import Behavior, EngineSpec, MetricsSpec, Mode, Policy, Slo
+from batchpilot.controller.sources import SnapshotSource
 
 DECISION_TARGET_MS = 50.0
 MEMORY_TARGET_MIB = 5.0

@@ -51,17 +51,14 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from batchpilot.sim.calibration import COLUMNS  # noqa: E402
-from batchpilot.sim.llamacpp import (  # noqa: E402
+from batchpilot.sim.calibration import COLUMNS
+from batchpilot.sim.llamacpp import (
     DEFAULT_SERVER_OPTIONS,
     SERVED_MODEL,
     ServerOptions,
 )
-from batchpilot.sim.load import prompt_ids  # noqa: E402
-from batchpilot.sim.sandbox.llama_server import start_llama_server  # noqa: E402
+from batchpilot.sim.load import prompt_ids
+from batchpilot.sim.sandbox.llama_server import start_llama_server
 
 PREFILL_LENGTHS = (32, 64, 128, 256, 512, 1024, 2048)
 DECODE_BATCHES = (1, 2, 4, 8, 16)

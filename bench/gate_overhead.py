@@ -1,5 +1,9 @@
 """What the gate adds to every streamed token: latency per chunk, TTFT, and its own CPU.
 
+Why one module: one script that is two of the benchmark's three processes
+(the paced engine, `--role engine`, and the load generator), which must
+agree on the chunk format; nothing but its test loads it.
+
 Three processes: a paced streaming engine (this script, `--role engine`), the
 gate (`batchpilot gate`, its own process so its CPU can be read from /proc),
 and this script as the load generator. Engine and load generator are lean
@@ -347,8 +351,7 @@ def _start_gate(engine_port: int, log_path: Path) -> tuple[subprocess.Popen[byte
             [
                 sys.executable,
                 "-m",
-                "batchpilot.cli.main",
-                "gate",
+                "batchpilot.cli.gate",  # `batchpilot gate` as its image runs it
                 "--upstream",
                 f"http://127.0.0.1:{engine_port}",
                 "--listen",

@@ -11,7 +11,7 @@ it did, about 5% of the requests here failed with 502 upstream_unreachable.
 Each resend is counted in batchpilot_gate_upstream_retries_total, so the
 `retries` reported here are the 502s there would have been without it.
 
-Setup, all real and on loopback: llama-server (tests/stack, the generated
+Setup, all real and on loopback: llama-server (batchpilot.sim.sandbox, the generated
 model; `--parallel` slots) and `batchpilot gate` as its own process in front
 of it. `--clients` clients stream completions (`ignore_eos`, exactly
 `--max-tokens` tokens each) back to back, `--requests` in all; after every
@@ -45,13 +45,9 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
-# The test stack (tests/stack) starts llama-server the way the engine tests do.
-sys.path.insert(0, str(ROOT / "tests"))
-
-from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions  # noqa: E402
-from batchpilot.sim.sandbox.llama_server import start_llama_server  # noqa: E402
-from batchpilot.sim.sandbox.process import ManagedProcess  # noqa: E402
+from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions
+from batchpilot.sim.sandbox.llama_server import start_llama_server
+from batchpilot.sim.sandbox.process import ManagedProcess
 
 TOKEN = "gate-reuse-bench-token"
 CAPS = (2, 8, 1, 16, 4, 12)
@@ -72,7 +68,7 @@ class Tally:
 
 def start_gate(upstream: str, workdir: Path, knobs: dict[str, Any]) -> tuple[ManagedProcess, str, str]:
     """`batchpilot gate` on free loopback ports: (process, proxy URL, admin URL)."""
-    argv = [sys.executable, "-m", "batchpilot.cli.main", "gate", "--upstream", upstream,
+    argv = [sys.executable, "-m", "batchpilot.cli.gate", "--upstream", upstream,
             "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--knobs", json.dumps(knobs)]
     process = ManagedProcess("gate", argv, workdir / "gate.log", {**os.environ, "BATCHPILOT_GATE_TOKEN": TOKEN})
     ports: list[re.Match[str]] = []

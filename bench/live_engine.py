@@ -1,5 +1,9 @@
 """The live benchmark: a scenario's traffic against real llama-server replicas behind real gates.
 
+Why one module: a standalone script whose parts (the fleet, the live
+control loop, the comparison with the simulator) are stages of one run;
+only its test imports it, to call `main`.
+
     python bench/live_engine.py bench/scenarios/live-chat-to-long-prompts.yaml \\
         [--controllers static-default,static-best,aimd,adaptive] [--json OUT] [--compare-sim]
 
@@ -58,28 +62,26 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from batchpilot.controller.knobs import Knobs  # noqa: E402
-from batchpilot.operator.gates import GateClient, GateError  # noqa: E402
-from batchpilot.sim.baselines import FixedController  # noqa: E402
-from batchpilot.sim.bench import (  # noqa: E402
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
+from batchpilot.operator.gates import GateClient, GateError
+from batchpilot.sim.baselines import FixedController
+from batchpilot.sim.bench import (
     Simulation,
     controller_context,
     run_online,
     scenario_header,
 )
-from batchpilot.sim.bench import summarize as sim_summarize  # noqa: E402
-from batchpilot.sim.controllers import ControllerContext, build_controller  # noqa: E402
-from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions  # noqa: E402
-from batchpilot.sim.load import RequestRecord, replay, summarize  # noqa: E402
-from batchpilot.sim.sandbox.llama_server import LlamaServer, start_llama_server  # noqa: E402
-from batchpilot.sim.sandbox.process import ManagedProcess, cpu_seconds, free_loopback_port, http_ok  # noqa: E402
-from batchpilot.sim.sandbox.prometheus import ScrapeTarget, start_prometheus  # noqa: E402
-from batchpilot.sim.sandbox.tools import BATCHPILOT_CLI  # noqa: E402
-from batchpilot.sim.scenario import Scenario, load_scenario  # noqa: E402
-from batchpilot.sim.workload import Workload, build_workload  # noqa: E402
+from batchpilot.sim.bench import summarize as sim_summarize
+from batchpilot.sim.controllers import build_controller
+from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions
+from batchpilot.sim.load import RequestRecord, replay, summarize
+from batchpilot.sim.sandbox.llama_server import LlamaServer, start_llama_server
+from batchpilot.sim.sandbox.process import ManagedProcess, cpu_seconds, free_loopback_port, http_ok
+from batchpilot.sim.sandbox.prometheus import ScrapeTarget, start_prometheus
+from batchpilot.sim.sandbox.tools import BATCHPILOT_GATE
+from batchpilot.sim.scenario import Scenario, load_scenario
+from batchpilot.sim.workload import Workload, build_workload
 
 NAMESPACE = "bench"
 ENGINE_KIND = "llamacpp"
@@ -139,7 +141,7 @@ class Fleet:
                 port, admin = free_loopback_port(), free_loopback_port()
                 gate = ManagedProcess(
                     f"gate-{name}",
-                    [*BATCHPILOT_CLI, "gate", "--upstream", engine.url,
+                    [*BATCHPILOT_GATE, "--upstream", engine.url,
                      "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
                      "--token-file", str(token_file), "--log-level", "WARNING"],
                     workdir / f"gate-{name}.log",

@@ -1,5 +1,9 @@
 """What the operator costs: CPU, memory and control-step time for many policies and pods.
 
+Why one module: a standalone script whose parts (the synthetic exporter,
+the operator process it measures, the report) are stages of one run that
+nothing else imports.
+
     python bench/operator_cost.py [--policies 100] [--pods-per-policy 16] [--namespaces 10]
                                   [--measure 180] [--json OUT]
 
@@ -46,27 +50,24 @@ from typing import Any
 import yaml
 from kubernetes import client
 
-ROOT = Path(__file__).resolve().parents[1]
-# The test stack (tests/stack) starts the API server and Prometheus the same
-# way the integration tests do.
-sys.path.insert(0, str(ROOT / "tests"))
-
-from batchpilot.controller.knobs import DISCIPLINES, Knobs  # noqa: E402
-from batchpilot.controller.policy import EngineKind  # noqa: E402
-from batchpilot.controller.signals import Kind, Signal, signal_specs  # noqa: E402
-from batchpilot.operator.config import OperatorConfig  # noqa: E402
-from batchpilot.operator.kube import GROUP, PLURAL, VERSION  # noqa: E402
-from batchpilot.sim.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets  # noqa: E402
-from batchpilot.sim.sandbox.apiserver import start_kube_apiserver  # noqa: E402
-from batchpilot.sim.sandbox.kube import create_crd, create_namespace, create_serving_pod  # noqa: E402
-from batchpilot.sim.sandbox.process import (  # noqa: E402
+from batchpilot.contract.knobs import DISCIPLINES, Knobs
+from batchpilot.controller.policy import EngineKind
+from batchpilot.controller.signals import Kind, Signal, signal_specs
+from batchpilot.operator.config import OperatorConfig
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION
+from batchpilot.sim.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, build_1_2_5_buckets
+from batchpilot.sim.sandbox.apiserver import start_kube_apiserver
+from batchpilot.sim.sandbox.kube import create_crd, create_namespace, create_serving_pod
+from batchpilot.sim.sandbox.process import (
     ManagedProcess,
     cpu_seconds,
     free_loopback_port,
     http_get,
     serve_in_thread,
 )
-from batchpilot.sim.sandbox.prometheus import start_prometheus  # noqa: E402
+from batchpilot.sim.sandbox.prometheus import start_prometheus
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRAPE_INTERVAL_S = 15.0
 POLICY_INTERVAL_S = 30

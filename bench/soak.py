@@ -1,6 +1,6 @@
 """Soak: the operator steering two gated simulated engines under shifting load, for a long run.
 
-Everything is a real process on loopback: kube-apiserver (tests/stack), two
+Everything is a real process on loopback: kube-apiserver (batchpilot.sim.sandbox), two
 serving "pods" (each `batchpilot sim serve` behind `batchpilot gate`, on
 127.0.0.2 and 127.0.0.3), Prometheus scraping all four, `batchpilot
 operator`, and `batchpilot sim load` replaying a workload whose output
@@ -26,28 +26,27 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+from kubernetes import client
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION
+from batchpilot.sim.sandbox.apiserver import start_kube_apiserver
+from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, Fleet, start_fleet
+from batchpilot.sim.sandbox.kube import create_crd, create_namespace
+from batchpilot.sim.sandbox.operator_process import OperatorProcess
+from batchpilot.sim.sandbox.process import http_get
+from batchpilot.sim.sandbox.tools import BATCHPILOT_CLI
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import yaml  # noqa: E402
-from kubernetes import client  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
-from stack import create_crd, create_namespace, start_kube_apiserver  # noqa: E402
-from stack.workloads import CALIBRATION  # noqa: E402
-
-from batchpilot.operator.kube import GROUP, PLURAL, VERSION  # noqa: E402
-from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, Fleet, start_fleet  # noqa: E402
-from batchpilot.sim.sandbox.operator_process import OperatorProcess  # noqa: E402
-from batchpilot.sim.sandbox.process import http_get  # noqa: E402
-from batchpilot.sim.sandbox.tools import BATCHPILOT_CLI  # noqa: E402
+CALIBRATION = ROOT.parent / "shared" / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"
 
 POD_IPS = ("127.0.0.2", "127.0.0.3")
 NAMESPACE = "soak"

@@ -9,7 +9,7 @@ What runs (no cluster, no Prometheus):
   arrivals, same lengths), a traffic mix that shifts half-way;
 - on the *adaptive* fleet only, the controller in Auto mode through the
   operator's code path: the fleet's /metrics scraped into the controller's
-  snapshot metrics source (controller/observe.py `SnapshotSource`), one
+  snapshot metrics source (controller/sources.py `SnapshotSource`), one
   control iteration per interval (controller/loop.py), and the decision sent
   to every gate through the operator's gate admin client
   (operator/gates.py `GateClient`).
@@ -30,6 +30,10 @@ The load is sent one control window at a time (one `replay` per window,
 each started on time), so a window's client-side records are complete as
 soon as its requests finish: the live view shows measured latency and
 goodput per replica, not estimates from histograms.
+
+One module, over 400 lines: it is one command's run read top to bottom (plan,
+fleets, load windows, control loop, teardown); what it shows and the fleet it
+starts already live apart (demo_view.py, demo_fleet.py).
 """
 
 from __future__ import annotations
@@ -37,23 +41,37 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
+import aiohttp
+import numpy as np
 import typer
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.live import Live
 
-if TYPE_CHECKING:
-    from batchpilot.cli.demo_fleet import ReplicaAddress
-    from batchpilot.controller.explain import Decision
-    from batchpilot.controller.knobs import Knobs
-    from batchpilot.controller.observe import Observation
-    from batchpilot.controller.policy import Policy
-    from batchpilot.sim.load import RequestRecord
-    from batchpilot.sim.scenario import Scenario
-    from batchpilot.sim.workload import Workload
+import batchpilot.sim
+from batchpilot.cli.demo_fleet import HOST, Fleet, FleetError, FleetSpec, ReplicaAddress
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext, policy_for
+from batchpilot.controller.explain import Decision
+from batchpilot.controller.loop import PolicyController
+from batchpilot.controller.observe import Observation, observe
+from batchpilot.controller.policy import MetricOverride, Policy
+from batchpilot.controller.signals import ENGINE_PRESETS, Signal
+from batchpilot.controller.sources import SnapshotSource
+from batchpilot.operator.gates import GateClient, GateError
+from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS
+from batchpilot.sim.calibration import write_builtin_calibration
+from batchpilot.sim.load import RequestRecord, replay
+from batchpilot.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
+from batchpilot.sim.workload import Workload, build_workload
 
 BUILTIN_SCENARIO_NAME = "demo-shift.yaml"
 DEFAULT_TIME_SCALE = 0.25
@@ -109,15 +127,11 @@ class DemoPlan:
 
 
 def builtin_scenario_path() -> Path:
-    import batchpilot.sim
-
     return Path(batchpilot.sim.__file__).resolve().parent / BUILTIN_SCENARIO_NAME
 
 
 def plan_demo(scenario: Scenario, *, time_scale: float, duration_s: float) -> DemoPlan:
     """Scale the scenario's phases to `duration_s` wall seconds at `time_scale`."""
-    from batchpilot.sim.workload import build_workload
-
     if not (math.isfinite(time_scale) and time_scale > 0):
         raise DemoError(f"--time-scale: must be a positive number, got {time_scale:g}")
     if not (math.isfinite(duration_s) and duration_s >= 10 * MIN_INTERVAL_S):
@@ -145,11 +159,6 @@ def plan_demo(scenario: Scenario, *, time_scale: float, duration_s: float) -> De
 
 def demo_policy(plan: DemoPlan) -> Policy:
     """The benchmark adapter's policy (controller/bench_adapter.py), in wall-clock units."""
-    from batchpilot.controller.bench_adapter import policy_for
-    from batchpilot.controller.policy import MetricOverride
-    from batchpilot.controller.signals import ENGINE_PRESETS, Signal
-    from batchpilot.sim.controllers import ControllerContext
-
     scenario, scale = plan.scenario, plan.time_scale
     engine = scenario.engine
     policy = policy_for(
@@ -179,8 +188,6 @@ def demo_policy(plan: DemoPlan) -> Policy:
 
 def snapshot_from_text(text: str) -> dict[str, float]:
     """Prometheus text exposition -> {`name{label="v",...}`: value}, the snapshot format."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     snapshot: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -240,11 +247,6 @@ class DemoState:
 
 async def run_demo(state: DemoState, on_tick: Any) -> None:
     """Play the load on both fleets while scraping, steering the adaptive one, and calling on_tick."""
-    import aiohttp
-
-    from batchpilot.controller.loop import PolicyController
-    from batchpilot.operator.gates import GateClient
-
     plan = state.plan
     adaptive = state.fleets["adaptive"]
     controller = PolicyController(state.policy, adaptive.source)
@@ -287,8 +289,6 @@ async def run_demo(state: DemoState, on_tick: Any) -> None:
 
 async def _play_window(state: DemoState, fleet: FleetState, index: int) -> None:
     """Replay the requests arriving in control window `index`, starting on time."""
-    from batchpilot.sim.load import replay
-
     plan = state.plan
     start_s = index * plan.interval_s
     window = _window_workload(
@@ -312,10 +312,6 @@ async def _play_window(state: DemoState, fleet: FleetState, index: int) -> None:
 
 
 def _window_workload(workload: Workload, start_s: float, end_s: float) -> Workload:
-    import numpy as np
-
-    from batchpilot.sim.workload import Workload
-
     first, last = np.searchsorted(workload.arrival_s, [start_s, end_s])
     return Workload(
         arrival_s=workload.arrival_s[first:last] - start_s,
@@ -327,8 +323,6 @@ def _window_workload(workload: Workload, start_s: float, end_s: float) -> Worklo
 
 
 async def _scrape(session: Any, state: DemoState, fleet: FleetState) -> None:
-    import aiohttp
-
     async def one(replica: ReplicaAddress) -> tuple[str, dict[str, float]] | None:
         snapshot: dict[str, float] = {}
         try:
@@ -350,9 +344,6 @@ async def _scrape(session: Any, state: DemoState, fleet: FleetState) -> None:
 
 async def _actuate(gates: Any, state: DemoState, fleet: FleetState, decision: Decision) -> None:
     """Send each gate its target through the admin API, as the operator does in Auto mode."""
-    from batchpilot.cli.demo_fleet import HOST
-    from batchpilot.operator.gates import GateError
-
     if not decision.actuate:
         return
 
@@ -367,8 +358,6 @@ async def _actuate(gates: Any, state: DemoState, fleet: FleetState, decision: De
 
 
 def _observe(state: DemoState, fleet: FleetState) -> Observation | None:
-    from batchpilot.controller.observe import observe
-
     observation = observe(
         fleet.source, state.policy, state.now_wall_s, [r.name for r in fleet.replicas]
     )
@@ -421,8 +410,7 @@ def demo(
 
       batchpilot demo --scenario ../shared/scenarios/conv-to-code-shift.yaml --duration 120
     """
-    from rich.console import Console
-
+    # Here, not at the top: demo_view imports this module.
     from batchpilot.cli import demo_view
 
     try:
@@ -459,8 +447,6 @@ def demo(
 
 def load_demo_scenario(path: Path | None) -> Scenario:
     """The scenario file, or the built-in one (with the built-in calibration when ../shared is absent)."""
-    from batchpilot.sim.scenario import ScenarioError, load_scenario
-
     chosen = path or builtin_scenario_path()
     try:
         return load_scenario(chosen)
@@ -477,13 +463,6 @@ def _builtin_without_shared(path: Path) -> Scenario:
     ../shared the demo uses the coefficients `batchpilot sim calibrate` fitted
     to it (below), so it still runs on a bare checkout.
     """
-    import tempfile
-
-    import yaml
-
-    from batchpilot.sim.calibration import write_builtin_calibration
-    from batchpilot.sim.scenario import parse_scenario
-
     data = yaml.safe_load(path.read_text())
     directory = Path(tempfile.mkdtemp(prefix="batchpilot-demo-"))
     data["engine"]["calibration"] = str(
@@ -495,10 +474,8 @@ def _builtin_without_shared(path: Path) -> Scenario:
 
 
 def _run(plan: DemoPlan, console: Any, headless: bool) -> DemoState:
+    # Here, not at the top: demo_view imports this module.
     from batchpilot.cli import demo_view
-    from batchpilot.cli.demo_fleet import Fleet, FleetError, FleetSpec
-    from batchpilot.controller.observe import SnapshotSource
-    from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS
 
     scenario = plan.scenario
     policy = demo_policy(plan)
@@ -534,8 +511,6 @@ def _run(plan: DemoPlan, console: Any, headless: bool) -> DemoState:
         if headless:
             asyncio.run(run_demo(state, demo_view.HeadlessLog(console)))
         else:
-            from rich.live import Live
-
             with Live(
                 demo_view.render(state), console=console, auto_refresh=False, transient=False
             ) as live:
@@ -552,8 +527,6 @@ def _run(plan: DemoPlan, console: Any, headless: bool) -> DemoState:
 
 
 def _static_default(default_cap: int, ceiling: int) -> Knobs:
-    from batchpilot.controller.knobs import Knobs
-
     return Knobs(max_concurrency=min(default_cap, ceiling))
 
 

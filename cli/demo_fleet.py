@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.gate.server import GateServer
+from batchpilot.gate.settings import GateSettingsError, load_settings
 from batchpilot.sim.engine import EngineConfig
+from batchpilot.sim.serve import SimServer
 
 HOST = "127.0.0.1"
 # Replicas answering within this long after the process starts, or the fleet failed:
@@ -131,10 +134,6 @@ def serve_fleet(spec: FleetSpec, conn: Connection) -> None:
 
 
 async def _serve(spec: FleetSpec, conn: Connection) -> None:
-    from batchpilot.gate.server import GateServer
-    from batchpilot.gate.settings import GateSettingsError, load_settings
-    from batchpilot.sim.serve import SimServer
-
     engines: list[SimServer] = []
     gates: list[GateServer] = []
     try:

@@ -4,6 +4,10 @@ All numbers are in scenario time (see cli/demo.py): latencies and goodput
 come from the load generator's client-side records, already converted; a
 queue deadline read from a gate (wall milliseconds) is multiplied by the
 time scale before it is shown.
+
+One module, over 400 lines: the live view, the headless log and the summary
+render the same per-window records, and one module keeps their formats in
+step.
 """
 
 from __future__ import annotations
@@ -13,7 +17,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from batchpilot.cli.demo import (
     FLEETS,
@@ -27,10 +37,11 @@ from batchpilot.cli.demo import (
     records_between,
     window_of,
 )
-
-if TYPE_CHECKING:
-    from batchpilot.controller.knobs import Knobs
-    from batchpilot.sim.load import RequestRecord
+from batchpilot.cli.recommend import describe_phase
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.explain import reason_text
+from batchpilot.sim.load import RequestRecord
+from batchpilot.sim.load import summarize as summarize_records
 
 FLEET_STYLE = {"adaptive": "green", "static": "yellow"}
 PLOT_COLORS = {"adaptive": "tab:green", "static": "tab:orange"}
@@ -54,9 +65,7 @@ def record_stats(
     records: Sequence[RequestRecord], duration_s: float, plan: DemoPlan
 ) -> dict[str, Any]:
     """The load generator's summary (the benchmark's definitions) over `records`."""
-    from batchpilot.sim.load import summarize
-
-    return summarize(records, max(duration_s, 1e-9), plan.scenario.slo)
+    return summarize_records(records, max(duration_s, 1e-9), plan.scenario.slo)
 
 
 def phase_index(plan: DemoPlan, t_s: float) -> int:
@@ -64,10 +73,6 @@ def phase_index(plan: DemoPlan, t_s: float) -> int:
 
 
 def intro(plan: DemoPlan) -> Any:
-    from rich.panel import Panel
-
-    from batchpilot.cli.recommend import describe_phase
-
     scenario = plan.scenario
     lines = [
         f"scenario [bold]{scenario.name}[/bold], {len(scenario.replica_names)} replica(s) per fleet, "
@@ -86,13 +91,6 @@ def intro(plan: DemoPlan) -> Any:
 
 def render(state: DemoState) -> Any:
     """The live view: progress, one row per replica of each fleet, the last decision."""
-    from rich.console import Group
-    from rich.progress_bar import ProgressBar
-    from rich.table import Table
-    from rich.text import Text
-
-    from batchpilot.operator.status import reason_text
-
     plan = state.plan
     now = min(state.now_s, plan.scenario.duration_s)
     phase = phase_index(plan, now)
@@ -197,9 +195,6 @@ class HeadlessLog:
 
 def summarize(state: DemoState) -> dict[str, Any]:
     """The JSON summary: goodput before/after the shift per fleet, per phase, per window."""
-    from batchpilot.cli.recommend import describe_phase
-    from batchpilot.operator.status import reason_text
-
     plan = state.plan
     scenario = plan.scenario
     end = scenario.duration_s
@@ -276,8 +271,6 @@ def timeline(state: DemoState) -> list[dict[str, Any]]:
 def write_outputs(
     state: DemoState, summary: Mapping[str, Any], out: Path, console: Any
 ) -> list[Path]:
-    from rich.console import Console
-
     table = summary_table(summary)
     console.print(table)
     plot_path = out / PLOT_FILE
@@ -297,8 +290,6 @@ def write_outputs(
 
 
 def summary_table(summary: Mapping[str, Any]) -> Any:
-    from rich.table import Table
-
     table = Table(
         title=f"{summary['scenario']}: goodput before and after the shift at {summary['shift_s']:.1f} s"
     )
@@ -325,6 +316,8 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
 
 
 def plot_demo(summary: Mapping[str, Any], path: Path) -> None:
+    # Imported on the first plot, not with the CLI: matplotlib costs every
+    # other command (the operator among them) ~0.6 s and a font cache to write.
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -399,9 +392,10 @@ def _mean_cap(fleet: FleetState, until_s: float) -> float | None:
         if t <= until_s:
             latest[replica] = knobs
     caps = [knobs.max_concurrency for knobs in latest.values()]
-    if not caps or any(cap is None for cap in caps):
+    capped = [cap for cap in caps if cap is not None]
+    if not caps or len(capped) < len(caps):
         return None
-    return sum(caps) / len(caps)
+    return sum(capped) / len(capped)
 
 
 def _fleet_setting(fleet: FleetState, time_scale: float) -> str:

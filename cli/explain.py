@@ -9,18 +9,36 @@ for the status shape, operator/gates.py for the pod annotation):
   signals / predictions when the status carries them;
 - the selected pods' `batchpilot.dev/applied` annotations: what each pod's
   gate was given, and which pods lag behind the target.
+
+It reads them with the operator's own code, so it shows what the operator
+sees: the pod record and its readiness and the policy's selector or
+workload (operator/pods.py), and the inverses of what wrote the status'
+lines (`Laggard.parse`, controller/explain.py's `parse_reason_text`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from rich.console import Console
+from rich.table import Table
+from urllib3.exceptions import HTTPError
 
-GROUP, VERSION, PLURAL = "batchpilot.dev", "v1alpha1", "inferencepolicies"
+from batchpilot.contract.knobs import knobs_document
+from batchpilot.controller.explain import is_guard_step, parse_reason_text
+from batchpilot.controller.policy import PolicyError
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION, KubeError, read_workload_selector
+from batchpilot.operator.pods import PodInfo, pod_from_body, policy_selection, selector_query
+from batchpilot.operator.spec import LabelSelector
+from batchpilot.operator.status import Laggard
 
 
 class ExplainError(RuntimeError):
@@ -55,40 +73,35 @@ def parse_target(target: str) -> tuple[str, str]:
     return namespace, name
 
 
-def selector_string(selector: Mapping[str, Any]) -> str:
-    """A LabelSelector object -> the API server's `labelSelector` query syntax."""
-    parts = [f"{key}={value}" for key, value in sorted((selector.get("matchLabels") or {}).items())]
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression.get("key"), expression.get("operator")
-        values = ",".join(sorted(str(v) for v in expression.get("values") or ()))
-        if operator == "In":
-            parts.append(f"{key} in ({values})")
-        elif operator == "NotIn":
-            parts.append(f"{key} notin ({values})")
-        elif operator == "Exists":
-            parts.append(str(key))
-        elif operator == "DoesNotExist":
-            parts.append(f"!{key}")
+def policy_selector(api: Any, namespace: str, spec: Mapping[str, Any]) -> LabelSelector:
+    """The policy's pod selector as the operator reads it: spec.selector, or
+    the selector of spec.targetRef's Deployment / StatefulSet."""
+    try:
+        selection = policy_selection(spec)
+        if isinstance(selection, LabelSelector):
+            selector = selection
         else:
-            raise ExplainError(f"selector: unknown operator {operator!r} for key {key!r}")
-    if not parts:
-        raise ExplainError("spec.selector is empty: it would select every pod, so nothing is shown")
-    return ",".join(parts)
+            selector = read_workload_selector(api, namespace, selection)
+    except (PolicyError, KubeError) as err:
+        raise ExplainError(str(err)) from err
+    if selector.empty:
+        raise ExplainError("the selector is empty: it would select every pod, so nothing is shown")
+    return selector
 
 
 def gather(api: Any, namespace: str, name: str) -> Explanation:
     """Read the policy and its pods (kubernetes ApiClient `api`); API errors become ExplainError."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
-
     try:
-        body = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name
+        # The client types custom objects as `object`; they are JSON documents.
+        body = cast(
+            dict[str, Any],
+            client.CustomObjectsApi(api).get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name
+            ),
         )
         spec = body.get("spec") or {}
-        selector = selector_string(_policy_selector(api, namespace, spec))
-        pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
+        selector = selector_query(policy_selector(api, namespace, spec))
+        listed = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
     except ApiException as err:
         if err.status == 404:
             raise ExplainError(
@@ -101,40 +114,41 @@ def gather(api: Any, namespace: str, name: str) -> Explanation:
     except HTTPError as err:
         raise ExplainError(f"cannot reach the API server: {err}") from err
     status = body.get("status") or {}
+    # As listed (JSON), the body the operator's pod index reads too.
+    pods = [pod_from_body(api.sanitize_for_serialization(pod)) for pod in listed]
     return Explanation(namespace, name, spec, status, pod_rows(pods, name, status), selector)
 
 
-def pod_rows(pods: Sequence[Any], policy: str, status: Mapping[str, Any]) -> tuple[PodRow, ...]:
+def pod_rows(pods: Sequence[PodInfo], policy: str, status: Mapping[str, Any]) -> tuple[PodRow, ...]:
     """Each pod's applied record next to the target; a pod not at the target is a laggard."""
-    from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
-    from batchpilot.operator.status import knobs_document
-
     applied = status.get("applied") or {}
     target = applied.get("knobs")
-    reported = {_pod_of(line): line for line in applied.get("laggards") or ()}
+    reported = {
+        parsed.pod: parsed.why
+        for line in applied.get("laggards") or ()
+        if (parsed := Laggard.parse(line)) is not None
+    }
     rows = []
-    for pod in sorted(pods, key=lambda p: p.metadata.name):
-        name = pod.metadata.name
-        ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
-        record = AppliedRecord.from_json((pod.metadata.annotations or {}).get(APPLIED_ANNOTATION))
+    for pod in sorted(pods, key=lambda p: p.name):
+        record = pod.record
         knobs = knobs_document(record.knobs) if record is not None else None
         laggard: str | None = None
-        if name in reported:
-            laggard = reported[name].partition(": ")[2] or reported[name]
-        elif not ready:
+        if pod.name in reported:
+            laggard = reported[pod.name]
+        elif not pod.ready:
             laggard = "not Ready: the operator skips it until it is"
         elif record is None and target is not None:
             laggard = (
                 "no batchpilot.dev/applied record: the operator has not configured this pod yet"
             )
-        elif record is not None and record.policy != policy:
+        elif record is not None and not pod.steered_by(policy):
             laggard = f"steered by InferencePolicy {record.policy}"
         elif target is not None and knobs != target:
             laggard = "runs other settings than the target"
         rows.append(
             PodRow(
-                name=name,
-                ready=ready,
+                name=pod.name,
+                ready=pod.ready,
                 knobs=knobs,
                 version=record.version if record else None,
                 time=record.time if record else None,
@@ -146,8 +160,6 @@ def pod_rows(pods: Sequence[Any], policy: str, status: Mapping[str, Any]) -> tup
 
 
 def print_explanation(explanation: Explanation, console: Any) -> None:
-    from rich.table import Table
-
     status = explanation.status
     spec = explanation.spec
     slo = spec.get("slo") or {}
@@ -185,15 +197,14 @@ def print_explanation(explanation: Explanation, console: Any) -> None:
 
     # A guard's reason ends "(knob: wanted A, allowed B)"; arrows are only in
     # Events, for what a pod ran -> what it runs now.
-    reasons = list(recommendation.get("reasons") or [])
-    decided = [r for r in reasons if not r.startswith("guard")]
-    guarded = [r for r in reasons if r.startswith("guard")]
+    reasons = [parse_reason_text(line) for line in recommendation.get("reasons") or []]
+    decided = [(step, text) for step, text in reasons if not is_guard_step(step)]
+    guarded = [(step, text) for step, text in reasons if is_guard_step(step)]
     for title, rows in (("why (the decision)", decided), ("guards that changed it", guarded)):
         table = Table(title=title)
         table.add_column("step")
         table.add_column("reason")
-        for reason in rows:
-            step, _, text = reason.partition(": ")
+        for step, text in rows:
             table.add_row(step, text)
         if not rows:
             table.add_row("-", "none")
@@ -268,8 +279,6 @@ def explain(
 
       batchpilot explain llm/chat-policy --kubeconfig ~/.kube/staging --context staging
     """
-    from rich.console import Console
-
     try:
         namespace, name = parse_target(target)
         with _api_client(kubeconfig, context) as api:
@@ -283,9 +292,6 @@ def explain(
 
 
 def _api_client(kubeconfig: Path | None, context: str | None) -> Any:
-    from kubernetes import config
-    from kubernetes.config.config_exception import ConfigException
-
     if kubeconfig is not None and not kubeconfig.is_file():
         raise ExplainError(f"--kubeconfig: no such file {kubeconfig}")
     try:
@@ -294,27 +300,6 @@ def _api_client(kubeconfig: Path | None, context: str | None) -> Any:
         )
     except ConfigException as err:
         raise ExplainError(f"--kubeconfig: cannot load a cluster configuration ({err})") from err
-
-
-def _policy_selector(api: Any, namespace: str, spec: Mapping[str, Any]) -> Mapping[str, Any]:
-    """spec.selector, or the pod selector of spec.targetRef's Deployment / StatefulSet."""
-    from kubernetes import client
-
-    if "selector" in spec:
-        return spec["selector"]
-    ref = spec.get("targetRef") or {}
-    apps = client.AppsV1Api(api)
-    if ref.get("kind") == "Deployment":
-        workload = apps.read_namespaced_deployment(ref.get("name"), namespace)
-    elif ref.get("kind") == "StatefulSet":
-        workload = apps.read_namespaced_stateful_set(ref.get("name"), namespace)
-    else:
-        raise ExplainError("spec has neither selector nor a Deployment / StatefulSet targetRef")
-    return api.sanitize_for_serialization(workload.spec.selector)
-
-
-def _pod_of(laggard: str) -> str:
-    return laggard.partition(": ")[0]
 
 
 def _model_text(model: Mapping[str, Any]) -> str:
@@ -341,8 +326,6 @@ def _what_404(err: Any) -> str:
 
 
 def _api_message(err: Any) -> str:
-    import json
-
     try:
         return str(json.loads(err.body).get("message", ""))
     except (TypeError, ValueError, AttributeError):

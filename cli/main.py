@@ -1,35 +1,28 @@
 """The `batchpilot` command: one typer app, each subsystem adds its commands.
 
-Subsystem CLI modules import their heavy dependencies (numpy, scikit-learn,
-kopf) inside the command functions, so `batchpilot gate` starts fast and
-`--help` never pays for libraries it does not use.
+Every command lives in this package (cli/); nothing outside it imports it.
+The gate also has an entry point of its own, `batchpilot-gate` (cli/gate.py),
+which imports none of the other commands: the gate image runs that one.
 """
 
 from __future__ import annotations
 
-import typer
-
+from batchpilot.cli.app import new_app
+from batchpilot.cli.bench import bench
 from batchpilot.cli.demo import demo
 from batchpilot.cli.explain import explain
+from batchpilot.cli.gate import gate
+from batchpilot.cli.operator_command import operator
 from batchpilot.cli.recommend import recommend
 from batchpilot.cli.report import report
 from batchpilot.cli.sandbox import app as sandbox_app
-from batchpilot.gate.cli import gate
-from batchpilot.operator.cli import operator
-from batchpilot.sim.bench_cli import bench
-from batchpilot.sim.cli import app as sim_app
-from batchpilot.sim.live_cli import register as register_sim_live
+from batchpilot.cli.sim import app as sim_app
+from batchpilot.cli.sim_live import register as register_sim_live
 
-app = typer.Typer(
+app = new_app(
     name="batchpilot",
     help="Keep LLM inference servers at their best batching and scheduling settings, live.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # Plain (click) help: rich's help table cuts option names with an ellipsis
-    # when the terminal or a pipe is 80 columns wide (`--max-num-batche…`);
-    # click's wraps the text and keeps every name whole.
-    rich_markup_mode=None,
 )
 
 register_sim_live(sim_app)  # sim serve, sim load

@@ -16,6 +16,9 @@ TPOT and KV-cache headroom.
 The single static setting best overall is found the way the benchmark's
 static-best baseline finds it: each grid setting over the whole workload, phases
 back to back (so one phase's backlog weighs on the next).
+
+One module, over 400 lines: one offline search read in order (workload ->
+phases -> grid -> choice -> table); the simulation it runs lives in sim/.
 """
 
 from __future__ import annotations
@@ -24,14 +27,27 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
+import numpy as np
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressDisplay
+from rich.table import Table
 
-if TYPE_CHECKING:
-    from batchpilot.controller.knobs import Knobs
-    from batchpilot.sim.scenario import Scenario
-    from batchpilot.sim.workload import Workload
+from batchpilot.contract.knobs import Knobs
+from batchpilot.sim.baselines import knob_grid
+from batchpilot.sim.bench import RequestTable, Simulation
+from batchpilot.sim.scenario import (
+    Scenario,
+    ScenarioError,
+    ScenarioSlo,
+    TracePhase,
+    load_scenario,
+    parse_scenario,
+)
+from batchpilot.sim.workload import TraceError, Workload, build_workload, load_trace
 
 # Settings whose good-request count is within 0.5% (and at least one request)
 # of the best count as tied: replays of one phase differ by a few requests
@@ -101,11 +117,6 @@ def pick_best(outcomes: Sequence[Outcome]) -> Outcome:
 
 def recommend_for(scenario: Scenario, *, progress: Progress | None = None) -> Recommendations:
     """Simulate the grid per phase and over the whole workload (CPU: about 1 s per 15k requests)."""
-    import numpy as np
-
-    from batchpilot.sim.baselines import knob_grid
-    from batchpilot.sim.workload import build_workload
-
     workload = build_workload(scenario)
     grid = knob_grid(scenario)
     overall_candidates = tuple(
@@ -147,8 +158,6 @@ def recommend_for(scenario: Scenario, *, progress: Progress | None = None) -> Re
 
 
 def describe_phase(phase: Any) -> str:
-    from batchpilot.sim.scenario import TracePhase
-
     if isinstance(phase, TracePhase):
         return f"{phase.trace.name} from {phase.start_s:g} s x{phase.rate_scale:g}"
     arrival = phase.arrival
@@ -178,9 +187,6 @@ def scenario_from_trace(
     seed: int = 0,
 ) -> Scenario:
     """A scenario replaying `trace`, cut into phases of `phase_s` (all of it when None)."""
-    from batchpilot.sim.scenario import ScenarioError, parse_scenario
-    from batchpilot.sim.workload import TraceError, load_trace
-
     try:
         span_s = load_trace(trace.resolve()).span_s
     except TraceError as err:
@@ -294,8 +300,6 @@ def recommend(
           --duration-s 600 --phase-s 300 --ttft-ms 2000 --tpot-ms 50 \\
           --calibration ../shared/data/calibration/llama3.1-8b_vllm_step_latency.csv --plot code.png
     """
-    from batchpilot.sim.scenario import ScenarioError, load_scenario
-
     try:
         if source.suffix.lower() in (".yaml", ".yml"):
             try:
@@ -343,9 +347,6 @@ def recommend(
 
 
 def print_recommendations(result: Recommendations) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(
         title=f"{result.scenario}: recommended settings per phase "
         f"(SLO: TTFT <= {result.slo_ttft_ms:g} ms, TPOT <= {result.slo_tpot_ms:g} ms)"
@@ -384,6 +385,8 @@ def print_recommendations(result: Recommendations) -> None:
 
 
 def plot_recommendations(result: Recommendations, path: Path) -> None:
+    # Imported on the first plot, not with the CLI: matplotlib costs every
+    # other command (the operator among them) ~0.6 s and a font cache to write.
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -436,10 +439,6 @@ def knobs_text(knobs: Knobs) -> str:
 def _simulate(
     scenario: Scenario, workload: Workload, knobs: Knobs, progress: Progress | None, label: str
 ) -> Outcome:
-    import numpy as np
-
-    from batchpilot.sim.bench import RequestTable, Simulation
-
     sim = Simulation(scenario, workload, knobs=knobs)
     sim.run_to_completion()
     table = RequestTable.of(sim.requests)
@@ -461,8 +460,6 @@ def _simulate(
 
 def _phase_slice(workload: Workload, index: int, start_s: float, duration_s: float) -> Workload:
     """The requests of one phase, re-timed to start at 0 (same requests as in the whole run)."""
-    from batchpilot.sim.workload import Workload
-
     mine = workload.phase == index
     return Workload(
         arrival_s=workload.arrival_s[mine] - start_s,
@@ -474,16 +471,11 @@ def _phase_slice(workload: Workload, index: int, start_s: float, duration_s: flo
 
 
 def _run_with_progress(scenario: Scenario) -> Recommendations:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from batchpilot.sim.baselines import knob_grid
-
     console = Console(stderr=True)
     if not console.is_terminal:
         return recommend_for(scenario)
     total = len(knob_grid(scenario)) * (len(scenario.workload) + 1)
-    with Progress(
+    with ProgressDisplay(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
         TimeElapsedColumn(), console=console,
     ) as bar:  # fmt: skip
@@ -494,12 +486,10 @@ def _run_with_progress(scenario: Scenario) -> Recommendations:
 
 
 def _with_slo(scenario: Scenario, ttft_ms: float | None, tpot_ms: float | None) -> Scenario:
-    from batchpilot.sim.scenario import SLO
-
     _check_positive(("--ttft-ms", ttft_ms), ("--tpot-ms", tpot_ms))
     if ttft_ms is None and tpot_ms is None:
         return scenario
-    slo = SLO(
+    slo = ScenarioSlo(
         ttft_ms=scenario.slo.ttft_ms if ttft_ms is None else ttft_ms,
         tpot_ms=scenario.slo.tpot_ms if tpot_ms is None else tpot_ms,
     )

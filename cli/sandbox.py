@@ -12,15 +12,23 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from rich.console import Console
+from rich.table import Table
 
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table
-
-    from batchpilot.sim.sandbox.session import SandboxState
+from batchpilot.operator.kube import GROUP, PLURAL, VERSION
+from batchpilot.sim.sandbox import session
+from batchpilot.sim.sandbox.session import (
+    SCENARIO,
+    SandboxState,
+    default_directory,
+    run_supervisor,
+)
+from batchpilot.sim.sandbox.tools import StackError
 
 app = typer.Typer(
     name="sandbox",
@@ -42,8 +50,6 @@ STATUS_DOWN_PART, STATUS_NOT_RUNNING = 1, 3
 
 
 def _directory(directory: Path | None) -> Path:
-    from batchpilot.sim.sandbox.session import default_directory
-
     return (directory or default_directory()).resolve()
 
 
@@ -64,11 +70,6 @@ def up(
     ] = None,
 ) -> None:
     """Start the sandbox (or show the one already running) and print what to type next."""
-    from rich.console import Console
-
-    from batchpilot.sim.sandbox.session import SCENARIO, SandboxState, up
-    from batchpilot.sim.sandbox.tools import StackError
-
     console = Console()
     where = _directory(directory)
     if scenario is not None and not scenario.is_file():
@@ -81,7 +82,7 @@ def up(
         console.print(f"starting the sandbox in {where}")
         started = time.monotonic()
         try:
-            state = up(
+            state = session.up(
                 where,
                 scenario=(scenario or SCENARIO).resolve(),
                 on_progress=lambda line: console.print(f"  {line}"),
@@ -125,8 +126,6 @@ def env(directory: DirectoryOption = None) -> None:
 
     Use as: eval "$(batchpilot sandbox env)"
     """
-    from batchpilot.sim.sandbox.session import SandboxState
-
     state = SandboxState.read(_directory(directory))
     if state is None or not state.supervisor_alive():
         _fail("no sandbox is running: start one with `batchpilot sandbox up`")
@@ -145,11 +144,6 @@ def status(directory: DirectoryOption = None) -> None:
 
     Exit code 0 when every part answers, 1 when one does not, 3 when no sandbox runs.
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from batchpilot.sim.sandbox.session import SandboxState
-
     console = Console()
     state = SandboxState.read(_directory(directory))
     if state is None or not state.supervisor_alive():
@@ -170,19 +164,17 @@ def status(directory: DirectoryOption = None) -> None:
 
 def _policies(state: SandboxState) -> Table:
     """The columns of `kubectl get infpol` (the CRD's printer columns) that matter here."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from rich.table import Table
-
-    from batchpilot.operator.kube import GROUP, PLURAL, VERSION
-
     table = Table(title=f"InferencePolicies in {state.namespace}")
     for column in ("name", "mode", "pods", "batch cap", "SLO met", "applied"):
         table.add_column(column)
     try:
         with state.api_client() as api:
-            listed = client.CustomObjectsApi(api).list_namespaced_custom_object(
-                GROUP, VERSION, state.namespace, PLURAL, _request_timeout=5
+            # The client types custom objects as `object`; they are JSON documents.
+            listed = cast(
+                dict[str, Any],
+                client.CustomObjectsApi(api).list_namespaced_custom_object(
+                    GROUP, VERSION, state.namespace, PLURAL, _request_timeout=5
+                ),
             )
     except (ApiException, OSError) as error:
         table.add_row("-", "-", "-", "-", "-", f"cannot list: {error}")
@@ -206,8 +198,6 @@ def _policies(state: SandboxState) -> Table:
 
 
 def _last_round(state: SandboxState) -> Table:
-    from rich.table import Table
-
     table = Table(title=f"load: last full round of {Path(state.scenario).name}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -240,10 +230,8 @@ def _duration(seconds: float) -> str:
 @app.command()
 def down(directory: DirectoryOption = None) -> None:
     """Stop every part of the sandbox and delete its directory (safe to repeat)."""
-    from batchpilot.sim.sandbox.session import down
-
     where = _directory(directory)
-    if down(where):
+    if session.down(where):
         typer.echo(f"stopped the sandbox and removed {where}")
     else:
         typer.echo(f"no sandbox was running in {where}; nothing left there")
@@ -255,6 +243,4 @@ def supervise(
     scenario: Annotated[Path, typer.Option()],
 ) -> None:
     """The process that holds the sandbox; started by `up`, stopped by `down`."""
-    from batchpilot.sim.sandbox.session import run_supervisor
-
     run_supervisor(directory, scenario)

@@ -24,13 +24,13 @@ Policy built from the context (what a user would write in the CR):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from dataclasses import dataclass
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.loop import PolicyController
-from batchpilot.controller.observe import SnapshotSource
 from batchpilot.controller.policy import (
     Behavior,
+    Canary,
     EngineKind,
     EngineSpec,
     MetricsSpec,
@@ -38,20 +38,31 @@ from batchpilot.controller.policy import (
     Policy,
     Slo,
 )
+from batchpilot.controller.sources import SnapshotSource
 
 
-class BenchContext(Protocol):
-    """The fields of sim.controllers.ControllerContext this adapter reads."""
+@dataclass(frozen=True)
+class ControllerContext:
+    """Everything a controller may know beyond the snapshots."""
 
     slo_ttft_ms: float
     slo_tpot_ms: float
     control_interval_s: float
     replica_names: tuple[str, ...]
+    # Engine startup ceilings: the gate can only lower max_num_seqs, and the
+    # prefill budget is changeable live only when runtime_tunable.
     max_num_seqs: int
     max_num_batched_tokens: int
     runtime_tunable: bool
-    engine_kind: str
-    kv_cache_tokens: int | None
+    # Which metric names the snapshots carry: "vllm" (the simulator's engine)
+    # or "llamacpp" (the live benchmark's real engine, whose latencies come
+    # from the gate's histograms); a controller.policy.EngineKind value.
+    engine_kind: str = "vllm"
+    # The engine's KV cache in tokens, where it is known from its startup flags.
+    kv_cache_tokens: int | None = None
+    # Prompt tokens per second the engine prefills when one prompt fills its
+    # prefill budget, where a cost model is known (the simulator's).
+    prefill_tokens_per_s: float | None = None
 
 
 class AdaptiveBenchController:
@@ -70,7 +81,7 @@ class AdaptiveBenchController:
         return decision.per_pod
 
 
-def policy_for(context: BenchContext) -> Policy:
+def policy_for(context: ControllerContext) -> Policy:
     interval = float(context.control_interval_s)
     return Policy.default_for(
         Slo(round(context.slo_ttft_ms), round(context.slo_tpot_ms)),
@@ -81,12 +92,14 @@ def policy_for(context: BenchContext) -> Policy:
             runtime_tunable=context.runtime_tunable,
             kv_cache_tokens=context.kv_cache_tokens,
         ),
-        behavior=Behavior(interval_s=interval, stabilization_window_s=2 * interval, canary=False),
+        behavior=Behavior(
+            interval_s=interval, stabilization_window_s=2 * interval, canary=Canary(enabled=False)
+        ),
         mode=Mode.AUTO,
         metrics=MetricsSpec(window_s=2 * interval, staleness_s=3 * interval),
         name="bench",
     )
 
 
-def make(context: BenchContext) -> AdaptiveBenchController:
+def make(context: ControllerContext) -> AdaptiveBenchController:
     return AdaptiveBenchController(policy_for(context), tuple(context.replica_names))

@@ -1,12 +1,17 @@
 """Decide: the knob setting that serves the most requests within the SLOs.
 
+Why one module: one decision, `recommend()`, and the rules it runs in
+order (prefill chunk, admission limit, queue settings) on the same
+`Estimates` and `DecideMemory`; apart, the rules would lose the ordering
+and the shared numbers this docstring explains.
+
 The decision, every interval, from the pooled observation (one average
 replica) and the fitted model:
 
 - **Admission limit** (the in-flight token budget, and the batch cap as its
   backstop; the cap alone when the budget is not steered). Under overload
   every finishing request admits the next, so the step time grows with the
-  limit (model.StepModel) and so does throughput. The limit is therefore the
+  limit (physics.StepModel) and so does throughput. The limit is therefore the
   largest one whose predicted per-request TPOT quantile still meets the TPOT
   objective with a margin: mean + `CONFIDENCE_Z` EPISTEMIC standard
   deviations of the quantile model must stay below the objective (the
@@ -35,7 +40,7 @@ replica) and the fitted model:
   tokens arriving (a prefill backlog inside the engine fails every request
   in it), nor that a p90 prompt needs more than `CHUNK_TTFT_SHARE` of the
   TTFT objective to prefill. Decided first: the chunk caps the sequences
-  the engine can run (model.engine_running_capacity), and an admission
+  the engine can run (physics.engine_running_capacity), and an admission
   limit above that would only move the queue from the gate, with its
   deadline and discipline, into the engine.
 
@@ -64,25 +69,20 @@ from typing import Any
 
 import numpy as np
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.explain import Reason, Recommendation
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import (
-    LengthMix,
-    Prediction,
-    StepModel,
-    WorkloadModel,
-    engine_running_capacity,
-    running_limit,
-)
+from batchpilot.controller.model import Prediction, WorkloadModel
 from batchpilot.controller.observe import Observation, PodObservation
+from batchpilot.controller.physics import StepModel, engine_running_capacity, running_limit
 from batchpilot.controller.policy import Policy
+from batchpilot.controller.samples import LengthMix
 
 # The TPOT quantile is aimed 5% under the objective: histograms resolve
 # latencies to a bucket, and a setting sitting exactly on the objective
 # misses it half the time.
 TPOT_MARGIN = 0.05
 # Where the engine exports only per-token ITL, the per-request quantile is
-# estimated (model.estimate_tpot_quantile) as if a request's gaps were
+# estimated (samples.estimate_tpot_quantile) as if a request's gaps were
 # independent; bursts correlate them, and on the simulator the estimate read
 # ~10% under the true p99 (median over 30 s windows of two traces). Aim that
 # much lower too.

@@ -5,9 +5,12 @@ step that produced it (`decide`, `guard:max-step`, ...) and, where a guard
 changed a knob, the knob with the value the steps before it wanted and the
 value it allowed. That is not "old -> new" (what the pods ran, what they
 run next, as SettingsApplied Events say), so it is never written with an
-arrow: `maxConcurrency: wanted 209, allowed 512`. The same records
-feed the CR status (`Decision.to_status()`) and `batchpilot explain`
-(`reason_rows()`), so what a user reads is what the controller did.
+arrow: `maxConcurrency: wanted 209, allowed 512`.
+
+`reason_text` is the one rendering of a reason: the operator writes it into
+the status' `recommendation.reasons`, the demo shows it, and `batchpilot
+explain` reads the status back with `parse_reason_text`, its inverse, so
+what a user reads is what the controller did.
 """
 
 from __future__ import annotations
@@ -16,10 +19,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.policy import CAMEL_NAMES
+from batchpilot.contract.knobs import WIRE_NAMES, Knobs
 
 Scalar = float | int | str | bool | None
+
+# Step names carry no ": " (`guard:max-step`), so in a reason's text the
+# first one ends the step.
+_STEP_END = ": "
+# The guards' steps (controller/guards.py), the safety chain after the decision.
+_GUARD_PREFIX = "guard:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,14 +39,6 @@ class Reason:
     wanted: Scalar = None
     allowed: Scalar = None
     data: Mapping[str, Scalar] = field(default_factory=dict)
-
-    def to_mapping(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"step": self.step, "message": self.message}
-        if self.knob is not None:
-            out.update(knob=self.knob, wanted=self.wanted, allowed=self.allowed)
-        if self.data:
-            out["data"] = {k: _rounded(v) for k, v in self.data.items()}
-        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +81,6 @@ class ModelQuality:
     heldout_error: float | None
     trusted: bool
 
-    def to_mapping(self) -> dict[str, Any]:
-        return {"samples": self.samples, "heldoutError": _rounded(self.heldout_error), "trusted": self.trusted}
-
 
 @dataclass(frozen=True, slots=True)
 class Conditions:
@@ -91,16 +88,6 @@ class Conditions:
     model_trusted: bool
     # None when the window had no completed requests to judge by.
     slo_met: bool | None
-
-    def to_list(self) -> list[dict[str, str]]:
-        def status(value: bool | None) -> str:
-            return "Unknown" if value is None else ("True" if value else "False")
-
-        return [
-            {"type": "MetricsAvailable", "status": status(self.metrics_available)},
-            {"type": "ModelTrusted", "status": status(self.model_trusted)},
-            {"type": "SLOMet", "status": status(self.slo_met)},
-        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,40 +109,32 @@ class Decision:
     # the operator marks its record so a restart can tell it from the fleet.
     canary_pod: str | None = None
 
-    def to_status(self) -> dict[str, Any]:
-        """The CR status fragment: plain JSON-ready data."""
-        return {
-            "recommendation": _knobs_camel(self.target),
-            "perPod": {pod: _knobs_camel(knobs) for pod, knobs in sorted(self.per_pod.items())},
-            "actuate": self.actuate,
-            "conditions": self.conditions.to_list(),
-            "model": self.quality.to_mapping(),
-            "signals": {k: _rounded(v) for k, v in self.signals.items()},
-            "predictions": {k: _rounded(v) for k, v in self.predictions.items()},
-            "reasons": [reason.to_mapping() for reason in self.reasons],
-            "stepSeconds": {k: round(v, 6) for k, v in self.step_seconds.items()},
-        }
+
+def reason_text(reason: Reason) -> str:
+    """`guard:max-step: limited to x4 per interval (maxConcurrency: wanted 256, allowed 64)`.
+
+    Never an arrow: in Events "A -> B" is what a pod ran and what it runs
+    now, and a guard's pair is something else (what was wanted, what it let
+    through), often with the pods at the second value all along. The numbers
+    in `data` are left out: they change every window, and a status that
+    carries this text would be written every window for them.
+    """
+    text = f"{reason.step}{_STEP_END}{reason.message}"
+    if reason.knob is not None:
+        name = WIRE_NAMES.get(reason.knob, reason.knob)
+        text += f" ({name}: wanted {_text(reason.wanted)}, allowed {_text(reason.allowed)})"
+    return text
 
 
-def reason_rows(decision: Decision) -> list[tuple[str, str, str, str]]:
-    """(step, knob, change, why) rows for a `batchpilot explain` table."""
-    rows = []
-    for reason in decision.reasons:
-        change = "" if reason.knob is None else f"wanted {_text(reason.wanted)}, allowed {_text(reason.allowed)}"
-        numbers = ", ".join(f"{k}={_text(_rounded(v))}" for k, v in reason.data.items())
-        why = f"{reason.message} ({numbers})" if numbers else reason.message
-        rows.append((reason.step, reason.knob or "", change, why))
-    return rows
+def parse_reason_text(text: str) -> tuple[str, str]:
+    """(step, the rest) of a `reason_text` line: what `batchpilot explain` reads from a status."""
+    step, _, rest = text.partition(_STEP_END)
+    return step, rest
 
 
-def _knobs_camel(knobs: Knobs) -> dict[str, Any]:
-    return {CAMEL_NAMES[name]: value for name, value in knobs.to_mapping().items()}
-
-
-def _rounded(value: Any) -> Any:
-    if isinstance(value, float):
-        return float(f"{value:.4g}")
-    return value
+def is_guard_step(step: str) -> bool:
+    """Whether a guard, not the decision, gave a reason of this step."""
+    return step.startswith(_GUARD_PREFIX)
 
 
 def _text(value: Any) -> str:

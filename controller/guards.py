@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchpilot.contract.knobs import NUMERIC_KNOBS, STEERABLE_KNOBS, Knobs
 from batchpilot.controller.explain import CanaryState, Reason, Recommendation
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.policy import NUMERIC_KNOBS, Policy
+from batchpilot.controller.policy import Policy
 
 # A canary whose pods score this much worse than the others in any interval
 # (0.10 = ten points of SLO attainment) is rolled back at once; over the
@@ -95,7 +95,6 @@ def stabilize(policy: Policy, state: GuardState, rec: Recommendation) -> Recomme
             "restart or a spec change): holding until a full window of recommendations agrees"
         )
     changes: dict[str, Any] = {}
-    reasons: list[Reason] = []
     for knob, current, wanted in _steered(policy, state.current, rec.target):
         values = [policy.effective(knob, getattr(k, knob)) for k in recent]
         if wanted > current:
@@ -105,33 +104,18 @@ def stabilize(policy: Policy, state: GuardState, rec: Recommendation) -> Recomme
         else:
             continue
         if agreed != wanted:
-            value = _from_effective(agreed)
-            changes[knob] = value
-            reasons.append(
-                Reason(
-                    "guard:stabilize",
-                    disagree,
-                    knob,
-                    getattr(rec.target, knob),
-                    value,
-                )
-            )
+            changes[knob] = _from_effective(agreed)
+    reasons = _knob_reasons("guard:stabilize", disagree, rec, changes)
     discipline_disputed = any(k.discipline != rec.target.discipline for k in recent)
     if (
         policy.steers("discipline")
         and discipline_disputed
         and rec.target.discipline != state.current.discipline
     ):
-        changes["discipline"] = state.current.discipline
-        reasons.append(
-            Reason(
-                "guard:stabilize",
-                f"discipline not recommended throughout the last {window:g} s",
-                "discipline",
-                rec.target.discipline,
-                state.current.discipline,
-            )
-        )
+        held = {"discipline": state.current.discipline}
+        changes.update(held)
+        why = f"discipline not recommended throughout the last {window:g} s"
+        reasons += _knob_reasons("guard:stabilize", why, rec, held)
     return _retarget(rec, changes, reasons)
 
 
@@ -146,7 +130,6 @@ def limit_step(policy: Policy, state: GuardState, rec: Recommendation) -> Recomm
     if rec.urgent:
         factor *= factor
     changes: dict[str, Any] = {}
-    reasons: list[Reason] = []
     for knob, current, wanted in _steered(policy, state.current, rec.target):
         if math.isinf(current) or current == wanted:
             # Setting a limit where there was none is not a step from anything.
@@ -157,48 +140,29 @@ def limit_step(policy: Policy, state: GuardState, rec: Recommendation) -> Recomm
             stepped = math.ceil(current / factor)
         else:
             continue
-        value = _from_effective(stepped)
-        changes[knob] = value
-        reasons.append(
-            Reason(
-                "guard:max-step",
-                f"limited to x{factor:g} per interval",
-                knob,
-                getattr(rec.target, knob),
-                value,
-            )
-        )
-    return _retarget(rec, changes, reasons)
+        changes[knob] = _from_effective(stepped)
+    why = f"limited to x{factor:g} per interval"
+    return _retarget(rec, changes, _knob_reasons("guard:max-step", why, rec, changes))
 
 
 def skip_small_changes(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendation:
     """Keep the current value where the change is below `min_change_fraction`."""
     threshold = policy.behavior.min_change_fraction
     changes: dict[str, Any] = {}
-    reasons: list[Reason] = []
     for knob, current, wanted in _steered(policy, state.current, rec.target):
         if current == wanted or math.isinf(current) or math.isinf(wanted):
             continue
         if abs(wanted - current) < threshold * current:
-            current_value = getattr(state.current, knob)
-            changes[knob] = current_value
-            reasons.append(
-                Reason(
-                    "guard:min-change",
-                    f"change below {threshold:.0%} is not worth a reconfiguration",
-                    knob,
-                    getattr(rec.target, knob),
-                    current_value,
-                )
-            )
-    return _retarget(rec, changes, reasons)
+            changes[knob] = getattr(state.current, knob)
+    why = f"change below {threshold:.0%} is not worth a reconfiguration"
+    return _retarget(rec, changes, _knob_reasons("guard:min-change", why, rec, changes))
 
 
 def clamp(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendation:
     clamped = policy.clamp(rec.target)
     reasons = tuple(
         Reason("guard:clamp", "outside the policy's bounds", name, getattr(rec.target, name), getattr(clamped, name))
-        for name in (*NUMERIC_KNOBS, "discipline")
+        for name in STEERABLE_KNOBS
         if getattr(clamped, name) != getattr(rec.target, name)
     )
     return rec.retarget(clamped, reasons) if reasons else rec
@@ -206,7 +170,7 @@ def clamp(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendat
 
 def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendation:
     """One pod runs a new setting first; the others follow only if it does no worse."""
-    if not policy.behavior.canary:
+    if not policy.behavior.canary.enabled:
         return rec
     if len(state.pods) < 2:
         if rec.target != state.current:
@@ -226,7 +190,7 @@ def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommenda
                 *rec.reasons,
                 Reason(
                     "guard:canary",
-                    f"trying the new setting on {pod} for {policy.behavior.canary_intervals} interval(s) first",
+                    f"trying the new setting on {pod} for {policy.behavior.canary.intervals} interval(s) first",
                     data={"pod": pod},
                 ),
             ),
@@ -236,7 +200,7 @@ def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommenda
     progressed = replace(running, intervals_done=running.intervals_done + 1, score_gaps=gaps)
     if gap is not None and gap < CANARY_ABORT_GAP:
         return _canary_end(rec, state, progressed, roll_out=False, why="the canary pod scores clearly worse")
-    if progressed.intervals_done < policy.behavior.canary_intervals:
+    if progressed.intervals_done < policy.behavior.canary.intervals:
         return replace(
             rec,
             target=running.baseline,
@@ -307,6 +271,11 @@ def _from_effective(value: float) -> int | None:
     if math.isinf(value):
         return None
     return int(value)
+
+
+def _knob_reasons(step: str, message: str, rec: Recommendation, changes: Mapping[str, Any]) -> list[Reason]:
+    """One reason per changed knob: what the steps before wanted, what `step` let through."""
+    return [Reason(step, message, knob, getattr(rec.target, knob), value) for knob, value in changes.items()]
 
 
 def _retarget(rec: Recommendation, changes: Mapping[str, Any], reasons: list[Reason]) -> Recommendation:

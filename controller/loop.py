@@ -20,6 +20,7 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.decide import DecideMemory, initial_knobs, recommend
 from batchpilot.controller.explain import (
     Conditions,
@@ -28,14 +29,7 @@ from batchpilot.controller.explain import (
     Recommendation,
 )
 from batchpilot.controller.guards import GuardState, run_chain
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import (
-    LengthMix,
-    Sample,
-    WorkloadModel,
-    estimate_tpot_quantile,
-    sample_from,
-)
+from batchpilot.controller.model import WorkloadModel
 from batchpilot.controller.observe import (
     MetricsSource,
     MetricsUnavailable,
@@ -44,6 +38,7 @@ from batchpilot.controller.observe import (
     observe,
 )
 from batchpilot.controller.policy import Mode, Policy
+from batchpilot.controller.samples import LengthMix, Sample, estimate_tpot_quantile, sample_from
 
 STEPS = ("observe", "fit", "recommend", "guard", "report")
 # Half the pods silent means the pooled view describes the other half only:
@@ -172,7 +167,7 @@ class PolicyController:
 
     def _pod_scores(self, observation: Observation | None, pooled_tpot: float | None) -> dict[str, float]:
         """Estimated share of requests served within the SLOs, per pod (for the canary)."""
-        if observation is None or not self.policy.behavior.canary:
+        if observation is None or not self.policy.behavior.canary.enabled:
             return {}
         scores = {}
         for name, pod in observation.pods.items():

@@ -3,32 +3,10 @@
 Two layers, because the controller sees only tens of windows per traffic
 phase and must still extrapolate to knob settings it has not tried:
 
-1. `StepModel`, physics with five fitted constants. A continuous-batching
-   engine's iteration costs a fixed part (reading the weights), a part per
-   running sequence, a part per KV token those sequences attend to, and a
-   part per prompt token prefilled in that step. Per window, with T the mean
-   inter-token latency, B the running sequences, s the mean context per
-   running sequence and P the prompt tokens prefilled per second (so P*T per
-   step):
-
-       T = d0 + d1*B + d2*B*s + (c1 + c2*a) * P*T        (a = E[p^2]/E[p])
-
-   fitted by non-negative ridge regression (sklearn's NNLS `LinearRegression
-   (positive=True)` on a ridge-augmented system: a negative cost is never
-   physical, and the small penalty splits weight over terms that one
-   traffic mix cannot tell apart, e.g. per-sequence and per-context-token
-   costs at a constant context length). The fixed cost and the prefill
-   cost are such a pair within one phase; a roofline prior (d0/c1 near the
-   GPU's FLOPs per byte, `KNEE_TOKENS`) splits them. Little's law then predicts any
-   setting: below capacity B = lambda*E[o]*T, so
-   T = d0 / (1 - lambda*((c1+c2a)*E[p] + (d1+d2*s)*E[o])); at a concurrency
-   limit B every finishing request admits another, so
-   T = d0 + B*(d1 + d2*s + (c1+c2a)*E[p]/E[o]) and throughput B/(E[o]*T).
-   The constants belong to the engine, not to the traffic, so they stay
-   valid across a shift in the length mix: only the length moments change,
-   and they are measured every window. The engine's tokens per step (its
-   prefill chunk) caps the sequences that decode at once, and bounds the
-   TPOT quantile by the longest step it allows.
+1. `StepModel` (physics.py), physics with five fitted constants: the step
+   time of a continuous-batching engine from the sequences it runs, their
+   context and the prompt tokens it prefills, and through Little's law the
+   step time, running sequences and throughput of any setting.
 
 2. Residual regressors, scikit-learn `BayesianRidge`, of what physics leaves
    out, in log space (see `WorkloadModel`): the per-request TPOT quantile
@@ -43,9 +21,10 @@ phase and must still extrapolate to knob settings it has not tried:
    parameter (epistemic) part grows with the distance from the settings
    seen: the uncertainty the decision keeps a margin for.
 
-Samples live in a ring buffer (bounded memory); every new window is first
-predicted by the models fitted without it, and that held-out error is what
-`quality` reports and what decides whether decisions may rely on the model.
+Samples (samples.py) live in a ring buffer (bounded memory); every new
+window is first predicted by the models fitted without it, and that
+held-out error is what `quality` reports and what decides whether
+decisions may rely on the model.
 """
 
 from __future__ import annotations
@@ -55,39 +34,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import BayesianRidge, LinearRegression
+from sklearn.linear_model import BayesianRidge
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.explain import ModelQuality
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.observe import Histogram, PodObservation
+from batchpilot.controller.physics import Physics, StepModel, engine_chunk, running_limit
 from batchpilot.controller.policy import Policy
+from batchpilot.controller.samples import LengthMix, Sample
 
 # Samples kept: 512 pod-windows is 4+ hours of one pod at 30 s, or eight
 # intervals of a 64-pod policy; 17 floats (136 bytes) each.
 RING_CAPACITY = 512
-# The step model needs more windows than it has constants (5) to be fitted
-# at all.
-MIN_STEP_SAMPLES = 5
 MIN_TRUSTED_SAMPLES = 12
 # The residual regressors have five features plus an intercept: twice that
 # many windows before their noise estimate means anything.
 MIN_RESIDUAL_SAMPLES = 12
-# On unit-scaled columns against step times of 0.005-0.5 s: large enough to
-# split exactly collinear terms, small enough not to bias a fit the data do
-# determine (the synthetic engine of the tests is recovered within 0.1%).
-STEP_RIDGE_ALPHA = 1e-6
-# The roofline prior on the prefill cost per token, c1: a step reads the
-# weights once (d0) and a prefilled token costs two FLOPs per weight, so
-# d0 / c1 is the GPU's FLOPs per byte of memory traffic, the roofline knee:
-# 295 for an H100 in bf16, 206 for an H200, 156 for an A100 (the
-# calibration data measure 378 and 209 on the H100 and A100). Within one
-# traffic phase the prompt tokens per step barely move, so d0 and c1 cannot
-# be told apart from the windows alone; without the prior the ridge gave the
-# whole step to d0 and priced a prompt token 5-20x too low.
-KNEE_TOKENS = 300.0
-# The prior weighs as much as one window: the data overrule it wherever
-# the prompt load varies between windows.
-KNEE_PRIOR_WEIGHT = 1.0
 # The residual models weigh a window by 0.5^(age / half-life): the tail a
 # limit produces drifts with the traffic's burstiness, which the features
 # do not capture; 20 intervals (10 minutes at 30 s) keeps a phase's worth.
@@ -98,378 +59,6 @@ RESIDUAL_HALF_LIFE = 20.0
 TRUSTED_HELDOUT_ERROR = 0.25
 # Weight of the newest window in the held-out error's moving average.
 HELDOUT_EMA = 0.3
-# Simulated requests per window for the TPOT quantile estimate; 32 draws per
-# request, enough for the mean of a short answer, longer ones use the CLT.
-_TPOT_REQUESTS = 2000
-_TPOT_DRAWS = 32
-
-
-@dataclass(frozen=True, slots=True)
-class LengthMix:
-    """Moments of the prompt and output lengths of the requests that completed."""
-
-    prompt_mean: float
-    prompt_sq_mean: float
-    prompt_p90: float
-    output_mean: float
-    output_sq_mean: float
-    output_p90: float
-
-    @classmethod
-    def from_histograms(cls, prompt: Histogram | None, output: Histogram | None) -> LengthMix | None:
-        if prompt is None or output is None:
-            return None
-        prompt_mean, output_mean = prompt.mean, output.mean
-        prompt_p90, output_p90 = prompt.quantile(0.9), output.quantile(0.9)
-        if not prompt_mean or not output_mean or prompt_p90 is None or output_p90 is None:
-            return None
-        return cls(
-            prompt_mean,
-            max(_second_moment(prompt), prompt_mean**2),
-            prompt_p90,
-            output_mean,
-            max(_second_moment(output), output_mean**2),
-            output_p90,
-        )
-
-    @property
-    def context_per_seq(self) -> float:
-        """Mean KV tokens of a running sequence: each runs ~o steps, growing from p to p+o."""
-        return self.prompt_mean + self.output_sq_mean / (2.0 * self.output_mean)
-
-    @property
-    def budget_per_seq(self) -> float:
-        """Mean prompt + output tokens the gate charges per running sequence (time-weighted)."""
-        return self.prompt_mean + self.output_sq_mean / self.output_mean
-
-    @property
-    def attention_per_token(self) -> float:
-        """E[p^2]/E[p]: quadratic attention work per prefilled token."""
-        return self.prompt_sq_mean / self.prompt_mean
-
-    def shift(self, other: LengthMix) -> float:
-        """Largest |log ratio| of the mean prompt or output length (0.41 = 1.5x)."""
-        return max(
-            abs(math.log(self.prompt_mean / other.prompt_mean)),
-            abs(math.log(self.output_mean / other.output_mean)),
-        )
-
-    def blend(self, other: LengthMix, weight: float) -> LengthMix:
-        """`weight` of self, the rest of other (a moving reference)."""
-        def mix(a: float, b: float) -> float:
-            return weight * a + (1.0 - weight) * b
-
-        return LengthMix(
-            mix(self.prompt_mean, other.prompt_mean),
-            mix(self.prompt_sq_mean, other.prompt_sq_mean),
-            mix(self.prompt_p90, other.prompt_p90),
-            mix(self.output_mean, other.output_mean),
-            mix(self.output_sq_mean, other.output_sq_mean),
-            mix(self.output_p90, other.output_p90),
-        )
-
-
-def _second_moment(hist: Histogram) -> float:
-    """E[x^2] with observations uniform inside each bucket (the +Inf bucket at its lower bound)."""
-    total = hist.count_rate
-    acc = 0.0
-    lower, below = 0.0, 0.0
-    for upper, cumulative in hist.buckets:
-        count = cumulative - below
-        if count > 0:
-            top = lower if math.isinf(upper) else upper
-            acc += count * (lower * lower + lower * top + top * top) / 3.0
-        lower, below = (lower if math.isinf(upper) else upper), cumulative
-    return acc / total if total > 0 else 0.0
-
-
-def estimate_tpot_quantile(itl: Histogram, output: Histogram, q: float, seed: int = 0) -> float | None:
-    """Per-request TPOT quantile from the per-token ITL and output-length histograms.
-
-    For engines that export inter-token latency per token but no per-request
-    TPOT histogram (vLLM before V1's request_time_per_output_token_seconds).
-    A request's TPOT is the mean of its (o - 1) inter-token gaps: simulate
-    requests with o drawn from the output histogram and gaps drawn from the
-    ITL histogram (independently: the within-window correlation that bursts
-    add is left to the quantile model's residual). Seeded: deterministic.
-    """
-    rng = np.random.default_rng(seed)
-    outputs = _draw(output, rng, _TPOT_REQUESTS)
-    gaps = _draw(itl, rng, _TPOT_REQUESTS * _TPOT_DRAWS)
-    if outputs is None or gaps is None:
-        return None
-    counts = np.maximum(np.rint(outputs).astype(np.int64) - 1, 1)
-    gaps = gaps.reshape(_TPOT_REQUESTS, _TPOT_DRAWS)
-    used = np.minimum(counts, _TPOT_DRAWS)
-    mask = np.arange(_TPOT_DRAWS)[None, :] < used[:, None]
-    means = (gaps * mask).sum(axis=1) / used
-    # Beyond 32 gaps, the mean's deviation shrinks as 1/sqrt(n) (CLT).
-    overall = float(gaps.mean())
-    long = counts > _TPOT_DRAWS
-    means[long] = overall + (means[long] - overall) * np.sqrt(_TPOT_DRAWS / counts[long])
-    return float(np.quantile(means, q))
-
-
-def _draw(hist: Histogram, rng: np.random.Generator, size: int) -> np.ndarray | None:
-    bounds = np.array([le for le, _ in hist.buckets])
-    cumulative = np.array([count for _, count in hist.buckets])
-    counts = np.diff(np.concatenate([[0.0], cumulative]))
-    if cumulative[-1] <= 0 or np.any(counts < 0):
-        return None
-    lower = np.concatenate([[0.0], bounds[:-1]])
-    upper = bounds.copy()
-    # +Inf bucket: its observations lie beyond the last bound; half a bound
-    # more is a guess, and errs high (the safe side for a latency).
-    upper[-1] = lower[-1] * 1.5
-    # Inverse-CDF sampling of the bucket (what rng.choice(p=...) does, ~10x faster).
-    index = np.minimum(np.searchsorted(cumulative, rng.random(size) * cumulative[-1], side="right"), len(bounds) - 1)
-    drawn: np.ndarray = lower[index] + (upper[index] - lower[index]) * rng.random(size)
-    return drawn
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One pod over one window: what the pod ran, its load, and what came of it."""
-
-    knobs: Knobs
-    arrival_rps: float
-    mix: LengthMix
-    step_s: float  # mean inter-token latency
-    running: float  # decoding sequences, time-averaged over the window
-    prompt_tps: float
-    # Requests queued at the gate or were shed: the admission limit bound,
-    # so the window shows how the engine runs AT the limit.
-    binding: bool
-    tpot_q_s: float | None
-    ttft_q_s: float | None
-    throughput_rps: float | None
-
-
-def sample_from(pod: PodObservation, mix: LengthMix, tpot_q_s: float | None, quantile: float) -> Sample | None:
-    """A training sample from one pod's window; None without the physics inputs."""
-    step_s = _step_seconds(pod)
-    if step_s is None or pod.applied is None or pod.arrival_rps is None or pod.prompt_tps is None:
-        return None
-    # Little's law on the token counter (tokens/s x s/step = sequences per
-    # step) averages over the whole window; the running gauge is only
-    # sampled at scrape instants, which bursty traffic makes noisy.
-    running = pod.generation_tps * step_s if pod.generation_tps is not None else pod.running
-    if running is None:
-        return None
-    return Sample(
-        knobs=pod.applied,
-        arrival_rps=pod.arrival_rps,
-        mix=mix,
-        step_s=step_s,
-        running=running,
-        prompt_tps=pod.prompt_tps,
-        binding=(pod.gate_queue or 0.0) >= 0.5 or (pod.shed_rps or 0.0) > 0.0,
-        tpot_q_s=tpot_q_s,
-        ttft_q_s=None if pod.ttft is None else pod.ttft.quantile(quantile),
-        throughput_rps=pod.completed_rps,
-    )
-
-
-def _step_seconds(pod: PodObservation) -> float | None:
-    """Mean time per decode step: the ITL mean, else the per-request TPOT mean."""
-    for hist in (pod.itl, pod.tpot):
-        if hist is not None and hist.mean is not None and hist.mean > 0:
-            return hist.mean
-    return None
-
-
-# Position of c1 among the load columns (d1, d2, c1, c2) of the step fit.
-_C1_COLUMN = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Physics:
-    """What the step model predicts for one setting under one load."""
-
-    step_s: float
-    running: float
-    throughput_rps: float
-    saturated: bool
-
-
-class StepModel:
-    """The engine constants of the module docstring, fitted by non-negative ridge.
-
-    The arithmetic takes numpy arrays or floats alike: a refit evaluates every
-    sample of the ring buffer at once, a decision every candidate at once.
-    """
-
-    def __init__(self, d0: float, d1: float, d2: float, c1: float, c2: float) -> None:
-        self.d0, self.d1, self.d2, self.c1, self.c2 = d0, d1, d2, c1, c2
-
-    @classmethod
-    def fit(cls, samples: Sequence[Sample]) -> StepModel | None:
-        columns = np.array(
-            [
-                (s.running, s.mix.context_per_seq, s.prompt_tps, s.step_s, s.mix.attention_per_token)
-                for s in samples
-            ]
-        ).reshape(-1, 5)
-        return cls.fit_arrays(*columns.T)
-
-    @classmethod
-    def fit_arrays(
-        cls,
-        running: np.ndarray,
-        context: np.ndarray,
-        prompt_tps: np.ndarray,
-        step: np.ndarray,
-        attention: np.ndarray,
-    ) -> StepModel | None:
-        if len(step) < MIN_STEP_SAMPLES:
-            return None
-        design = np.column_stack(
-            [running, running * context, prompt_tps * step, prompt_tps * step * attention]
-        )
-        # Column scales differ by 10^6 (sequences vs token-squares); NNLS is
-        # scale-sensitive in its stopping rule, so fit on unit columns.
-        scale = np.maximum(np.abs(design).max(axis=0), 1e-12)
-        # Ridge as non-negative least squares on an augmented system: a
-        # column of ones for d0 (not penalised), sqrt(alpha) * identity rows
-        # that pull d1, d2 and c2 towards zero, and one row that pulls c1
-        # towards d0 / KNEE_TOKENS (the roofline prior). (sklearn's
-        # Ridge(positive=True) solves this with L-BFGS, which stops ~10% off
-        # the optimum at this conditioning; the NNLS solver is exact.)
-        width = design.shape[1]
-        unit = np.column_stack([np.ones(len(step)), design / scale])
-        penalty = np.column_stack([np.zeros(width), math.sqrt(STEP_RIDGE_ALPHA) * np.eye(width)])
-        penalty[_C1_COLUMN] = 0.0
-        penalty[_C1_COLUMN, 0] = math.sqrt(KNEE_PRIOR_WEIGHT)
-        penalty[_C1_COLUMN, 1 + _C1_COLUMN] = -math.sqrt(KNEE_PRIOR_WEIGHT) * KNEE_TOKENS / scale[_C1_COLUMN]
-        regression = LinearRegression(positive=True, fit_intercept=False).fit(
-            np.vstack([unit, penalty]), np.concatenate([step, np.zeros(width)])
-        )
-        d0 = float(regression.coef_[0])
-        d1, d2, c1, c2 = (float(v) for v in regression.coef_[1:] / scale)
-        if not d0 > 0:
-            # All of the step time explained by load leaves no fixed cost,
-            # which no engine has; the fit is not usable yet.
-            return None
-        return cls(d0, d1, d2, c1, c2)
-
-    def prefill_cost(self, mix: LengthMix) -> float:
-        """Seconds of step time per prompt token prefilled."""
-        return self.c1 + self.c2 * mix.attention_per_token
-
-    def decode_step(self, running: float, mix: LengthMix) -> float:
-        """Step time of `running` decodes alone, without prefill."""
-        return self.d0 + running * (self.d1 + self.d2 * mix.context_per_seq)
-
-    def per_sequence_cost(self, mix: LengthMix) -> float:
-        """Marginal step time of one more running sequence when every finish admits a new one."""
-        return float(self._per_sequence(mix.prompt_mean, mix.output_mean, mix.context_per_seq, mix.attention_per_token))
-
-    def concurrency_for(self, step_s: float, mix: LengthMix) -> float:
-        """Running sequences at which a saturated engine's step time reaches `step_s`."""
-        return max(0.0, (step_s - self.d0) / self.per_sequence_cost(mix))
-
-    def predict(
-        self, limit: float, arrival_rps: float, mix: LengthMix, *, chunk: float = math.inf, overload: bool = False
-    ) -> Physics:
-        """Steady state under `limit` running sequences at most, with `arrival_rps` offered.
-
-        `chunk`: the engine's tokens per step (see `steady`). `overload`: as
-        if demand exceeded what the limit admits (a burst), the case a limit
-        exists for.
-        """
-        step, running, throughput, saturated = self.steady(
-            np.array([limit]),
-            np.array([arrival_rps]),
-            mix.prompt_mean,
-            mix.output_mean,
-            mix.context_per_seq,
-            mix.attention_per_token,
-            chunk=chunk,
-            overload=overload,
-        )
-        return Physics(float(step[0]), float(running[0]), float(throughput[0]), bool(saturated[0]))
-
-    def steady(
-        self,
-        limit: np.ndarray,
-        arrival: np.ndarray,
-        prompt: np.ndarray | float,
-        output: np.ndarray | float,
-        context: np.ndarray | float,
-        attention: np.ndarray | float,
-        *,
-        chunk: np.ndarray | float = math.inf,
-        overload: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(step, running, throughput, saturated) per element; see `predict`.
-
-        `chunk`: the engine's tokens per step (decode tokens included, as
-        vLLM counts them). In steady state a step's budget splits o:p between
-        decodes and the prefill that replaces finished requests, so at most
-        chunk*o/(p+o) sequences decode at once: the chunk limits the running
-        sequences as an admission limit would, and what it admits beyond
-        that waits inside the engine.
-        """
-        limit = np.minimum(limit, chunk * output / (prompt + output))
-        decode = self.d1 + self.d2 * context
-        load = arrival * ((self.c1 + self.c2 * attention) * prompt + decode * output)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step_free = np.where(load < 1.0, self.d0 / (1.0 - load), np.inf)
-        running_free = arrival * output * step_free
-        free = (load < 1.0) & (running_free <= limit) & (not overload)
-        running_cap = np.maximum(limit, 1.0)
-        step_cap = self.d0 + running_cap * self._per_sequence(prompt, output, context, attention)
-        step = np.where(free, step_free, step_cap)
-        running = np.where(free, running_free, running_cap)
-        throughput = np.where(free, arrival, running_cap / (output * step_cap))
-        return step, running, throughput, ~free
-
-    def longest_step(
-        self,
-        running: np.ndarray | float,
-        chunk: np.ndarray | float,
-        context: np.ndarray | float,
-        attention: np.ndarray | float,
-    ) -> np.ndarray | float:
-        """A step of `running` decodes that also fills the rest of the chunk with prefill.
-
-        No request's mean time per token can exceed it: where the chunk is
-        small, this and not the tail over the mean step bounds the TPOT
-        quantile (every step then costs about the same).
-        """
-        prefill = np.maximum(chunk - running, 0.0)
-        return self.d0 + running * (self.d1 + self.d2 * context) + (self.c1 + self.c2 * attention) * prefill
-
-    def _per_sequence(
-        self, prompt: np.ndarray | float, output: np.ndarray | float, context: np.ndarray | float, attention: np.ndarray | float
-    ) -> np.ndarray | float:
-        return self.d1 + self.d2 * context + (self.c1 + self.c2 * attention) * prompt / output
-
-    def as_dict(self) -> dict[str, float]:
-        return {"d0_ms": self.d0 * 1e3, "d1_ms": self.d1 * 1e3, "d2_ms": self.d2 * 1e3,
-                "c1_ms": self.c1 * 1e3, "c2_ms": self.c2 * 1e3}
-
-
-def running_limit(policy: Policy, knobs: Knobs, mix: LengthMix) -> float:
-    """Most sequences a setting lets run at once: the cap, or the token budget over tokens per sequence."""
-    cap = policy.effective("max_concurrency", knobs.max_concurrency)
-    budget = policy.effective("max_inflight_tokens", knobs.max_inflight_tokens)
-    return min(cap, budget / mix.budget_per_seq)
-
-
-def engine_chunk(policy: Policy, knobs: Knobs) -> float:
-    """The engine's tokens per step in effect: max_num_batched_tokens, else the engine's own."""
-    return policy.effective("max_num_batched_tokens", knobs.max_num_batched_tokens)
-
-
-def engine_running_capacity(policy: Policy, knobs: Knobs, mix: LengthMix) -> float:
-    """Sequences the engine runs at once under its tokens per step (see `StepModel.steady`).
-
-    chunk*o/(p+o) decode in steady state; add those prefilling (the chunk's
-    prefill share over a prompt's length) and one being admitted.
-    """
-    chunk = engine_chunk(policy, knobs)
-    return chunk * (mix.output_mean + 1.0) / (mix.prompt_mean + mix.output_mean) + 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,6 +78,18 @@ def last_over_time(samples: Sequence[Sample], end_s: float, range_s: float) -> f
     return window[-1][1] if window else None
 
 
+def _populated(buckets: Sequence[Bucket]) -> Sequence[Bucket] | None:
+    """`_normalised` buckets with a finite bound and some observations; None
+    when there is nothing to take a quantile or a share of."""
+    ordered = _normalised(buckets)
+    if ordered is None or len(ordered) < 2:
+        return None
+    total = ordered[-1][1]
+    if total == 0 or math.isnan(total):
+        return None
+    return ordered
+
+
 def _normalised(buckets: Sequence[Bucket]) -> Sequence[Bucket] | None:
     """Sorted, equal bounds merged, counts monotonic; None without a +Inf bucket."""
     if _already_normal(buckets):
@@ -119,12 +131,10 @@ def histogram_quantile(q: float, buckets: Sequence[Bucket]) -> float:
         return -math.inf
     if q > 1:
         return math.inf
-    ordered = _normalised(buckets)
-    if ordered is None or len(ordered) < 2:
+    ordered = _populated(buckets)
+    if ordered is None:
         return math.nan
     observations = ordered[-1][1]
-    if observations == 0 or math.isnan(observations):
-        return math.nan
     rank = q * observations
     counts = [count for _, count in ordered[:-1]]
     index = bisect.bisect_left(counts, rank)  # first bucket with count >= rank
@@ -150,12 +160,10 @@ def histogram_fraction_below(threshold: float, buckets: Sequence[Bucket]) -> flo
     Above the largest finite bound the share is the count up to that bound:
     the +Inf bucket says nothing about where its observations lie.
     """
-    ordered = _normalised(buckets)
-    if ordered is None or len(ordered) < 2:
+    ordered = _populated(buckets)
+    if ordered is None:
         return math.nan
     total = ordered[-1][1]
-    if total == 0 or math.isnan(total):
-        return math.nan
     below = 0.0
     lower = 0.0
     for bound, count in ordered[:-1]:

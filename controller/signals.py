@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
+from batchpilot.contract.gate_metrics import DISCIPLINE_LABEL, KNOB_LABEL, GateMetric
 from batchpilot.controller.policy import EngineKind, MetricOverride
 
 
@@ -113,20 +114,22 @@ KINDS: Mapping[Signal, Kind] = {
     Signal.GATE_DISCIPLINE: Kind.LABELLED,
 }
 
-BY_LABEL: Mapping[Signal, str] = {Signal.GATE_KNOB: "knob", Signal.GATE_DISCIPLINE: "discipline"}
+BY_LABEL: Mapping[Signal, str] = {
+    Signal.GATE_KNOB: KNOB_LABEL,
+    Signal.GATE_DISCIPLINE: DISCIPLINE_LABEL,
+}
 
-# The gate's metric names: a binding contract with gate/metrics.py and the
-# simulator's gate model (a test pins them to the gate's constants).
+# The series the controller reads from the gate (contract/gate_metrics.py).
 GATE_METRICS: Mapping[Signal, str] = {
-    Signal.ADMITTED: "batchpilot_gate_admitted_total",
-    Signal.SHED: "batchpilot_gate_shed_total",
-    Signal.GATE_TTFT: "batchpilot_gate_time_to_first_token_seconds",
-    Signal.GATE_QUEUE_WAIT: "batchpilot_gate_queue_wait_seconds",
-    Signal.GATE_QUEUE: "batchpilot_gate_queue_length",
-    Signal.GATE_INFLIGHT: "batchpilot_gate_inflight_requests",
-    Signal.GATE_INFLIGHT_TOKENS: "batchpilot_gate_inflight_tokens",
-    Signal.GATE_KNOB: "batchpilot_gate_knob",
-    Signal.GATE_DISCIPLINE: "batchpilot_gate_discipline",
+    Signal.ADMITTED: GateMetric.ADMITTED_TOTAL,
+    Signal.SHED: GateMetric.SHED_TOTAL,
+    Signal.GATE_TTFT: GateMetric.TIME_TO_FIRST_TOKEN_SECONDS,
+    Signal.GATE_QUEUE_WAIT: GateMetric.QUEUE_WAIT_SECONDS,
+    Signal.GATE_QUEUE: GateMetric.QUEUE_LENGTH,
+    Signal.GATE_INFLIGHT: GateMetric.INFLIGHT_REQUESTS,
+    Signal.GATE_INFLIGHT_TOKENS: GateMetric.INFLIGHT_TOKENS,
+    Signal.GATE_KNOB: GateMetric.KNOB,
+    Signal.GATE_DISCIPLINE: GateMetric.DISCIPLINE,
 }
 
 
@@ -190,15 +193,15 @@ ENGINE_PRESETS: Mapping[EngineKind, Mapping[Signal, MetricOverride]] = {
     },
     EngineKind.LLAMACPP: {
         # Request lengths from the gate (gate/metrics.py): llama-server exports none.
-        Signal.PROMPT_TOKENS: _m("batchpilot_gate_prompt_tokens"),
-        Signal.OUTPUT_TOKENS: _m("batchpilot_gate_output_tokens"),
+        Signal.PROMPT_TOKENS: _m(GateMetric.PROMPT_TOKENS),
+        Signal.OUTPUT_TOKENS: _m(GateMetric.OUTPUT_TOKENS),
         Signal.PROMPT_TOKENS_PROCESSED: _m("llamacpp:prompt_tokens_total"),
         Signal.GENERATION_TOKENS: _m("llamacpp:tokens_predicted_total"),
         # Slots decoding or prefilling; deferred: requests with no free slot.
         Signal.RUNNING: _m("llamacpp:requests_processing"),
         Signal.WAITING: _m("llamacpp:requests_deferred"),
         # The gate's histogram (gate/metrics.py): llama-server has none.
-        Signal.TPOT: _m("batchpilot_gate_time_per_output_token_seconds"),
+        Signal.TPOT: _m(GateMetric.TIME_PER_OUTPUT_TOKEN_SECONDS),
     },
     EngineKind.GENERIC: {},
 }

@@ -27,8 +27,9 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from batchpilot.controller.knobs import KnobError, Knobs
-from batchpilot.gate.runtime import SOURCE_API, Gate
+from batchpilot.contract.gate_api import CONFIG_PATH, ConfigSource
+from batchpilot.contract.knobs import KnobError, Knobs
+from batchpilot.gate.runtime import Gate
 
 log = logging.getLogger("batchpilot.gate")
 
@@ -79,15 +80,15 @@ class Admin:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/config", self.get_config),
-            web.put("/config", self.put_config),
+            web.get(CONFIG_PATH, self.get_config),
+            web.put(CONFIG_PATH, self.put_config),
             web.get("/metrics", self.metrics),
             web.get("/livez", self.livez),
             web.get("/readyz", self.readyz),
         ]
 
     async def get_config(self, request: web.Request) -> web.Response:
-        return web.json_response(self._gate.describe())
+        return web.json_response(self._gate.describe().to_document())
 
     async def put_config(self, request: web.Request) -> web.Response:
         refusal = self._authorize(request)
@@ -106,8 +107,8 @@ class Admin:
             knobs = Knobs.from_mapping(data)
         except KnobError as err:
             return _json_error(400, str(err), err.field)
-        changed = await self._gate.apply(knobs, SOURCE_API)
-        return web.json_response({**self._gate.describe(), "changed": changed})
+        changed = await self._gate.apply(knobs, ConfigSource.API)
+        return web.json_response({**self._gate.describe().to_document(), "changed": changed})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self._gate.metrics.registry)

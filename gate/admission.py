@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 
 
 class TicketState(Enum):

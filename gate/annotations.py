@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 
-from batchpilot.controller.knobs import KnobError, Knobs
-
-KNOBS_ANNOTATION = "batchpilot.dev/knobs"
+from batchpilot.contract.gate_api import KNOBS_ANNOTATION
+from batchpilot.contract.knobs import KnobError, Knobs
 
 
 class AnnotationError(ValueError):

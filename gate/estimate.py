@@ -29,18 +29,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batchpilot.contract.errors import FieldError
+
 CHARS_PER_TOKEN = 4
 PROMPT_TOKENS_HEADER = "x-prompt-tokens"
 PRIORITY_HEADER = "x-priority"
 
 
-class RequestError(ValueError):
-    """The request cannot be sized; `param` names the offending field or header."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
+class RequestError(FieldError):
+    """The request cannot be sized; `field` names the offending body field or header."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 
 APPLIED = "applied"
 UNCHANGED = "unchanged"

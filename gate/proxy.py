@@ -1,5 +1,9 @@
 """The client-facing reverse proxy: admission in front of the engine, bytes passed through.
 
+Why one module: the data port's request path, from route to last relayed
+byte; its helpers (the resend rule, the SSE token counter) serve that path
+alone, and the route contract below stays beside the code that keeps it.
+
 - `POST /v1/completions`, `POST /v1/chat/completions`: sized (see
   `estimate`), queued and admitted by the `Gate`, then forwarded. The
   engine's answer is relayed as it arrives, chunk by chunk, whatever its
@@ -46,19 +50,9 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from batchpilot.contract.gate_metrics import FailedReason, RetriedOutcome, RetryReason
 from batchpilot.gate.estimate import RequestError, estimate_request
-from batchpilot.gate.metrics import (
-    FAILED_CLIENT_DISCONNECT,
-    FAILED_UPSTREAM_4XX,
-    FAILED_UPSTREAM_5XX,
-    FAILED_UPSTREAM_STREAM_BROKEN,
-    FAILED_UPSTREAM_UNREACHABLE,
-    RETRIED_ADMITTED,
-    RETRIED_SHED,
-    RETRY_SERVER_DISCONNECTED,
-    RETRY_SOCKET_ERROR,
-    Histogram,
-)
+from batchpilot.gate.metrics import Histogram
 from batchpilot.gate.runtime import Gate
 
 log = logging.getLogger("batchpilot.gate")
@@ -163,7 +157,7 @@ def connection_trace() -> aiohttp.TraceConfig:
     return trace
 
 
-def retry_reason(err: BaseException, reused: bool) -> str | None:
+def retry_reason(err: BaseException, reused: bool) -> RetryReason | None:
     """The retries_total reason when `err` means the engine never got the request, else None.
 
     Only a request whose connection came from the pool and which failed before
@@ -178,12 +172,12 @@ def retry_reason(err: BaseException, reused: bool) -> str | None:
         return None
     if isinstance(err, aiohttp.ServerDisconnectedError):
         # aiohttp puts the partly parsed answer here when some bytes of it came.
-        return RETRY_SERVER_DISCONNECTED if isinstance(err.message, str) else None
+        return RetryReason.SERVER_DISCONNECTED if isinstance(err.message, str) else None
     # A reset, or "Can not write request body": the socket was closed under us.
     # (ClientConnectorError is a ClientOSError too, but a connection being
     # opened is not a reused one.)
     if isinstance(err, aiohttp.ClientOSError):
-        return RETRY_SOCKET_ERROR
+        return RetryReason.SOCKET_ERROR
     return None
 
 
@@ -273,10 +267,10 @@ class Proxy:
         try:
             size = estimate_request(body, request.headers, self._default_max_tokens)
         except RequestError as err:
-            return error_response(400, err.message, "invalid_request_error", param=err.param)
+            return error_response(400, err.message, "invalid_request_error", param=err.field)
         ticket = await self._gate.acquire(size, arrival_s)
         if is_client_retry(request.headers):
-            outcome = RETRIED_SHED if ticket is None else RETRIED_ADMITTED
+            outcome = RetriedOutcome.SHED if ticket is None else RetriedOutcome.ADMITTED
             self._gate.metrics.retried_requests[outcome] += 1
         if ticket is None:
             return self._shed_response(arrival_s)
@@ -348,10 +342,10 @@ class Proxy:
                         trace_request_ctx=attempt,
                     )
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-                reason = retry_reason(err, attempt.reused)
-                if reason is None:
+                retry = retry_reason(err, attempt.reused)
+                if retry is None:
                     raise
-                metrics.upstream_retries[reason] += 1
+                metrics.upstream_retries[retry] += 1
                 # Not the pool again: it may hold more connections the engine
                 # has closed. A failure here is the engine's, and is final.
                 upstream = await self._fresh_session.request(
@@ -360,11 +354,11 @@ class Proxy:
         except asyncio.CancelledError:
             # The client went away before the engine answered.
             if count:
-                metrics.failed[FAILED_CLIENT_DISCONNECT] += 1
+                metrics.failed[FailedReason.CLIENT_DISCONNECT] += 1
             raise
         except (aiohttp.ClientConnectionError, TimeoutError) as err:
             if count:
-                metrics.failed[FAILED_UPSTREAM_UNREACHABLE] += 1
+                metrics.failed[FailedReason.UPSTREAM_UNREACHABLE] += 1
             return error_response(
                 502,
                 f"the engine at {self._upstream_url} is unreachable: {err}",
@@ -377,8 +371,10 @@ class Proxy:
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             if count and upstream.status >= 400:
-                reason = FAILED_UPSTREAM_5XX if upstream.status >= 500 else FAILED_UPSTREAM_4XX
-                metrics.failed[reason] += 1
+                failure = (
+                    FailedReason.UPSTREAM_5XX if upstream.status >= 500 else FailedReason.UPSTREAM_4XX
+                )
+                metrics.failed[failure] += 1
             ttft_from_s = ttft_from_s if upstream.status < 300 else None
             tokens = TokenEvents() if ttft_from_s is not None else None
             await response.prepare(request)
@@ -386,7 +382,7 @@ class Proxy:
                 try:
                     chunk = await upstream.content.readany()
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
-                    metrics.failed[FAILED_UPSTREAM_STREAM_BROKEN] += 1
+                    metrics.failed[FailedReason.UPSTREAM_STREAM_BROKEN] += 1
                     # Cut the client's connection too: a clean end would pass
                     # a truncated answer off as complete.
                     if request.transport is not None:
@@ -436,7 +432,7 @@ class Proxy:
 
     def _client_gone(self, upstream: aiohttp.ClientResponse, count: bool) -> None:
         if count:
-            self._gate.metrics.failed[FAILED_CLIENT_DISCONNECT] += 1
+            self._gate.metrics.failed[FailedReason.CLIENT_DISCONNECT] += 1
         # Closing (not releasing) drops the engine connection mid-answer,
         # which is how OpenAI-compatible engines learn to abort a request.
         upstream.close()

@@ -18,19 +18,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.gate_api import ConfigSource, GateConfig
+from batchpilot.contract.gate_metrics import FailedReason, ShedReason
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
 from batchpilot.gate.estimate import RequestSize
-from batchpilot.gate.metrics import FAILED_NATIVE_APPLY, SHED_QUEUE_DEADLINE, GateMetrics
+from batchpilot.gate.metrics import GateMetrics
 from batchpilot.gate.native import FAILURE_STATUSES, NativeAdapter, NativeResult
 
 log = logging.getLogger("batchpilot.gate")
-
-SOURCE_STARTUP = "startup"
-SOURCE_API = "api"
-SOURCE_FILE = "file"
 
 # Fire the deadline timer this long after a deadline passes: expiry uses a
 # strict "waited longer than", and asyncio timers may fire ~1 ms early.
@@ -41,7 +38,7 @@ _DEADLINE_SLACK_S = 0.002
 class AppliedConfig:
     knobs: Knobs
     version: int
-    source: str
+    source: ConfigSource
     applied_unix_s: float
 
 
@@ -53,7 +50,7 @@ class Gate:
         # Reported by GET /config so that whoever steers the gate can always
         # put back what it started with, even after losing its own record.
         self.startup_knobs = knobs
-        self.config = AppliedConfig(knobs, 1, SOURCE_STARTUP, time.time())
+        self.config = AppliedConfig(knobs, 1, ConfigSource.STARTUP, time.time())
         self.native = native
         self.native_result: NativeResult | None = None
         self.metrics = GateMetrics(lambda: self.queue, lambda: self.config.version)
@@ -89,7 +86,7 @@ class Gate:
         self.queue.release(ticket)
         self._pump()
 
-    def reconfigure(self, knobs: Knobs, source: str) -> bool:
+    def reconfigure(self, knobs: Knobs, source: ConfigSource) -> bool:
         """Apply `knobs` atomically; False (and no version bump) when nothing changes."""
         if knobs == self.queue.knobs:
             return False
@@ -99,7 +96,7 @@ class Gate:
         self._pump()
         return True
 
-    async def apply(self, knobs: Knobs, source: str) -> bool:
+    async def apply(self, knobs: Knobs, source: ConfigSource) -> bool:
         """Reconfigure, then pass the engine-native part on; returns whether the gate changed.
 
         The native call is made even when the gate's own knobs are unchanged,
@@ -122,25 +119,25 @@ class Gate:
         result = await self.native.apply(self.queue.knobs)
         self.native_result = result
         if result.status in FAILURE_STATUSES:
-            self.metrics.failed[FAILED_NATIVE_APPLY] += 1
+            self.metrics.failed[FailedReason.NATIVE_APPLY] += 1
             log.warning("native %s adapter: %s: %s", result.adapter, result.status, result.detail)
 
-    def describe(self) -> dict[str, Any]:
-        """The document `GET /config` returns."""
-        return {
-            "knobs": self.config.knobs.to_mapping(),
-            "startup_knobs": self.startup_knobs.to_mapping(),
-            "version": self.config.version,
-            "source": self.config.source,
-            "applied_unix_s": self.config.applied_unix_s,
-            "native": None if self.native_result is None else self.native_result.to_mapping(),
-        }
+    def describe(self) -> GateConfig:
+        """What `GET /config` answers."""
+        return GateConfig(
+            knobs=self.config.knobs,
+            version=self.config.version,
+            source=self.config.source,
+            startup=self.startup_knobs,
+            applied_unix_s=self.config.applied_unix_s,
+            native=None if self.native_result is None else self.native_result.to_mapping(),
+        )
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for ticket in self.queue.expire(now):
-            self.metrics.shed[SHED_QUEUE_DEADLINE] += 1
+            self.metrics.shed[ShedReason.QUEUE_DEADLINE] += 1
             _resolve(ticket, False)
         for ticket in self.queue.admit(now):
             self.metrics.admitted += 1

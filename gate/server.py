@@ -16,11 +16,12 @@ import signal
 import aiohttp
 from aiohttp import web
 
+from batchpilot.contract.gate_api import ConfigSource
 from batchpilot.gate.admin import Admin
 from batchpilot.gate.annotations import AnnotationError, knobs_from_annotations
 from batchpilot.gate.native import make_adapter
 from batchpilot.gate.proxy import Proxy, connection_trace
-from batchpilot.gate.runtime import SOURCE_FILE, Gate
+from batchpilot.gate.runtime import Gate
 from batchpilot.gate.settings import GateSettings, parse_host_port
 
 log = logging.getLogger("batchpilot.gate")
@@ -196,7 +197,7 @@ class GateServer:
                 log.warning("ignoring annotations file %s: %s", path, err)
                 continue
             if knobs is not None:
-                await self.gate.apply(knobs, SOURCE_FILE)
+                await self.gate.apply(knobs, ConfigSource.FILE)
 
 
 def _upstream_session(

@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
-
-from batchpilot.controller.knobs import KnobError, Knobs
+from batchpilot.contract.knobs import KnobError, Knobs
+from batchpilot.contract.settings import (
+    SettingError,
+    build_settings,
+    read_settings_file,
+    settings_from_env,
+)
 
 ENV_PREFIX = "BATCHPILOT_GATE_"
 NATIVE_ADAPTERS = ("off", "sglang", "vllm")
 
 
-class GateSettingsError(ValueError):
+class GateSettingsError(SettingError):
     """A gate setting is invalid; `setting` names it."""
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(f"{setting}: {message}")
-        self.setting = setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,59 +97,22 @@ def load_settings(
     """Merge command-line `overrides` (None = not given), `env` and the config file."""
     given = {key: value for key, value in overrides.items() if value is not None}
     config_path = given.pop("config", None) or env.get(ENV_PREFIX + "CONFIG")
-    merged: dict[str, Any] = {}
-    if config_path:
-        merged.update(_read_config_file(Path(config_path)))
-    merged.update(_from_env(env))
-    merged.update(given)
-    return _build(merged)
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise GateSettingsError("config", f"cannot read {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise GateSettingsError("config", f"{path} is not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise GateSettingsError("config", f"{path} must hold a mapping of settings")
-    return data
-
-
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for setting in (f.name for f in fields(GateSettings)):
-        raw = env.get(ENV_PREFIX + setting.upper())
-        if raw is None:
-            continue
-        if setting == "knobs":
-            try:
-                values[setting] = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise GateSettingsError(
-                    "knobs", f"{ENV_PREFIX}KNOBS is not valid JSON ({err.msg})"
-                ) from err
-        else:
-            values[setting] = raw
-    return values
-
-
-def _build(values: dict[str, Any]) -> GateSettings:
-    known = {f.name: f for f in fields(GateSettings)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise GateSettingsError(
-            unknown[0], f"unknown setting; known settings are {', '.join(sorted(known))}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, raw in values.items():
-        kwargs[name] = _coerce(name, raw)
-    settings = GateSettings(**kwargs)
+    from_file = read_settings_file(Path(config_path), GateSettingsError) if config_path else {}
+    from_env = settings_from_env(GateSettings, env, ENV_PREFIX, parsers={"knobs": _knobs_json})
+    settings = build_settings(
+        GateSettings, [from_file, from_env, given], _coerce, GateSettingsError
+    )
     _validate(settings)
     return settings
+
+
+def _knobs_json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise GateSettingsError(
+            "knobs", f"{ENV_PREFIX}KNOBS is not valid JSON ({err.msg})"
+        ) from err
 
 
 def _coerce(name: str, raw: Any) -> Any:

@@ -30,12 +30,17 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import yaml
+from batchpilot.contract.settings import (
+    SettingError,
+    build_settings,
+    read_settings_file,
+    settings_from_env,
+)
 
 ENV_PREFIX = "BATCHPILOT_OPERATOR_"
 PROMETHEUS_ENV_PREFIX = ENV_PREFIX + "PROMETHEUS_"
@@ -44,12 +49,8 @@ ENDPOINT_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingError):
     """An operator setting is invalid; `setting` names it."""
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(f"{setting}: {message}")
-        self.setting = setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,31 +97,19 @@ class OperatorConfig:
 
 def load_config(path: Path | None, env: Mapping[str, str]) -> OperatorConfig:
     """Merge the YAML file (if any) with `env` overrides and validate."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(_read_file(path))
-    values.update(_from_env(env))
-    return _build(values)
-
-
-def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError("config", f"cannot read {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError("config", f"{path} is not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            "config", f"{path} must hold a mapping of settings, got {type(data).__name__}"
-        )
-    return data
+    from_file = read_settings_file(path, ConfigError) if path is not None else {}
+    return build_settings(OperatorConfig, [from_file, _from_env(env)], _coerce, ConfigError)
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+    # Endpoints are one variable each, not one setting: PROMETHEUS_<NAME>.
+    values = settings_from_env(
+        OperatorConfig,
+        env,
+        ENV_PREFIX,
+        parsers={"namespaces": _comma_list},
+        skip=("prometheus",),
+    )
     endpoints = {
         key[len(PROMETHEUS_ENV_PREFIX) :].lower().replace("_", "-"): url
         for key, url in env.items()
@@ -128,30 +117,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     }
     if endpoints:
         values["prometheus"] = endpoints
-    for setting in (f.name for f in fields(OperatorConfig)):
-        if setting == "prometheus":
-            continue
-        raw = env.get(ENV_PREFIX + setting.upper())
-        if raw is None:
-            continue
-        if setting == "namespaces":
-            values[setting] = [name.strip() for name in raw.split(",") if name.strip()]
-        else:
-            values[setting] = raw
     return values
 
 
-def _build(values: Mapping[str, Any]) -> OperatorConfig:
-    known = {f.name for f in fields(OperatorConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            unknown[0], f"unknown setting; known settings are {', '.join(sorted(known))}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, raw in values.items():
-        kwargs[name] = _coerce(name, raw)
-    return OperatorConfig(**kwargs)
+def _comma_list(raw: str) -> list[str]:
+    return [name.strip() for name in raw.split(",") if name.strip()]
 
 
 _FLOAT_SETTINGS = {

@@ -1,7 +1,7 @@
 """The controller as the operator drives it: one `Stepper` per policy.
 
 `ControllerStepper` runs controller/loop.py's `PolicyController` over
-Prometheus (controller/observe.py's `PrometheusSource`). The loop itself
+Prometheus (controller/sources.py's `PrometheusSource`). The loop itself
 survives a failed query by holding its last setting; the operator needs to
 know the difference between "metrics missing for some pods" and "Prometheus
 did not answer at all" (the latter skips the cycle and says so in status),
@@ -14,27 +14,25 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.explain import Decision
-from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.loop import PolicyController
-from batchpilot.controller.observe import (
-    MetricsSource,
-    MetricsUnavailable,
-    PrometheusSource,
-    PromQueryClient,
-    RawWindow,
-)
+from batchpilot.controller.observe import MetricsSource, MetricsUnavailable, RawWindow
 from batchpilot.controller.policy import Policy
+from batchpilot.controller.sources import PrometheusSource, PromQueryClient
 
 
 class Stepper(Protocol):
     """One policy's controller as the operator drives it."""
 
-    # The settings last seen meeting the SLOs (the controller's state).
-    last_known_good: Knobs
-    # Why the last step's metrics query failed outright (Prometheus down),
-    # None when it answered; the controller itself only holds in that case.
-    outage: str | None
+    @property
+    def last_known_good(self) -> Knobs:
+        """The settings last seen meeting the SLOs (the controller's state)."""
+
+    @property
+    def outage(self) -> str | None:
+        """Why the last step's metrics query failed outright (Prometheus down),
+        None when it answered; the controller itself only holds in that case."""
 
     def run_once(self, now_s: float, pods: Sequence[str]) -> Decision: ...
 

@@ -1,19 +1,16 @@
 """Talking to the pods' gates: the admin API client and the applied-settings record.
 
-The gate's admin API (gate/admin.py): `GET /config` returns the applied knobs
-with their `version` and `source` (startup | api | file); `PUT /config` with
-`Authorization: Bearer <token>` replaces them (fields left out take their
-`Knobs()` defaults) and answers the new document plus `changed`. A PUT of
-the same knobs changes nothing and keeps the version, which is what makes
-re-sending the target every interval safe.
+The gate's admin API and its `/config` document are declared in
+contract/gate_api.py. A PUT of the same knobs changes nothing and keeps the
+version, which is what makes re-sending the target every interval safe.
 
 What the operator applied is recorded on the pod as the annotation
 `batchpilot.dev/applied` (`AppliedRecord`, JSON), including the settings the
 gate ran before batchpilot first changed it (`startup`), so that deleting the
 policy or switching it Off can put exactly those back. The same write keeps
-`batchpilot.dev/knobs` (the bare knobs, gate/annotations.py) in step: a gate
-that mounts its pod's annotations through the Downward API starts from it
-after a restart instead of waiting for the operator's next step.
+`batchpilot.dev/knobs` (the bare knobs) in step: a gate that mounts its pod's
+annotations through the Downward API starts from it after a restart instead of
+waiting for the operator's next step.
 """
 
 from __future__ import annotations
@@ -25,31 +22,21 @@ from typing import Any
 
 import aiohttp
 
-from batchpilot.controller.knobs import KnobError, Knobs
-from batchpilot.gate.annotations import KNOBS_ANNOTATION
+from batchpilot.contract.errors import FieldError
+from batchpilot.contract.gate_api import (
+    APPLIED_ANNOTATION,
+    CONFIG_PATH,
+    KNOBS_ANNOTATION,
+    GateConfig,
+)
+from batchpilot.contract.knobs import KnobError, Knobs
 
-APPLIED_ANNOTATION = "batchpilot.dev/applied"
 # The annotation patch that removes batchpilot's record from a pod.
 CLEARED_ANNOTATIONS: Mapping[str, str | None] = {APPLIED_ANNOTATION: None, KNOBS_ANNOTATION: None}
 
 
 class GateError(Exception):
     """A gate did not take a request; the message says why, for status and Events."""
-
-
-@dataclass(frozen=True, slots=True)
-class GateConfig:
-    """A gate's answer to GET or PUT /config."""
-
-    knobs: Knobs
-    version: int
-    source: str
-    changed: bool = False
-    # What the gate started with; None from a gate too old to say.
-    startup: Knobs | None = None
-    # The engine-native adapter's last outcome ("applied", "rejected", ...), if any.
-    native_status: str | None = None
-    native_detail: str = ""
 
 
 class GateClient:
@@ -73,7 +60,7 @@ class GateClient:
         token: str | None,
         body: Mapping[str, Any] | None,
     ) -> GateConfig:
-        url = f"http://{_host(address)}:{port}/config"
+        url = f"http://{_host(address)}:{port}{CONFIG_PATH}"
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         try:
             async with self._session.request(
@@ -98,21 +85,8 @@ class GateClient:
 
 def parse_gate_config(text: str, where: str) -> GateConfig:
     try:
-        data = json.loads(text)
-        knobs = Knobs.from_mapping(data["knobs"])
-        version = int(data["version"])
-        native = data.get("native") or {}
-        startup = data.get("startup_knobs")
-        return GateConfig(
-            knobs=knobs,
-            startup=None if startup is None else Knobs.from_mapping(startup),
-            version=version,
-            source=str(data.get("source", "")),
-            changed=bool(data.get("changed", False)),
-            native_status=native.get("status") if isinstance(native, Mapping) else None,
-            native_detail=str(native.get("detail", "")) if isinstance(native, Mapping) else "",
-        )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, KnobError) as err:
+        return GateConfig.from_document(json.loads(text))
+    except (json.JSONDecodeError, FieldError) as err:
         raise GateError(
             f"gate at {where} answered a document batchpilot cannot read: {err}"
         ) from err

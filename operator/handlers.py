@@ -1,9 +1,10 @@
-"""kopf handlers: thin translations between kopf and the plain functions in reconcile.py.
+"""kopf handlers: thin translations between kopf and the plain functions of the operator.
 
 `build_registry(config)` registers them on a registry of their own (the
 timer's tick comes from the configuration, so registration waits for it).
-Each handler is a few lines; what a cycle does lives in reconcile.py, what
-status says in status.py. The timer writes the status itself (kube.py says
+Each handler is a few lines; what a cycle does lives in cycle.py (and
+actuation.py), what status says in status.py, and the objects they share are
+built by runtime.open_operator. The timer writes the status itself (kube.py says
 why not through kopf's patch), and a write the API server refuses is tried
 again at a later tick, so a 409, a 429 or an outage delays it but never loses it.
 
@@ -26,19 +27,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import kopf
+from kubernetes import client
 from kubernetes import config as kube_config
 from prometheus_client import start_http_server
 
+from batchpilot.contract.reasons import EventReason, EventType
 from batchpilot.controller.policy import PolicyError
-from batchpilot.operator import reconcile
+from batchpilot.operator.actuation import restore_pods
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import GateClient
+from batchpilot.operator.cycle import now_utc, run_cycle
 from batchpilot.operator.kube import (
     GROUP,
     PLURAL,
@@ -50,6 +51,8 @@ from batchpilot.operator.kube import (
 from batchpilot.operator.logs import step_line
 from batchpilot.operator.metrics import OperatorMetrics
 from batchpilot.operator.podledger import AUDIT_RETRY_S, PodLedger
+from batchpilot.operator.pods import PodInfo, pod_info
+from batchpilot.operator.runtime import EventNote, Operator, open_operator
 from batchpilot.operator.spec import parse_policy
 from batchpilot.operator.status import build_status, merge_patch
 
@@ -114,26 +117,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         # attempt with the backoffs above, for ever, and lists again on a 410
         # Gone; that listing misses pods deleted meanwhile (podledger.py).
 
-        kube_api = _kube_client()
-        session = aiohttp.ClientSession()
-        metrics = OperatorMetrics()
-        memo.session = session
+        op = memo.op = await open_operator(config, _kube_client())
         memo.pod_ledger = PodLedger()
-        memo.status_writer = StatusWriter(kube_api, metrics, config.tick_seconds)
-        memo.op = reconcile.Operator(
-            config=config,
-            gates=GateClient(session, config.gate_timeout_seconds),
-            kube=kube_api,
-            metrics=metrics,
-            step_slots=asyncio.Semaphore(config.max_parallel_steps),
-            step_threads=ThreadPoolExecutor(
-                config.max_parallel_steps, thread_name_prefix="control-step"
-            ),
-        )
+        memo.status_writer = StatusWriter(op.kube, op.metrics, config.tick_seconds)
         memo.metrics_server = (
-            start_http_server(config.metrics_port, config.metrics_host, registry=metrics.registry)[
-                0
-            ]
+            start_http_server(
+                config.metrics_port, config.metrics_host, registry=op.metrics.registry
+            )[0]
             if config.metrics_port
             else None
         )
@@ -147,17 +137,20 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
-        await memo.session.close()
-        memo.op.step_threads.shutdown(wait=False, cancel_futures=True)
+        await memo.op.close()
         memo.op.kube.close()
         if memo.metrics_server is not None:
             memo.metrics_server.shutdown()
 
     @kopf.on.probe(registry=registry, id="timers")
     def operator_liveness(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
-        return memo.op.liveness(time.monotonic())
+        liveness: dict[str, Any] = memo.op.liveness(time.monotonic())
+        return liveness
 
-    @kopf.index("", "v1", "pods", registry=registry, id="pods_by_namespace")
+    # kopf's callback protocols declare every keyword it passes, typed for any
+    # resource (`namespace: str | None` for cluster-scoped ones); the handlers
+    # name only those they use, typed for these namespaced kinds.
+    @kopf.index("", "v1", "pods", registry=registry, id="pods_by_namespace")  # type: ignore[arg-type]
     def pods_by_namespace(
         name: str,
         uid: str,
@@ -168,12 +161,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         meta: kopf.Meta,
         memo: kopf.Memo,
         **_: Any,
-    ) -> dict[str, reconcile.PodInfo]:
+    ) -> dict[str, PodInfo]:
         memo.pod_ledger.seen(uid, time.monotonic())
         deleting = meta.get("deletionTimestamp") is not None
-        return {namespace: reconcile.pod_info(name, uid, labels, annotations, status, deleting)}
+        return {namespace: pod_info(name, uid, labels, annotations, status, deleting)}
 
-    @kopf.on.event("", "v1", "pods", registry=registry, id="pods_listed")
+    @kopf.on.event("", "v1", "pods", registry=registry, id="pods_listed")  # type: ignore[arg-type]
     def pods_listed(
         event: kopf.RawEvent, uid: str, namespace: str, memo: kopf.Memo, **_: Any
     ) -> None:
@@ -183,7 +176,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         elif event["type"] == "DELETED":
             ledger.deleted(uid)
 
-    @kopf.timer(
+    @kopf.timer(  # type: ignore[arg-type]
         GROUP,
         VERSION,
         PLURAL,
@@ -197,22 +190,23 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         meta: kopf.Meta,
         status: kopf.Status,
         memo: kopf.Memo,
-        pods_by_namespace: kopf.Index[str, reconcile.PodInfo],
+        pods_by_namespace: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
-        op: reconcile.Operator = memo.op
+        op: Operator = memo.op
+        namespace = _namespace(meta)
         op.last_tick_s = time.monotonic()
         op.metrics.last_tick.set(time.time())
-        runtime = op.runtime(meta.uid, meta.name, meta.namespace)
+        runtime = op.runtime(meta.uid, meta.name, namespace)
         ledger: PodLedger = memo.pod_ledger
-        await _audit_pods(op, ledger, pods_by_namespace, meta.namespace)
-        now, generation = reconcile.now_utc(), meta.get("generation", 0)
-        outcome = await reconcile.run_cycle(
+        await _audit_pods(op, ledger, pods_by_namespace, namespace)
+        now, generation = now_utc(), meta.get("generation", 0)
+        outcome = await run_cycle(
             op,
             runtime,
             spec=dict(spec),
             generation=generation,
-            pods=ledger.live(_pods(pods_by_namespace, meta.namespace)),
+            pods=ledger.live(_pods(pods_by_namespace, namespace)),
             now_mono=op.last_tick_s,
             now_wall=now,
         )
@@ -221,11 +215,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         current = _plain(status)
         if outcome.report is not None:
             level, line = step_line(outcome.report)
-            log.log(level, "policy %s/%s: %s", meta.namespace, meta.name, line)
+            log.log(level, "policy %s/%s: %s", namespace, meta.name, line)
             desired = build_status(outcome.report, current, generation=generation, now=now)
-            op.metrics.record_conditions(meta.namespace, meta.name, desired["conditions"])
+            op.metrics.record_conditions(namespace, meta.name, desired["conditions"])
             writer.want(meta.uid, desired)
-        await writer.write(meta.uid, meta.namespace, meta.name, current)
+        await writer.write(meta.uid, namespace, meta.name, current)
         if outcome.retry_after_s is not None:
             raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after_s)
 
@@ -242,36 +236,50 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             then = " (the pods keep the settings Auto applied; mode Off restores their startup settings)"
         else:
             then = ""
-        kopf.event(body, type="Normal", reason="ModeChanged", message=f"mode {old} -> {new}{then}")
+        kopf.event(
+            body,
+            type=EventType.NORMAL,
+            reason=EventReason.MODE_CHANGED,
+            message=f"mode {old} -> {new}{then}",
+        )
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="inferencepolicy_restore")
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="inferencepolicy_restore")  # type: ignore[arg-type]
     async def inferencepolicy_restore(
         body: kopf.Body,
         spec: kopf.Spec,
         meta: kopf.Meta,
         memo: kopf.Memo,
-        pods_by_namespace: kopf.Index[str, reconcile.PodInfo],
+        pods_by_namespace: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
-        op: reconcile.Operator = memo.op
-        runtime = op.runtime(meta.uid, meta.name, meta.namespace)
+        op: Operator = memo.op
+        namespace = _namespace(meta)
+        runtime = op.runtime(meta.uid, meta.name, namespace)
         try:
             parsed = parse_policy(
-                dict(spec), name=meta.name, namespace=meta.namespace, config=op.config
+                dict(spec), name=meta.name, namespace=namespace, config=op.config
             )
         except PolicyError as err:
             parsed = None
             log.warning(
-                "policy %s/%s: restoring without a valid spec: %s", meta.namespace, meta.name, err
+                "policy %s/%s: restoring without a valid spec: %s", namespace, meta.name, err
             )
-        pods = memo.pod_ledger.live(_pods(pods_by_namespace, meta.namespace))
+        pods = memo.pod_ledger.live(_pods(pods_by_namespace, namespace))
         async with runtime.lock:
-            notes = await reconcile.restore_pods(op, runtime, parsed, list(pods))
+            notes = await restore_pods(op, runtime, parsed, list(pods))
         _post(body, notes)
         op.forget(meta.uid)
         memo.status_writer.forget(meta.uid)
 
     return registry
+
+
+def _namespace(meta: kopf.Meta) -> str:
+    # InferencePolicy is namespaced: the API server always sets it.
+    namespace = meta.namespace
+    if namespace is None:
+        raise kopf.PermanentError("an InferencePolicy without a namespace")
+    return str(namespace)
 
 
 @dataclass
@@ -342,14 +350,14 @@ def _status_retry_delay(err: KubeError, failures: int) -> float:
     return max(backoff, err.retry_after_s or 0.0)
 
 
-def _pods(index: kopf.Index[str, reconcile.PodInfo], namespace: str) -> Iterable[reconcile.PodInfo]:
+def _pods(index: kopf.Index[str, PodInfo], namespace: str) -> Iterable[PodInfo]:
     return index.get(namespace, ())
 
 
 async def _audit_pods(
-    op: reconcile.Operator,
+    op: Operator,
     ledger: PodLedger,
-    index: kopf.Index[str, reconcile.PodInfo],
+    index: kopf.Index[str, PodInfo],
     namespace: str,
 ) -> None:
     """After kopf (re-)listed the namespace's pods, set aside the index's pods
@@ -373,7 +381,7 @@ async def _audit_pods(
         )
 
 
-def _post(body: kopf.Body, notes: Iterable[reconcile.EventNote]) -> None:
+def _post(body: kopf.Body, notes: Iterable[EventNote]) -> None:
     for note in notes:
         kopf.event(body, type=note.type, reason=note.reason, message=note.message)
 
@@ -389,8 +397,6 @@ def _plain(view: Any) -> Any:
 
 def _kube_client() -> Any:
     """The official client, configured as kopf logs in: in-cluster, else kubeconfig."""
-    from kubernetes import client
-
     try:
         kube_config.load_incluster_config()
     except kube_config.ConfigException:

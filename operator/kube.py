@@ -129,8 +129,8 @@ def list_pod_uids(api: client.ApiClient, namespace: str) -> set[str]:
                 _continue=page_token,
                 _request_timeout=REQUEST_TIMEOUT_S,
             )
-            uids.update(pod.metadata.uid for pod in page.items)
-            page_token = page.metadata._continue
+            uids.update(pod.metadata.uid for pod in page.items if pod.metadata and pod.metadata.uid)
+            page_token = page.metadata._continue if page.metadata is not None else None
             if not page_token:
                 return uids
     except ApiException as err:

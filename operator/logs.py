@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from batchpilot.operator.status import CycleReport, knobs_summary
+from batchpilot.contract.knobs import knobs_summary
+from batchpilot.operator.status import CycleReport
 
 # One line per cause per minute: an outage of an hour is ~60 lines per cause,
 # and a cause that clears is never more than a minute from its last line.

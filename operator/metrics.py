@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from batchpilot.controller.observe import PromQueryClient
+from batchpilot.controller.sources import PromQueryClient
 
 # Control steps take milliseconds (decide, guard) to seconds (a model fit
 # over many pods, a slow Prometheus): 1 ms .. 30 s, about 1.5x apart between
@@ -157,7 +157,7 @@ class CountingQueryClient:
         self._metrics = metrics
 
     def custom_query(
-        self, query: str, params: dict[str, Any] | None = None, timeout: int | None = None
+        self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
         started = time.perf_counter()
         result = "error"

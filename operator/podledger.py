@@ -21,7 +21,7 @@ import math
 import threading
 from collections.abc import Collection, Iterable, Iterator
 
-from batchpilot.operator.reconcile import PodInfo
+from batchpilot.operator.pods import PodInfo
 
 # A failed list (the API server down again) is tried again this much later,
 # not at every 0.5 s tick of every policy in the namespace.

@@ -1,42 +1,67 @@
 """InferencePolicy spec -> typed values, in ONE function: `parse_policy`.
 
-The spec is the controller's `Policy` spec (controller/policy.py,
-`Policy.from_spec`) plus what only the operator needs: which pods
-(`selector` or `targetRef`), how to reach their gates (`actuation`) and which
-configured Prometheus to ask (`metrics.endpoint`). `parse_policy` splits the
-two, hands the controller's part to `Policy.from_spec` unchanged and checks
-the operator's part here, so there is one validation path per field and
-every error is a `PolicyError` naming the spec path.
+The spec is declared once, as typed documents (contract/schema.py): the
+controller's part in controller/spec.py (`ControllerSpec`), and here what
+only the operator needs: which pods (`selector` or `targetRef`) and how to
+reach their gates (`actuation`). `InferencePolicySpec` is the whole spec: the
+CRD's schema is generated from it (operator/crd.py, scripts/gen-crd) and
+`parse_policy` parses with it, so each field has one contract and every error
+is a `PolicyError` naming the spec path.
 
 The CRD schema and its CEL rules reject almost every bad spec before the
 operator sees it; the checks here still run because a spec can come from an
 older CRD, or from a test, and because some facts (which endpoints exist)
-only the operator knows.
+only the operator knows. CEL does not run here, so each rule has a Python
+twin: a document's `check_spec` next to the rule, or in `parse_policy` where
+it needs the derived `Policy`.
 """
+
+# `wired` is dataclasses.field with a wire contract; ruff knows only `field` as safe.
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from batchpilot.controller.policy import Mode, Policy, PolicyError
+from batchpilot.contract.schema import PolicyError, Rule, Wire, parse, wired
+from batchpilot.controller.policy import Mode, Policy
+from batchpilot.controller.spec import ControllerSpec, EngineSpec
 from batchpilot.operator.config import OperatorConfig
 
-# The spec fields only the operator reads; the rest is the controller's.
-_OPERATOR_FIELDS = ("selector", "targetRef", "actuation")
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 DEFAULT_ADMIN_PORT = 9090
 DEFAULT_TOKEN_KEY = "token"
-DEFAULT_ENDPOINT = "default"
+_VALUES_RULE = "values must be non-empty for In and NotIn, and empty for Exists and DoesNotExist"
 
 
 @dataclass(frozen=True, slots=True)
 class Requirement:
-    key: str
-    operator: str
-    values: frozenset[str] = frozenset()
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : "
+            "(!has(self.values) || size(self.values) == 0)",
+            _VALUES_RULE,
+        ),
+    )
+
+    key: str = wired("The label key.", required="the label key", min_length=1, max_length=317)
+    operator: str = wired(
+        "How the key relates to the values.",
+        required=f"one of {', '.join(_SELECTOR_OPERATORS)}",
+        enum=_SELECTOR_OPERATORS,
+    )
+    values: frozenset[str] = wired(
+        "Label values (for In and NotIn).",
+        default=frozenset(),
+        max_items=64,
+        item=Wire(max_length=63),
+    )
+
+    def check_spec(self) -> None:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise PolicyError("values", _VALUES_RULE.removeprefix("values "))
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         if self.operator == "Exists":
@@ -49,10 +74,40 @@ class Requirement:
 
 @dataclass(frozen=True, slots=True)
 class LabelSelector:
-    """A Kubernetes label selector, evaluated as the API server does."""
+    """A Kubernetes label selector, evaluated as the API server does.
 
-    match_labels: Mapping[str, str] = field(default_factory=dict)
-    requirements: tuple[Requirement, ...] = ()
+    Built from a spec (checked) or from a workload's own selector (kube.py,
+    which the API server checked).
+    """
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "(has(self.matchLabels) && size(self.matchLabels) > 0) || "
+            "(has(self.matchExpressions) && size(self.matchExpressions) > 0)",
+            "spec.selector must have matchLabels or matchExpressions; an empty selector would "
+            "select every pod in the namespace",
+        ),
+    )
+
+    match_labels: Mapping[str, str] = wired(
+        "Labels every selected pod carries (key equals value).",
+        default_factory=dict,
+        max_properties=32,
+        item=Wire(max_length=63),
+    )
+    requirements: tuple[Requirement, ...] = wired(
+        "Label requirements, all of which a selected pod meets.",
+        name="matchExpressions",
+        default=(),
+        max_items=16,
+    )
+
+    def check_spec(self) -> None:
+        if self.empty:
+            raise PolicyError(
+                "",
+                "must have matchLabels or matchExpressions; an empty selector would select every pod",
+            )
 
     def matches(self, labels: Mapping[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
@@ -66,22 +121,133 @@ class LabelSelector:
 
 @dataclass(frozen=True, slots=True)
 class WorkloadRef:
-    kind: str
-    name: str
+    kind: str = wired(
+        "Kind of the workload.", required=" or ".join(WORKLOAD_KINDS), enum=WORKLOAD_KINDS
+    )
+    name: str = wired(
+        "Name of the workload.", required="the name of the workload", min_length=1, max_length=253
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class SecretRef:
-    name: str
-    key: str = DEFAULT_TOKEN_KEY
+    name: str = wired(
+        "Name of the Secret.", required="the name of the Secret", min_length=1, max_length=253
+    )
+    key: str = wired(
+        "Key in the Secret's data that holds the token.",
+        default=DEFAULT_TOKEN_KEY,
+        min_length=1,
+        max_length=253,
+        publish_default=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Actuation:
-    admin_port: int = DEFAULT_ADMIN_PORT
-    token_secret: SecretRef | None = None
+    admin_port: int = wired(
+        "The gate's admin port on the pod (PUT/GET /config).",
+        default=DEFAULT_ADMIN_PORT,
+        minimum=1,
+        maximum=65535,
+        publish_default=True,
+        invalid="must be a port number 1-65535, got {value!r}",
+    )
+    token_secret: SecretRef | None = wired(
+        "Secret in this namespace holding the gate's admin bearer token; read only for this policy.",
+        name="tokenSecretRef",
+        default=None,
+    )
     # The gates run an engine-native adapter: engine-internal knobs reach the engine.
-    native: bool = False
+    native: bool = wired(
+        "The pods' gates run an engine-native adapter (batchpilot gate --native), so "
+        "engine-internal knobs such as the prefill budget are steered too; default false.",
+        default=False,
+    )
+
+
+_ENGINE_SEQS = EngineSpec().max_num_seqs
+_AUTO_NEEDS_TOKEN = (
+    "required when spec.mode is Auto: the gate refuses configuration writes without its admin token"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InferencePolicySpec(ControllerSpec):
+    """An InferencePolicy's whole `spec`: the controller's part, which pods, how to reach their gates."""
+
+    # The CRD (and docs/api.md) list what to steer first, then how.
+    WIRE_ORDER: ClassVar[tuple[str, ...]] = (
+        "selector", "targetRef", "engine", "actuation", "metrics", "slo", "knobs", "behavior", "mode",
+    )  # fmt: skip
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "has(self.selector) != has(self.targetRef)",
+            "set exactly one of spec.selector (a label selector of the serving pods) or "
+            "spec.targetRef (the Deployment or StatefulSet that runs them)",
+        ),
+        Rule(
+            "!has(self.knobs) || !has(self.knobs.maxNumBatchedTokens) || (has(self.engine) && "
+            "has(self.engine.runtimeTunable) && self.engine.runtimeTunable)",
+            "spec.knobs.maxNumBatchedTokens needs spec.engine.runtimeTunable: true; engines without "
+            "a live prefill-budget API keep their startup value",
+            ".knobs.maxNumBatchedTokens",
+        ),
+        Rule(
+            "!has(self.knobs) || !has(self.knobs.maxNumBatchedTokens) || (has(self.actuation) && "
+            "has(self.actuation.native) && self.actuation.native)",
+            "spec.knobs.maxNumBatchedTokens needs spec.actuation.native: true; only the gate's "
+            "native adapter passes the prefill budget on to the engine",
+            ".knobs.maxNumBatchedTokens",
+        ),
+        Rule(
+            "!has(self.knobs) || !has(self.knobs.maxConcurrency) || "
+            "!has(self.knobs.maxConcurrency.max) || self.knobs.maxConcurrency.max <= "
+            f"(has(self.engine) && has(self.engine.maxNumSeqs) ? self.engine.maxNumSeqs : {_ENGINE_SEQS})",
+            f"spec.knobs.maxConcurrency.max is above spec.engine.maxNumSeqs (default {_ENGINE_SEQS}), "
+            "which the engine cannot run; after restarting the engine with more sequences, raise "
+            "spec.engine.maxNumSeqs in the same edit",
+            ".knobs.maxConcurrency.max",
+        ),
+        Rule(
+            "self.mode != 'Auto' || (has(self.actuation) && has(self.actuation.tokenSecretRef))",
+            f"spec.actuation.tokenSecretRef is {_AUTO_NEEDS_TOKEN}",
+            ".mode",
+        ),
+    )
+
+    selector: LabelSelector | None = wired(
+        "Label selector of the serving pods, in this namespace. Set this or targetRef, not both.",
+        default=None,
+        extra={"x-kubernetes-map-type": "atomic"},
+    )
+    target_ref: WorkloadRef | None = wired(
+        "The Deployment or StatefulSet whose pod selector picks the serving pods, in this "
+        "namespace. batchpilot reads it and never edits it.",
+        name="targetRef",
+        default=None,
+    )
+    actuation: Actuation = wired(
+        "How settings reach each pod's gate (mode Auto only).", default_factory=Actuation
+    )
+
+    def check_spec(self) -> None:
+        """The Python twins of the CEL rules above that read the spec alone."""
+        if (self.selector is None) == (self.target_ref is None):
+            raise PolicyError("", "set exactly one of spec.selector or spec.targetRef")
+        if self.mode is Mode.AUTO and self.actuation.token_secret is None:
+            raise PolicyError("actuation.tokenSecretRef", _AUTO_NEEDS_TOKEN)
+        cap = self.knobs.max_concurrency if self.knobs is not None else None
+        if cap is not None and cap.max is not None and cap.max > self.engine.max_num_seqs:
+            # A bound above the engine's declared ceiling would have the gate
+            # admit what the engine can only queue; the CRD's CEL rule says so
+            # on apply, this catches policies stored before that rule.
+            raise PolicyError(
+                "knobs.maxConcurrency.max",
+                f"{cap.max} is above spec.engine.maxNumSeqs ({self.engine.max_num_seqs}), "
+                "which the engine cannot run; after restarting the engine with more sequences, "
+                "raise spec.engine.maxNumSeqs in the same edit",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,121 +267,47 @@ class PolicySpec:
         return self.policy.mode
 
 
+ENDPOINT_FIELD = "spec.metrics.endpoint"
+
+
 def parse_policy(
     spec: Mapping[str, Any], *, name: str, namespace: str, config: OperatorConfig
 ) -> PolicySpec:
     """The one spec -> typed conversion; raises PolicyError naming the spec path."""
-    if not isinstance(spec, Mapping):
-        raise PolicyError("spec", f"expected an object, got {type(spec).__name__}")
-    controller_spec = {key: value for key, value in spec.items() if key not in _OPERATOR_FIELDS}
-    metrics = dict(spec.get("metrics") or {})
-    endpoint = metrics.pop("endpoint", DEFAULT_ENDPOINT)
-    if "metrics" in spec:
-        controller_spec["metrics"] = metrics
-    policy = Policy.from_spec(controller_spec, name=name, namespace=namespace)
-
-    url = config.endpoint_url(endpoint) if isinstance(endpoint, str) else None
+    configured = f"configured endpoints: {', '.join(sorted(config.prometheus))}"
+    try:
+        document = parse(InferencePolicySpec, spec, "spec")
+    except PolicyError as err:
+        # Only the operator knows which endpoint names exist: the fix is one of them.
+        if err.field == ENDPOINT_FIELD:
+            raise PolicyError(err.field, f"{err.message}; {configured}") from err
+        raise
+    policy = Policy.from_document(document, name=name, namespace=namespace)
+    endpoint = document.metrics.endpoint
+    url = config.endpoint_url(endpoint)
     if url is None:
         raise PolicyError(
-            "spec.metrics.endpoint",
-            f"{endpoint!r} is not a Prometheus endpoint of this operator; "
-            f"configured endpoints: {', '.join(sorted(config.prometheus))}",
+            ENDPOINT_FIELD,
+            f"{endpoint!r} is not a Prometheus endpoint of this operator; {configured}",
         )
-    has_selector, has_target = "selector" in spec, "targetRef" in spec
-    if has_selector == has_target:
-        raise PolicyError("spec", "set exactly one of spec.selector or spec.targetRef")
-    selector = _selector(spec["selector"]) if has_selector else None
-    workload = _workload(spec["targetRef"]) if has_target else None
-    actuation = _actuation(spec.get("actuation") or {})
-    if policy.mode is Mode.AUTO and actuation.token_secret is None:
-        raise PolicyError(
-            "spec.actuation.tokenSecretRef",
-            "required when spec.mode is Auto: the gate refuses configuration writes without its admin token",
-        )
-    cap = policy.bounds.get("max_concurrency")
-    if cap is not None and cap.high is not None and cap.high > policy.engine.max_num_seqs:
-        # A bound above the engine's declared ceiling would have the gate
-        # admit what the engine can only queue; the CRD's CEL rule says so
-        # on apply, this catches policies stored before that rule.
-        raise PolicyError(
-            "spec.knobs.maxConcurrency.max",
-            f"{cap.high} is above spec.engine.maxNumSeqs ({policy.engine.max_num_seqs}), "
-            "which the engine cannot run; after restarting the engine with more sequences, "
-            "raise spec.engine.maxNumSeqs in the same edit",
-        )
-    if policy.steers("max_num_batched_tokens") and not actuation.native:
+    # Stricter than its CEL twin: without `knobs`, a runtimeTunable engine's
+    # prefill budget is steered by default too.
+    if policy.steers("max_num_batched_tokens") and not document.actuation.native:
         raise PolicyError(
             "spec.knobs.maxNumBatchedTokens",
             "needs spec.actuation.native: true; only the gate's native adapter passes the "
             "prefill budget on to the engine",
         )
-    return PolicySpec(policy, selector, workload, actuation, endpoint, url)
+    return PolicySpec(
+        policy, document.selector, document.target_ref, document.actuation, endpoint, url
+    )
 
 
-def _selector(raw: Any) -> LabelSelector:
-    where = "spec.selector"
-    _expect_mapping(where, raw)
-    labels = raw.get("matchLabels") or {}
-    _expect_mapping(f"{where}.matchLabels", labels)
-    requirements = []
-    for index, entry in enumerate(raw.get("matchExpressions") or []):
-        item = f"{where}.matchExpressions[{index}]"
-        _expect_mapping(item, entry)
-        operator = entry.get("operator")
-        if operator not in _SELECTOR_OPERATORS:
-            raise PolicyError(
-                f"{item}.operator", f"{operator!r} is not one of {', '.join(_SELECTOR_OPERATORS)}"
-            )
-        values = frozenset(entry.get("values") or ())
-        if (operator in ("In", "NotIn")) != bool(values):
-            raise PolicyError(
-                f"{item}.values",
-                "must be non-empty for In and NotIn, and empty for Exists and DoesNotExist",
-            )
-        requirements.append(Requirement(str(entry.get("key", "")), operator, values))
-    selector = LabelSelector({str(k): str(v) for k, v in labels.items()}, tuple(requirements))
-    if selector.empty:
-        raise PolicyError(
-            where,
-            "must have matchLabels or matchExpressions; an empty selector would select every pod",
-        )
-    return selector
+def parse_selector(raw: Any) -> LabelSelector:
+    """`spec.selector` alone, read as parse_policy reads it."""
+    return parse(LabelSelector, raw, "spec.selector")
 
 
-def _workload(raw: Any) -> WorkloadRef:
-    _expect_mapping("spec.targetRef", raw)
-    kind, name = raw.get("kind"), raw.get("name")
-    if kind not in WORKLOAD_KINDS:
-        raise PolicyError(
-            "spec.targetRef.kind", f"{kind!r} is not one of {', '.join(WORKLOAD_KINDS)}"
-        )
-    if not isinstance(name, str) or not name:
-        raise PolicyError("spec.targetRef.name", "required: the name of the workload")
-    return WorkloadRef(kind, name)
-
-
-def _actuation(raw: Any) -> Actuation:
-    _expect_mapping("spec.actuation", raw)
-    port = raw.get("adminPort", DEFAULT_ADMIN_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise PolicyError(
-            "spec.actuation.adminPort", f"must be a port number 1-65535, got {port!r}"
-        )
-    secret = None
-    if "tokenSecretRef" in raw:
-        ref = raw["tokenSecretRef"]
-        _expect_mapping("spec.actuation.tokenSecretRef", ref)
-        if not isinstance(ref.get("name"), str) or not ref["name"]:
-            raise PolicyError(
-                "spec.actuation.tokenSecretRef.name", "required: the name of the Secret"
-            )
-        secret = SecretRef(ref["name"], str(ref.get("key") or DEFAULT_TOKEN_KEY))
-    native = raw.get("native", False)
-    if not isinstance(native, bool):
-        raise PolicyError("spec.actuation.native", f"must be true or false, got {native!r}")
-    return Actuation(port, secret, native)
-
-
-def _expect_mapping(where: str, value: Any) -> None:
-    if not isinstance(value, Mapping):
-        raise PolicyError(where, f"expected an object, got {type(value).__name__}")
+def parse_workload(raw: Any) -> WorkloadRef:
+    """`spec.targetRef` alone, read as parse_policy reads it."""
+    return parse(WorkloadRef, raw, "spec.targetRef")

@@ -36,9 +36,10 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
 from batchpilot.sim.bench import Progress, Simulation, count_good
-from batchpilot.sim.controllers import ControllerContext, Snapshot
+from batchpilot.sim.controllers import Snapshot
 from batchpilot.sim.metrics import histogram_buckets, histogram_quantile
 from batchpilot.sim.scenario import Scenario
 from batchpilot.sim.workload import Workload

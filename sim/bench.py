@@ -1,5 +1,9 @@
 """The benchmark harness: replay a scenario against replicas under a controller.
 
+Why one module: the run (`Simulation`) and the result fields it is scored
+by (../shared/contracts/bench.md) are one contract; the summary reads the
+run's requests and replicas directly.
+
 `Simulation` owns one run: the replicas (sim/engine.py), the request stream,
 and the control loop. Events are processed in time order; at equal times a
 control tick goes before an arrival. Request i goes to replica i mod N.
@@ -30,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
 from batchpilot.sim.bound import upper_bound
 from batchpilot.sim.controllers import (
     BOUND,
     Controller,
-    ControllerContext,
     build_controller,
     hindsight_runner,
     is_hindsight,
@@ -214,6 +218,22 @@ class RequestTable:
                 & (self.tpot_s * 1000.0 <= tpot_ms)
             )
 
+    def outcome(self, good: np.ndarray, duration_s: float) -> dict[str, Any]:
+        """The result fields a benchmark row and a load run over HTTP share, in that order."""
+        finished = self.finished
+        multi_token = finished & (self.output_tokens > 1)
+        return {
+            "good": int(good.sum()),
+            "goodput_rps": float(good.sum() / duration_s),
+            "slo_attainment": float(good.sum() / len(good)) if len(good) else 0.0,
+            "ttft_p50_ms": percentile_ms(self.ttft_s[finished], 50),
+            "ttft_p99_ms": percentile_ms(self.ttft_s[finished], 99),
+            "tpot_p50_ms": percentile_ms(self.tpot_s[multi_token], 50),
+            "tpot_p99_ms": percentile_ms(self.tpot_s[multi_token], 99),
+            "output_tok_s": float(self.output_tokens[finished].sum() / duration_s),
+            "shed": int(self.shed.sum()),
+        }
+
 
 def count_good(requests: Sequence[SimRequest], ttft_ms: float, tpot_ms: float) -> int:
     """Good requests among `requests` (cheap; used to score hindsight candidates)."""
@@ -232,24 +252,13 @@ def summarize(sim: Simulation, controller: str, wall_s: float) -> dict[str, Any]
     slo = sim.scenario.slo
     table = RequestTable.of(sim.requests)
     good = table.good(slo.ttft_ms, slo.tpot_ms)
-    duration = sim.duration_s
-    finished = table.finished
-    multi_token = finished & (table.output_tokens > 1)
     return {
         "controller": controller,
-        "good": int(good.sum()),
-        "goodput_rps": float(good.sum() / duration),
-        "slo_attainment": float(good.sum() / len(good)) if len(good) else 0.0,
-        "ttft_p50_ms": percentile_ms(table.ttft_s[finished], 50),
-        "ttft_p99_ms": percentile_ms(table.ttft_s[finished], 99),
-        "tpot_p50_ms": percentile_ms(table.tpot_s[multi_token], 50),
-        "tpot_p99_ms": percentile_ms(table.tpot_s[multi_token], 99),
-        "output_tok_s": float(table.output_tokens[finished].sum() / duration),
-        "shed": int(table.shed.sum()),
+        **table.outcome(good, sim.duration_s),
         "preemptions": int(sum(replica.preemptions for replica in sim.replicas)),
         "config_changes": sim.config_changes,
         "wall_s": round(wall_s, 3),
-        "finished": int(finished.sum()),
+        "finished": int(table.finished.sum()),
         "makespan_s": round(sim.now, 3),
         "timeline": timeline(sim, table, good),
     }

@@ -154,7 +154,8 @@ class _Limits:
     def prefill_alone_ms(self, tokens: np.ndarray) -> np.ndarray:
         """A prompt of `tokens` prefilled in one step of its own (the cheapest way)."""
         linear = self.prefill_base + self.per_token * tokens + self.attention * tokens * tokens
-        return np.maximum(self.prefill_floor, linear)
+        cheapest: np.ndarray = np.maximum(self.prefill_floor, linear)
+        return cheapest
 
 
 def upper_bound(scenario: Scenario, workload: Workload) -> dict[str, Any]:
@@ -214,7 +215,8 @@ def _feasible(limits: _Limits, prompt: np.ndarray, output: np.ndarray) -> np.nda
     recompute = limits.prefill_alone_ms(prompt + 1)
     gap_ok = np.minimum(lone_decode, recompute) <= limits.tpot * (1 + _ROUNDING_SLACK)
     # A one-token answer has no TPOT to meet.
-    return ttft_ok & ((output < 2) | gap_ok)
+    feasible: np.ndarray = ttft_ok & ((output < 2) | gap_ok)
+    return feasible
 
 
 def _replica_capacity(

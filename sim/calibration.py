@@ -1,5 +1,9 @@
 """Fit the simulator's per-iteration cost model to measured step latencies.
 
+Why one module: the cost model's shape and the fit that sets its constants
+are one argument (below: each term's form is chosen for the fit, and the fit
+for the form); the engine and the bound import only `StepCostModel`.
+
 The input is a CSV with the columns
 ``model,system,backend,tp,kind,batch_or_chunk,context_len,latency_ms`` (the
 format of ``../shared/data/calibration/llama3.1-8b_vllm_step_latency.csv``).
@@ -445,6 +449,7 @@ def _relative_lstsq(
 ) -> np.ndarray:
     """Least squares of `target - offset` on `design`, the error relative to `target`."""
     weights = 1.0 / target
+    coef: np.ndarray
     coef, *_ = np.linalg.lstsq(design * weights[:, None], (target - offset) * weights, rcond=None)
     return coef
 

@@ -37,36 +37,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
 
 Snapshot = Mapping[str, float]
-
-
-@dataclass(frozen=True)
-class ControllerContext:
-    """Everything a controller may know beyond the snapshots."""
-
-    slo_ttft_ms: float
-    slo_tpot_ms: float
-    control_interval_s: float
-    replica_names: tuple[str, ...]
-    # Engine startup ceilings: the gate can only lower max_num_seqs, and the
-    # prefill budget is changeable live only when runtime_tunable.
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    runtime_tunable: bool
-    # Which metric names the snapshots carry: "vllm" (the simulator's engine)
-    # or "llamacpp" (the live benchmark's real engine, whose latencies come
-    # from the gate's histograms); a controller.policy.EngineKind value.
-    engine_kind: str = "vllm"
-    # The engine's KV cache in tokens, where it is known from its startup flags.
-    kv_cache_tokens: int | None = None
-    # Prompt tokens per second the engine prefills when one prompt fills its
-    # prefill budget, where a cost model is known (the simulator's).
-    prefill_tokens_per_s: float | None = None
 
 
 class Controller(Protocol):
@@ -126,7 +102,8 @@ def build_controller(name: str, context: ControllerContext) -> Controller:
 
 
 def hindsight_runner(name: str) -> Callable[..., Any]:
-    return _load(name, _HINDSIGHT)
+    runner: Callable[..., Any] = _load(name, _HINDSIGHT)
+    return runner
 
 
 def _load(name: str, table: Mapping[str, str]) -> Any:

@@ -1,5 +1,10 @@
 """One simulated serving replica: the batchpilot gate in front of a vLLM-like engine.
 
+Why one module: one class, the replica's event loop (`Replica`, about 600
+of these lines): the scheduler, the closed-form decode jumps, preemption and
+cancel all update the same running-batch aggregates, and splitting them would
+scatter one state machine across files.
+
 **This module is the live API** that `batchpilot sim serve` drives in real time
 and that the benchmark harness drives in virtual time. One `Replica` object is
 one pod:
@@ -78,9 +83,9 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, replace
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.gate_metrics import FailedReason, ShedReason
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket
-from batchpilot.gate.metrics import FAILED_CLIENT_DISCONNECT, SHED_QUEUE_DEADLINE
 from batchpilot.sim.calibration import StepCostModel
 from batchpilot.sim.metrics import ReplicaGauges, ReplicaMetrics
 
@@ -425,7 +430,7 @@ class Replica:
                 self._drop_decode(request)
                 self._keep_idle_slot(request.prompt_tokens + request.generated)
             self._gate.release(ticket)
-            self.metrics.count_failed(FAILED_CLIENT_DISCONNECT)
+            self.metrics.count_failed(FailedReason.CLIENT_DISCONNECT)
         request._phase = CANCELLED
         request.cancelled_s = t
         self.cancelled_count += 1
@@ -506,7 +511,7 @@ class Replica:
             return
         metrics = self.metrics
         for ticket in gate.expire(now):
-            self._shed(ticket.payload, now, SHED_QUEUE_DEADLINE)
+            self._shed(ticket.payload, now, ShedReason.QUEUE_DEADLINE)
         peer = self._peer
         at_most = self._dispatch_room() if peer is not None and peer.holds else None
         queue_limit = None if peer is None else peer.max_queued_prompt_tokens

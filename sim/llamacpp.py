@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,6 +91,9 @@ def cache_key(shape: ModelShape, seed: int) -> str:
 
 def write_model(path: Path, seed: int = DEFAULT_SEED, shape: ModelShape = ModelShape()) -> Path:
     """Write the random-weight Llama model to `path` (atomically); the same seed gives the same bytes."""
+    # Imported when used: on the GPU machine, with no `gguf` installed,
+    # bench/gpu_engine.py puts the llama.cpp tree's own gguf-py on the path
+    # after importing this module.
     import gguf
 
     tokens, merges = vocabulary()
@@ -124,7 +128,8 @@ def write_model(path: Path, seed: int = DEFAULT_SEED, shape: ModelShape = ModelS
     def weight(*dims: int) -> np.ndarray:
         # Scaled like a trained model's init (std 1/sqrt(fan_in)) so activations
         # stay finite through every layer in F16.
-        return (rng.standard_normal(dims, dtype=np.float32) / np.sqrt(dims[-1])).astype(np.float16)
+        values: np.ndarray = rng.standard_normal(dims, dtype=np.float32) / np.sqrt(dims[-1])
+        return values.astype(np.float16)
 
     def norm() -> np.ndarray:
         return np.ones(shape.hidden, dtype=np.float32)
@@ -154,7 +159,7 @@ def write_model(path: Path, seed: int = DEFAULT_SEED, shape: ModelShape = ModelS
 
 def check_model(path: Path) -> Path:
     """Raise EngineSetupError naming `path` and the fix unless it is a readable Llama GGUF file."""
-    import gguf
+    import gguf  # when used, for the reason write_model gives
 
     if not path.is_file():
         raise EngineSetupError(f"model file {path} is missing: {_SETUP_FIX}")
@@ -247,8 +252,6 @@ def server_argv(
 
 def main() -> None:
     """`python -m batchpilot.sim.llamacpp CACHE_DIR`: make (or check) the cached model, print its path."""
-    import sys
-
     if len(sys.argv) != 2:
         sys.exit("usage: python -m batchpilot.sim.llamacpp CACHE_DIR")
     try:

@@ -41,9 +41,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-# The benchmark's own outcome table and percentile rule, so the numbers compare.
-from batchpilot.sim.bench import RequestTable, percentile_ms
-from batchpilot.sim.scenario import SLO
+# The benchmark's own outcome table and result fields, so the numbers compare.
+from batchpilot.sim.bench import RequestTable
+from batchpilot.sim.scenario import ScenarioSlo
 from batchpilot.sim.workload import Workload
 
 OK, SHED, ERROR = "ok", "shed", "error"
@@ -55,7 +55,8 @@ PROMPT_TOKEN_IDS = 97
 def prompt_ids(index: int, length: int) -> list[int]:
     """Request `index`'s prompt: `length` token ids, seeded by the index, so a
     replay sends the same prompts and no two requests share a prefix."""
-    return np.random.default_rng(index).integers(0, PROMPT_TOKEN_IDS, length).tolist()
+    ids: list[int] = np.random.default_rng(index).integers(0, PROMPT_TOKEN_IDS, length).tolist()
+    return ids
 
 
 class LoadError(RuntimeError):
@@ -233,7 +234,7 @@ async def _read_stream(
     record.status = OK
 
 
-def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO) -> dict[str, Any]:
+def summarize(records: Sequence[RequestRecord], duration_s: float, slo: ScenarioSlo) -> dict[str, Any]:
     """The benchmark's result fields, from client-side measurements."""
     nan = math.nan
     table = RequestTable(
@@ -246,7 +247,6 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO) -> 
     )
     good = table.good(slo.ttft_ms, slo.tpot_ms)
     ok = table.finished
-    multi_token = ok & (table.output_tokens > 1)
     by_url: dict[str, dict[str, int]] = {}
     for record in records:
         counts = by_url.setdefault(record.url, {OK: 0, SHED: 0, ERROR: 0})
@@ -254,15 +254,7 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: SLO) -> 
     return {
         "arrived": len(records),
         "ok": int(ok.sum()),
-        "good": int(good.sum()),
-        "goodput_rps": float(good.sum() / duration_s),
-        "slo_attainment": float(good.sum() / len(records)) if records else 0.0,
-        "ttft_p50_ms": percentile_ms(table.ttft_s[ok], 50),
-        "ttft_p99_ms": percentile_ms(table.ttft_s[ok], 99),
-        "tpot_p50_ms": percentile_ms(table.tpot_s[multi_token], 50),
-        "tpot_p99_ms": percentile_ms(table.tpot_s[multi_token], 99),
-        "output_tok_s": float(table.output_tokens[ok].sum() / duration_s),
-        "shed": int(table.shed.sum()),
+        **table.outcome(good, duration_s),
         "errors": int((~ok & ~table.shed).sum()),
         "by_url": by_url,
     }

@@ -36,10 +36,17 @@ import bisect
 import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from batchpilot.controller.knobs import DISCIPLINES, Knobs
-from batchpilot.gate.metrics import TTFT_BUCKETS_S
+from batchpilot.contract.gate_metrics import (
+    DISCIPLINE_LABEL,
+    HELP,
+    KNOB_LABEL,
+    TTFT_BUCKETS_S,
+    TYPE,
+    GateMetric,
+)
+from batchpilot.contract.knobs import DISCIPLINES, NUMERIC_KNOBS, Knobs
 
 # vLLM V1 time_to_first_token_seconds buckets; the gate's seconds histograms
 # use them too, so both come from the gate's metric contract.
@@ -71,7 +78,7 @@ def build_1_2_5_buckets(max_value: int) -> tuple[float, ...]:
         exponent += 1
 
 
-class Histogram:
+class ReplicaHistogram:
     """Per-bucket counts (not cumulative) plus the +Inf bucket, a sum and a count."""
 
     __slots__ = ("bounds", "count", "counts", "sum")
@@ -184,16 +191,16 @@ class ReplicaMetrics:
         self.block_size = block_size
         self.num_gpu_blocks = num_gpu_blocks
         token_buckets = build_1_2_5_buckets(max_model_len)
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.itl = Histogram(ITL_BUCKETS)
-        self.e2e = Histogram(E2E_BUCKETS)
-        self.prompt_tokens_hist = Histogram(token_buckets)
-        self.generation_tokens_hist = Histogram(token_buckets)
+        self.ttft = ReplicaHistogram(TTFT_BUCKETS)
+        self.itl = ReplicaHistogram(ITL_BUCKETS)
+        self.e2e = ReplicaHistogram(E2E_BUCKETS)
+        self.prompt_tokens_hist = ReplicaHistogram(token_buckets)
+        self.generation_tokens_hist = ReplicaHistogram(token_buckets)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.preemptions_total = 0
-        self.gate_queue_wait = Histogram(TTFT_BUCKETS)
-        self.gate_ttft = Histogram(TTFT_BUCKETS)
+        self.gate_queue_wait = ReplicaHistogram(TTFT_BUCKETS)
+        self.gate_ttft = ReplicaHistogram(TTFT_BUCKETS)
         self.gate_admitted_total = 0
         self.gate_shed_total: dict[str, int] = {}
         self.gate_failed_total: dict[str, int] = {}
@@ -242,58 +249,46 @@ class ReplicaMetrics:
             ("vllm:e2e_request_latency_seconds", self.e2e),
             ("vllm:request_prompt_tokens", self.prompt_tokens_hist),
             ("vllm:request_generation_tokens", self.generation_tokens_hist),
-            ("batchpilot_gate_queue_wait_seconds", self.gate_queue_wait),
-            ("batchpilot_gate_time_to_first_token_seconds", self.gate_ttft),
+            (GateMetric.QUEUE_WAIT_SECONDS, self.gate_queue_wait),
+            (GateMetric.TIME_TO_FIRST_TOKEN_SECONDS, self.gate_ttft),
         ):
             yield from _histogram_samples(name, hist)
-        yield "batchpilot_gate_queue_length", "batchpilot_gate_queue_length", float(g.gate_queued)
-        yield (
-            "batchpilot_gate_inflight_requests",
-            "batchpilot_gate_inflight_requests",
-            float(g.gate_in_flight),
-        )
-        yield (
-            "batchpilot_gate_inflight_tokens",
-            "batchpilot_gate_inflight_tokens",
-            float(g.gate_inflight_tokens),
-        )
-        yield (
-            "batchpilot_gate_admitted_total",
-            "batchpilot_gate_admitted",
-            float(self.gate_admitted_total),
-        )
-        for reason, count in sorted(self.gate_shed_total.items()):
+        yield from _gauge(GateMetric.QUEUE_LENGTH, g.gate_queued)
+        yield from _gauge(GateMetric.INFLIGHT_REQUESTS, g.gate_in_flight)
+        yield from _gauge(GateMetric.INFLIGHT_TOKENS, g.gate_inflight_tokens)
+        yield from _counter(GateMetric.ADMITTED_TOTAL, {"": self.gate_admitted_total})
+        yield from _counter(GateMetric.SHED_TOTAL, self.gate_shed_total)
+        yield from _counter(GateMetric.FAILED_TOTAL, self.gate_failed_total)
+        for name in NUMERIC_KNOBS:
+            value = getattr(g.knobs, name)
             yield (
-                f'batchpilot_gate_shed_total{{reason="{reason}"}}',
-                "batchpilot_gate_shed",
-                float(count),
-            )
-        for reason, count in sorted(self.gate_failed_total.items()):
-            yield (
-                f'batchpilot_gate_failed_total{{reason="{reason}"}}',
-                "batchpilot_gate_failed",
-                float(count),
-            )
-        for field in fields(Knobs):
-            value = getattr(g.knobs, field.name)
-            if isinstance(value, str):
-                continue
-            yield (
-                f'batchpilot_gate_knob{{knob="{field.name}"}}',
-                "batchpilot_gate_knob",
+                f'{GateMetric.KNOB}{{{KNOB_LABEL}="{name}"}}',
+                GateMetric.KNOB,
                 math.inf if value is None else float(value),
             )
         for discipline in DISCIPLINES:
             yield (
-                f'batchpilot_gate_discipline{{discipline="{discipline}"}}',
-                "batchpilot_gate_discipline",
+                f'{GateMetric.DISCIPLINE}{{{DISCIPLINE_LABEL}="{discipline}"}}',
+                GateMetric.DISCIPLINE,
                 1.0 if g.knobs.discipline == discipline else 0.0,
             )
-        yield (
-            "batchpilot_gate_config_version",
-            "batchpilot_gate_config_version",
-            float(g.config_version),
-        )
+        yield from _gauge(GateMetric.CONFIG_VERSION, g.config_version)
+
+
+def _family(metric: GateMetric) -> str:
+    """The family a series belongs to: a counter's without its `_total`."""
+    return metric.removesuffix("_total") if TYPE[metric] == "counter" else metric
+
+
+def _gauge(metric: GateMetric, value: float) -> Iterable[tuple[str, str, float]]:
+    yield str(metric), str(metric), float(value)
+
+
+def _counter(metric: GateMetric, counts: Mapping[str, int]) -> Iterable[tuple[str, str, float]]:
+    """One sample per `reason` value (`""`: the unlabelled counter), sorted."""
+    for reason, count in sorted(counts.items()):
+        name = f'{metric}{{reason="{reason}"}}' if reason else str(metric)
+        yield name, _family(metric), float(count)
 
 
 _FAMILIES: tuple[tuple[str, str, str], ...] = (
@@ -321,41 +316,26 @@ _FAMILIES: tuple[tuple[str, str, str], ...] = (
     ),
     ("vllm:request_prompt_tokens", "histogram", "Number of prefill tokens processed."),
     ("vllm:request_generation_tokens", "histogram", "Number of generation tokens processed."),
-    ("batchpilot_gate_queue_length", "gauge", "Requests waiting in the gate queue."),
-    (
-        "batchpilot_gate_inflight_requests",
-        "gauge",
-        "Requests admitted to the engine and not finished.",
+    *(
+        (_family(metric), TYPE[metric], HELP[metric])
+        for metric in (
+            GateMetric.QUEUE_LENGTH,
+            GateMetric.INFLIGHT_REQUESTS,
+            GateMetric.INFLIGHT_TOKENS,
+            GateMetric.QUEUE_WAIT_SECONDS,
+            GateMetric.TIME_TO_FIRST_TOKEN_SECONDS,
+            GateMetric.ADMITTED_TOTAL,
+            GateMetric.SHED_TOTAL,
+            GateMetric.FAILED_TOTAL,
+            GateMetric.KNOB,
+            GateMetric.DISCIPLINE,
+            GateMetric.CONFIG_VERSION,
+        )
     ),
-    (
-        "batchpilot_gate_inflight_tokens",
-        "gauge",
-        "Prompt + max output tokens of the requests in flight.",
-    ),
-    (
-        "batchpilot_gate_queue_wait_seconds",
-        "histogram",
-        "Time from arrival at the gate to admission.",
-    ),
-    (
-        "batchpilot_gate_time_to_first_token_seconds",
-        "histogram",
-        "Time from arrival at the gate to the first token, gate queueing included.",
-    ),
-    ("batchpilot_gate_admitted", "counter", "Requests admitted to the engine."),
-    ("batchpilot_gate_shed", "counter", "Requests shed by the gate, by reason."),
-    ("batchpilot_gate_failed", "counter", "Requests that failed, by reason."),
-    ("batchpilot_gate_knob", "gauge", "Applied knob values; an unset limit is +Inf."),
-    (
-        "batchpilot_gate_discipline",
-        "gauge",
-        "1 for the applied queue discipline, 0 for the others.",
-    ),
-    ("batchpilot_gate_config_version", "gauge", "Number of configurations applied so far."),
 )
 
 
-def _histogram_samples(name: str, hist: Histogram) -> Iterable[tuple[str, str, float]]:
+def _histogram_samples(name: str, hist: ReplicaHistogram) -> Iterable[tuple[str, str, float]]:
     running = 0
     for key, count in zip(_bucket_keys(name, hist.bounds), hist.counts, strict=True):
         running += count

@@ -35,8 +35,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from typing import cast
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.sim.baselines import (
     GRID_PREFILL_BUDGETS,
     ORACLE_TAIL_WINDOWS,
@@ -173,5 +174,5 @@ def _setting_of(knobs: Knobs, space: dict[str, tuple[object, ...]]) -> Setting:
 
 def _knobs_of(setting: Setting, space: dict[str, tuple[object, ...]]) -> Knobs:
     values = dict(zip(space, setting, strict=True))
-    discipline, aging_ms = values.pop("order")  # type: ignore[misc]
+    discipline, aging_ms = cast(tuple[str, int], values.pop("order"))
     return Knobs(discipline=discipline, aging_ms=aging_ms, **values)  # type: ignore[arg-type]

@@ -1,5 +1,9 @@
 """What users deploy instead of batchpilot: the peers' overload controls as benchmark controllers.
 
+Why one module: the five peers behind one registry (sim/controllers.py
+names their `make_*` here), sharing the limiter base, the per-tick replay
+and the engine check; a module per peer would be five small files on one base.
+
 Each is the published algorithm at its published defaults, placed where its
 users put it, and adapted to the simulator only where the simulator forces it:
 
@@ -45,9 +49,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
 from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS, FixedController, interval_mean
-from batchpilot.sim.controllers import ControllerContext, ControllerError, Snapshot
+from batchpilot.sim.controllers import ControllerError, Snapshot
 from batchpilot.sim.engine import PeerAdmission
 from batchpilot.sim.metrics import histogram_buckets, histogram_quantile
 

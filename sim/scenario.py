@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from batchpilot.contract.errors import FieldError
 from batchpilot.sim.calibration import CalibrationError, StepCostModel, fit_file
 from batchpilot.sim.engine import EngineConfig
 from batchpilot.sim.workload import TraceError, load_trace
@@ -32,17 +33,12 @@ ARRIVAL_PROCESSES = ("poisson", "gamma")
 LENGTH_DISTS = ("lognormal",)
 
 
-class ScenarioError(ValueError):
+class ScenarioError(FieldError):
     """A scenario file is invalid; `field` is the path of the offending key."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
-class EngineSpec:
+class ScenarioEngine:
     calibration: Path
     model: str
     system: str
@@ -68,7 +64,7 @@ class EngineSpec:
 
 
 @dataclass(frozen=True)
-class SLO:
+class ScenarioSlo:
     ttft_ms: float
     tpot_ms: float
 
@@ -111,9 +107,9 @@ Phase = TracePhase | SyntheticPhase
 class Scenario:
     name: str
     seed: int
-    engine: EngineSpec
+    engine: ScenarioEngine
     replicas: int
-    slo: SLO
+    slo: ScenarioSlo
     control_interval_s: float
     workload: tuple[Phase, ...]
     source: Path | None = None
@@ -150,7 +146,7 @@ def parse_scenario(data: Any, *, base_dir: Path, source: Path | None = None) -> 
     engine = _parse_engine(top.section("engine"), base_dir)
     replicas = top.integer("replicas", minimum=1, default=1)
     slo_section = top.section("slo")
-    slo = SLO(
+    slo = ScenarioSlo(
         ttft_ms=slo_section.number("ttft_ms", positive=True),
         tpot_ms=slo_section.number("tpot_ms", positive=True),
     )
@@ -177,7 +173,7 @@ def parse_scenario(data: Any, *, base_dir: Path, source: Path | None = None) -> 
     )
 
 
-def _parse_engine(section: _Section, base_dir: Path) -> EngineSpec:
+def _parse_engine(section: _Section, base_dir: Path) -> ScenarioEngine:
     calibration = section.path("calibration", base_dir)
     model = section.string("model")
     system = section.string("system")
@@ -199,7 +195,7 @@ def _parse_engine(section: _Section, base_dir: Path) -> EngineSpec:
         fitted = fit_file(calibration, model, system, tp, shared_kv_cache=shared_kv_cache)
     except CalibrationError as err:
         raise ScenarioError(f"engine.{err.field or 'calibration'}", str(err)) from err
-    return EngineSpec(
+    return ScenarioEngine(
         calibration=calibration,
         model=model,
         system=system,

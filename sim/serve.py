@@ -1,5 +1,9 @@
 """`batchpilot sim serve`: the simulated engine in real time, as an OpenAI-compatible server.
 
+Why one module: the driver (`LiveEngine`) and the HTTP handlers
+(`SimServer`) are the two halves of one hand-off (submissions, knob changes,
+cancels and token streams passed between them), read together.
+
 One `Replica` (sim/engine.py) runs on the wall clock: simulated seconds =
 wall seconds x `time_scale`. A single asyncio task, the driver, owns the
 replica: request handlers hand it their submissions and knob changes and
@@ -45,7 +49,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from batchpilot.controller.knobs import KnobError, Knobs
+from batchpilot.contract.knobs import KnobError, Knobs
 from batchpilot.gate.estimate import RequestError, estimate_payload
 from batchpilot.gate.proxy import error_response
 from batchpilot.sim.engine import EngineConfig, EngineEvent, Replica, SimRequest
@@ -242,7 +246,7 @@ class SimServer:
                 param="body",
             )
         except RequestError as err:
-            return error_response(400, err.message, "invalid_request_error", param=err.param)
+            return error_response(400, err.message, "invalid_request_error", param=err.field)
         try:
             stream = await self.engine.submit(size.prompt_tokens, output_tokens, size.priority)
         except ValueError as err:  # e.g. x-prompt-tokens: 0

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from batchpilot.controller.knobs import KnobError, Knobs
+from batchpilot.contract.knobs import KnobError, Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_bench_harness import CALIBRATION, SHARED, write_scenario
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.sim.bench import (
     RequestTable,
     Simulation,
@@ -21,11 +21,11 @@ from batchpilot.sim.bound import upper_bound
 from batchpilot.sim.calibration import StepCostModel
 from batchpilot.sim.controllers import build_controller
 from batchpilot.sim.scenario import (
-    SLO,
     Arrival,
-    EngineSpec,
     LengthDist,
     Scenario,
+    ScenarioEngine,
+    ScenarioSlo,
     SyntheticPhase,
     load_scenario,
 )
@@ -72,7 +72,7 @@ def hand_made(
     """A scenario with exactly these requests (the phases' synthetic settings are never read)."""
     lengths = LengthDist("lognormal", 1.0, 1.0, 1)
     phase = SyntheticPhase(phase_s, Arrival("poisson", 1.0, 1.0), lengths, lengths)
-    engine = EngineSpec(
+    engine = ScenarioEngine(
         calibration=Path("unused.csv"),
         model="hand",
         system="hand",
@@ -90,7 +90,7 @@ def hand_made(
         seed=0,
         engine=engine,
         replicas=replicas,
-        slo=SLO(ttft_ms=ttft_ms, tpot_ms=tpot_ms),
+        slo=ScenarioSlo(ttft_ms=ttft_ms, tpot_ms=tpot_ms),
         control_interval_s=30.0,
         workload=(phase,) * len(phases),
     )

@@ -15,11 +15,11 @@ import pytest
 import yaml
 from stack.workloads import CALIBRATION
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
 from batchpilot.sim import baselines
 from batchpilot.sim.bench import Simulation, run_controller
 from batchpilot.sim.controllers import (
-    ControllerContext,
     ControllerError,
     build_controller,
     register_online,

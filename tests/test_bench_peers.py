@@ -12,10 +12,10 @@ from test_sim_engine import config
 from typer.testing import CliRunner
 
 from batchpilot.cli.main import app
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.bench_adapter import ControllerContext
 from batchpilot.sim.bench import Simulation, controller_context, run_controller
 from batchpilot.sim.controllers import (
-    ControllerContext,
     ControllerError,
     build_controller,
     register_online,

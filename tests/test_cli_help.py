@@ -10,6 +10,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from batchpilot.cli import gate
 from batchpilot.cli.main import app
 
 
@@ -41,3 +42,17 @@ def test_help_shows_every_option_whole_at_80_columns(path: tuple[str, ...], comm
             if option.startswith("--"):
                 assert option in shown.output, (path, option)
     assert all(len(line) <= 80 for line in shown.output.splitlines()), shown.output
+
+
+def test_batchpilot_gate_shows_the_same_command_as_batchpilot_gate() -> None:
+    """The gate image's entry point (`batchpilot-gate`) is `batchpilot gate`, help and all."""
+    runner = CliRunner()
+    env = {"COLUMNS": "80"}
+    alone = runner.invoke(
+        gate.app, ["--help"], prog_name="batchpilot-gate", terminal_width=80, env=env
+    )
+    within = runner.invoke(
+        app, ["gate", "--help"], prog_name="batchpilot", terminal_width=80, env=env
+    )
+    assert alone.exit_code == within.exit_code == 0, alone.output + within.output
+    assert alone.output.replace("batchpilot-gate", "batchpilot gate") == within.output

@@ -71,16 +71,15 @@ from stack.workloads import (
     simulated,
 )
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.gate.annotations import KNOBS_ANNOTATION
-from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
+from batchpilot.contract.gate_api import APPLIED_ANNOTATION, KNOBS_ANNOTATION
+from batchpilot.contract.knobs import Knobs, knobs_summary
+from batchpilot.operator.gates import AppliedRecord
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
-from batchpilot.operator.status import knobs_summary
 from batchpilot.sim.load import OK, SHED, RequestRecord, summarize
 from batchpilot.sim.sandbox.kube import unique_name
 from batchpilot.sim.sandbox.prometheus import PrometheusServer, start_prometheus_in_namespace
 from batchpilot.sim.sandbox.tools import helm_path, kubectl_path
-from batchpilot.sim.scenario import SLO
+from batchpilot.sim.scenario import ScenarioSlo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -518,7 +517,7 @@ def phase_summary(rows: list[dict[str, Any]], start_s: float, end_s: float) -> d
         for row in rows
         if start_s <= row["arrival_s"] < end_s
     ]
-    summary = summarize(records, end_s - start_s, SLO(SLO_TTFT_MS, SLO_TPOT_MS))
+    summary = summarize(records, end_s - start_s, ScenarioSlo(SLO_TTFT_MS, SLO_TPOT_MS))
     summary.pop("by_url", None)
     return summary
 

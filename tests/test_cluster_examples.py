@@ -52,8 +52,8 @@ from stack.workloads import (
     simulated,
 )
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.gate.annotations import KNOBS_ANNOTATION
+from batchpilot.contract.gate_api import KNOBS_ANNOTATION
+from batchpilot.contract.knobs import Knobs
 from batchpilot.sim.sandbox.kube import unique_name
 from batchpilot.sim.sandbox.tools import kubectl_path
 

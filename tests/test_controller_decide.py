@@ -6,29 +6,26 @@ import dataclasses
 import math
 
 import pytest
+from policyspec import controller_spec
 from test_controller_synthetic import TRUE, synthetic_samples
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.decide import KV_SHARE, DecideMemory, initial_knobs, recommend
 from batchpilot.controller.explain import Reason, Recommendation
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import (
-    LengthMix,
-    StepModel,
-    WorkloadModel,
-    engine_running_capacity,
-    running_limit,
-)
-from batchpilot.controller.observe import Histogram, Observation, PodObservation
+from batchpilot.controller.model import WorkloadModel
+from batchpilot.controller.observe import Observation, PodObservation, WindowHistogram
+from batchpilot.controller.physics import StepModel, engine_running_capacity, running_limit
 from batchpilot.controller.policy import EngineKind, EngineSpec, Policy, Slo
+from batchpilot.controller.samples import LengthMix
 
 INF = math.inf
 POLICY = Policy.default_for(Slo(2000, 50), EngineSpec(max_num_seqs=512))
 ENGINE = StepModel(**TRUE)
 
 
-def around(value: float, rate: float) -> Histogram:
+def around(value: float, rate: float) -> WindowHistogram:
     """All observations within +-5% of `value`."""
-    return Histogram(((value * 0.95, 0.0), (value * 1.05, rate), (INF, rate)), value * rate)
+    return WindowHistogram(((value * 0.95, 0.0), (value * 1.05, rate), (INF, rate)), value * rate)
 
 
 def window(
@@ -191,7 +188,7 @@ def test_initial_knobs_follow_the_policy() -> None:
     assert knobs.queue_deadline_ms == 1800
     assert knobs.discipline == "shortest-prompt-first"
     assert knobs.max_inflight_tokens is None
-    fcfs_only = Policy.from_spec({"slo": {"ttftMs": 1000, "tpotMs": 40}, "knobs": {"discipline": {"allowed": ["fcfs"]}}})
+    fcfs_only = Policy.from_spec(controller_spec(slo={"ttftMs": 1000, "tpotMs": 40}, knobs={"discipline": {"allowed": ["fcfs"]}}))
     assert initial_knobs(fcfs_only).discipline == "fcfs"
 
 

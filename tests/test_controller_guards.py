@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.explain import CanaryState, Recommendation
 from batchpilot.controller.guards import (
     CANARY_ABORT_GAP,
@@ -19,8 +20,7 @@ from batchpilot.controller.guards import (
     skip_small_changes,
     stabilize,
 )
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.policy import Behavior, EngineSpec, KnobBounds, Policy, Slo
+from batchpilot.controller.policy import Behavior, Canary, EngineSpec, KnobBounds, Policy, Slo
 
 ENGINE = EngineSpec(max_num_seqs=512)
 POLICY = Policy(
@@ -32,7 +32,7 @@ POLICY = Policy(
         "queue_deadline_ms": KnobBounds("queue_deadline_ms", 100, 10_000),
     },
     disciplines=("fcfs", "shortest-prompt-first"),
-    behavior=Behavior(stabilization_window_s=60.0, max_step_factor=2.0, min_change_fraction=0.1, canary=True, canary_intervals=2),
+    behavior=Behavior(stabilization_window_s=60.0, max_step_factor=2.0, min_change_percent=10.0, canary=Canary(enabled=True, intervals=2)),
 )
 CURRENT = Knobs(max_concurrency=64, max_inflight_tokens=100_000, queue_deadline_ms=1800)
 PODS = ("p0", "p1", "p2")
@@ -243,6 +243,6 @@ def test_a_failing_guard_passes_its_input_through() -> None:
 def test_full_chain_keeps_bounds_even_when_holding_small_changes() -> None:
     # The policy now caps concurrency at 60; the pods run 64 and the model
     # wants 62 (a 3% change): min-change would keep 64, clamp must still win.
-    tightened = replace(POLICY, bounds={**POLICY.bounds, "max_concurrency": KnobBounds("max_concurrency", 4, 60)}, behavior=replace(POLICY.behavior, canary=False))
+    tightened = replace(POLICY, bounds={**POLICY.bounds, "max_concurrency": KnobBounds("max_concurrency", 4, 60)}, behavior=replace(POLICY.behavior, canary=Canary(enabled=False)))
     out = run_chain(tightened, state(), rec(max_concurrency=62))
     assert out.target.max_concurrency == 60

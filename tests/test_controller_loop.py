@@ -1,25 +1,27 @@
-"""One iteration end to end: named, timed steps, a Decision ready for a status, and the bench plug-in."""
+"""One iteration end to end: named, timed steps, a Decision the operator's status takes, and the bench plug-in."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.bench_adapter import make, policy_for
-from batchpilot.controller.explain import reason_rows
-from batchpilot.controller.knobs import Knobs
+from batchpilot.controller.explain import Decision, parse_reason_text, reason_text
 from batchpilot.controller.loop import STEPS, PolicyController, _applied_setting
 from batchpilot.controller.observe import (
     MetricsUnavailable,
     Observation,
     PodObservation,
     RawWindow,
-    SnapshotSource,
 )
 from batchpilot.controller.policy import EngineSpec, MetricsSpec, Mode, Policy, Slo
+from batchpilot.controller.sources import SnapshotSource
+from batchpilot.operator.status import CycleReport, PodCounts, build_status
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CALIBRATION = SHARED / "data/calibration/llama3.1-8b_vllm_step_latency.csv"
@@ -88,7 +90,7 @@ def test_bench_plug_in_runs_a_scenario(scenario: Any) -> None:
             assert policy.clamp(knobs) == knobs
         assert decision is not None and set(decision.step_seconds) == set(STEPS)
         assert decision.reasons
-        json.dumps(decision.to_status())
+        json.dumps(status_of(decision, Mode.AUTO))
     first, last = decisions[0][1], decisions[-1][1]
     assert not first.conditions.metrics_available
     assert last.conditions.metrics_available
@@ -152,21 +154,30 @@ def test_outage_holds_the_last_known_good_and_the_mode_decides_actuation(mode: M
     assert outage.per_pod["p0"] == outage.target
     assert all(d.actuate == (mode is Mode.AUTO) for d in decisions)
     # Recommendations are published whatever the mode
-    assert all(d.to_status()["recommendation"] for d in decisions)
+    assert all(status_of(d, mode)["recommendation"]["knobs"] for d in decisions)
     # What the pods run is what their gates report, unless this controller actuates
     if mode is not Mode.AUTO:
         assert controller.current.max_concurrency == 64
 
 
-def test_reason_rows_for_an_explain_table() -> None:
+def test_every_reason_reads_back_as_its_step() -> None:
+    """What `batchpilot explain` does with a status' reasons: (step, text) from each line."""
     policy = _policy(Mode.AUTO)
     snapshots = SnapshotSource(policy)
     controller = PolicyController(policy, snapshots)
     snapshots.ingest(30.0, {"p0": _snapshot(30.0)})
     decision = controller.run_once(30.0, ["p0"])
-    rows = reason_rows(decision)
-    assert rows and all(len(row) == 4 for row in rows)
-    assert rows[0][0] == "observe"
+    lines = status_of(decision, Mode.AUTO)["recommendation"]["reasons"]
+    assert lines == [reason_text(reason) for reason in decision.reasons]
+    steps = [parse_reason_text(line)[0] for line in lines]
+    assert steps == [reason.step for reason in decision.reasons]
+    assert steps[0] == "observe"
+
+
+def status_of(decision: Decision, mode: Mode) -> dict[str, Any]:
+    """The status the operator writes after a step that decided `decision`."""
+    report = CycleReport(mode, PodCounts(1, 1, 1), decision=decision)
+    return build_status(report, {}, generation=1, now=datetime(2026, 5, 1, tzinfo=UTC))
 
 
 @pytest.mark.parametrize(

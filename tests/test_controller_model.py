@@ -17,17 +17,12 @@ from test_controller_synthetic import (
     true_step,
 )
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import (
-    KNEE_TOKENS,
-    LengthMix,
-    Sample,
-    StepModel,
-    WorkloadModel,
-    estimate_tpot_quantile,
-)
-from batchpilot.controller.observe import Histogram
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.model import WorkloadModel
+from batchpilot.controller.observe import WindowHistogram
+from batchpilot.controller.physics import KNEE_TOKENS, StepModel
 from batchpilot.controller.policy import EngineSpec, Policy, Slo
+from batchpilot.controller.samples import LengthMix, Sample, estimate_tpot_quantile
 
 INF = math.inf
 MIXES = [mix(1000, 200), mix(1500, 30), mix(800, 1000)]
@@ -75,8 +70,8 @@ def test_below_capacity_the_limit_does_not_bind() -> None:
 
 def test_length_mix_from_histograms() -> None:
     # 50 prompts uniform in (0, 100], 50 in (100, 200]: mean 100, E[x^2] = 40000/3
-    prompt = Histogram(((100.0, 50.0), (200.0, 100.0), (INF, 100.0)), 100.0 * 100.0)
-    output = Histogram(((10.0, 100.0), (INF, 100.0)), 5.0 * 100.0)
+    prompt = WindowHistogram(((100.0, 50.0), (200.0, 100.0), (INF, 100.0)), 100.0 * 100.0)
+    output = WindowHistogram(((10.0, 100.0), (INF, 100.0)), 5.0 * 100.0)
     m = LengthMix.from_histograms(prompt, output)
     assert m is not None
     assert m.prompt_mean == pytest.approx(100.0)
@@ -88,8 +83,8 @@ def test_length_mix_from_histograms() -> None:
 
 
 def test_tpot_quantile_of_a_constant_gap_is_that_gap() -> None:
-    itl = Histogram(((0.019, 0.0), (0.021, 1000.0), (INF, 1000.0)), 20.0)
-    output = Histogram(((10.0, 0.0), (100.0, 50.0), (INF, 50.0)), 2750.0)
+    itl = WindowHistogram(((0.019, 0.0), (0.021, 1000.0), (INF, 1000.0)), 20.0)
+    output = WindowHistogram(((10.0, 0.0), (100.0, 50.0), (INF, 50.0)), 2750.0)
     assert estimate_tpot_quantile(itl, output, 0.99) == pytest.approx(0.02, abs=0.001)
 
 
@@ -104,9 +99,9 @@ def test_tpot_quantile_of_a_constant_gap_is_that_gap() -> None:
     ],
 )
 def test_tpot_quantile_tail_shrinks_with_answer_length(output_bounds: tuple[float, float], low: float, high: float) -> None:
-    itl = Histogram(((0.009, 0.0), (0.011, 900.0), (0.19, 900.0), (0.21, 1000.0), (INF, 1000.0)), 29.0)
+    itl = WindowHistogram(((0.009, 0.0), (0.011, 900.0), (0.19, 900.0), (0.21, 1000.0), (INF, 1000.0)), 29.0)
     lower, upper = output_bounds
-    output = Histogram(((lower, 0.0), (upper, 10.0), (INF, 10.0)), 10.0 * (lower + upper) / 2)
+    output = WindowHistogram(((lower, 0.0), (upper, 10.0), (INF, 10.0)), 10.0 * (lower + upper) / 2)
     estimate = estimate_tpot_quantile(itl, output, 0.99)
     assert estimate is not None and low <= estimate <= high
     # seeded: the same answer every time

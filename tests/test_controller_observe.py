@@ -9,19 +9,17 @@ from typing import Any
 
 import pytest
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.observe import (
-    Histogram,
     MetricsUnavailable,
     Observation,
-    PrometheusSource,
-    SnapshotSource,
+    WindowHistogram,
     observe,
-    parse_sample_name,
 )
 from batchpilot.controller.policy import EngineKind, EngineSpec, MetricsSpec, Policy, Slo
 from batchpilot.controller.promql import QueryBuilder
 from batchpilot.controller.signals import ENGINE_PRESETS, GATE_METRICS, Kind, Signal, signal_specs
+from batchpilot.controller.sources import PrometheusSource, SnapshotSource, parse_sample_name
 
 POLICY = Policy.default_for(
     Slo(2000, 50), EngineSpec(), metrics=MetricsSpec(window_s=60.0, staleness_s=90.0), namespace="ns"
@@ -132,7 +130,7 @@ def flatten(observation: Observation) -> dict[str, Any]:
     for pod, pod_obs in {**observation.pods, "pooled": observation.pooled}.items():
         for field in fields(pod_obs):
             item = getattr(pod_obs, field.name)
-            if isinstance(item, Histogram):
+            if isinstance(item, WindowHistogram):
                 out[f"{pod}.{field.name}.buckets"] = item.buckets
                 out[f"{pod}.{field.name}.sum"] = item.sum_rate
             else:
@@ -263,20 +261,21 @@ def test_parse_sample_name_rejects_malformed(key: str) -> None:
         parse_sample_name(key)
 
 
-def test_gate_metric_names_match_the_gate() -> None:
-    from batchpilot.gate import metrics as gate
+def test_the_gate_and_the_simulator_export_every_gate_series_the_controller_reads() -> None:
+    from prometheus_client import generate_latest
 
-    assert GATE_METRICS == {
-        Signal.ADMITTED: gate.ADMITTED_TOTAL,
-        Signal.SHED: gate.SHED_TOTAL,
-        Signal.GATE_TTFT: gate.TIME_TO_FIRST_TOKEN_SECONDS,
-        Signal.GATE_QUEUE_WAIT: gate.QUEUE_WAIT_SECONDS,
-        Signal.GATE_QUEUE: gate.QUEUE_LENGTH,
-        Signal.GATE_INFLIGHT: gate.INFLIGHT_REQUESTS,
-        Signal.GATE_INFLIGHT_TOKENS: gate.INFLIGHT_TOKENS,
-        Signal.GATE_KNOB: gate.KNOB,
-        Signal.GATE_DISCIPLINE: gate.DISCIPLINE,
-    }
+    from batchpilot.gate.admission import AdmissionQueue
+    from batchpilot.gate.metrics import GateMetrics
+    from batchpilot.sim.metrics import ReplicaGauges, ReplicaMetrics
+
+    queue = AdmissionQueue(Knobs(max_concurrency=8))
+    gate_text = generate_latest(GateMetrics(lambda: queue, lambda: 1).registry).decode()
+    sim_text = ReplicaMetrics(block_size=16, num_gpu_blocks=64).render_text(
+        ReplicaGauges(0, 0, 0.0, 0, 0, 0, Knobs(max_concurrency=8), 1)
+    )
+    for exposition in (gate_text, sim_text):
+        typed = {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE")}
+        assert {str(name) for name in GATE_METRICS.values()} <= typed
 
 
 def test_reads_the_simulators_series() -> None:
@@ -318,11 +317,6 @@ LLAMACPP_METRICS = {
 
 
 def test_llamacpp_preset_names_exactly_its_metrics() -> None:
-    from batchpilot.gate import metrics as gate
-
-    assert LLAMACPP_METRICS[Signal.TPOT] == gate.TIME_PER_OUTPUT_TOKEN_SECONDS
-    assert LLAMACPP_METRICS[Signal.PROMPT_TOKENS] == gate.PROMPT_TOKENS
-    assert LLAMACPP_METRICS[Signal.OUTPUT_TOKENS] == gate.OUTPUT_TOKENS
     preset = ENGINE_PRESETS[EngineKind.LLAMACPP]
     assert {signal: metric.metric for signal, metric in preset.items()} == LLAMACPP_METRICS
     assert all(metric.labels == () and metric.scale == 1.0 for metric in preset.values())

@@ -6,34 +6,44 @@ import math
 from typing import Any
 
 import pytest
+from policyspec import controller_spec, with_field
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.policy import EngineKind, KnobBounds, Mode, Policy, PolicyError
-
-SLO = {"ttftMs": 2000, "tpotMs": 50}
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.policy import (
+    Behavior,
+    Canary,
+    EngineKind,
+    EngineSpec,
+    KnobBounds,
+    MetricsSpec,
+    Mode,
+    Policy,
+    PolicyError,
+    Slo,
+)
 
 
 def test_full_spec() -> None:
     policy = Policy.from_spec(
-        {
-            "engine": {"kind": "sglang", "maxNumSeqs": 256, "maxNumBatchedTokens": 4096, "runtimeTunable": True},
-            "slo": {"ttftMs": 1500, "tpotMs": 40, "percentile": 95},
-            "knobs": {
+        controller_spec(
+            engine={"kind": "sglang", "maxNumSeqs": 256, "maxNumBatchedTokens": 4096, "runtimeTunable": True},
+            slo={"ttftMs": 1500, "tpotMs": 40, "percentile": 95},
+            knobs={
                 "maxConcurrency": {"min": 8, "max": 128},
                 "maxInflightTokens": {"min": 10_000},
                 "discipline": {"allowed": ["fcfs", "shortest-prompt-first"]},
                 "maxNumBatchedTokens": {"min": 512},
             },
-            "behavior": {
+            behavior={
                 "intervalSeconds": 15,
                 "stabilizationWindowSeconds": 60,
                 "maxStepFactor": 2,
                 "minChangePercent": 5,
                 "canary": {"enabled": True, "intervals": 4},
             },
-            "mode": "Auto",
-            "metrics": {"windowSeconds": 30, "overrides": {"kvUsage": {"metric": "sglang:token_usage"}}},
-        },
+            mode="Auto",
+            metrics={"windowSeconds": 30, "overrides": {"kvUsage": {"metric": "sglang:token_usage"}}},
+        ),
         name="chat",
         namespace="serving",
     )
@@ -45,23 +55,23 @@ def test_full_spec() -> None:
     assert policy.bounds["max_num_batched_tokens"] == KnobBounds("max_num_batched_tokens", 512, 4096)
     assert not policy.steers("queue_deadline_ms")
     assert policy.behavior.min_change_fraction == pytest.approx(0.05)
-    assert policy.behavior.canary and policy.behavior.canary_intervals == 4
+    assert policy.behavior.canary == Canary(enabled=True, intervals=4)
     assert policy.mode is Mode.AUTO
     assert policy.metrics.overrides["kvUsage"].metric == "sglang:token_usage"
 
 
 def test_defaults_steer_what_the_gate_can_steer() -> None:
-    policy = Policy.from_spec({"slo": SLO})
+    policy = Policy.from_spec(controller_spec())
     assert set(policy.bounds) == {"max_concurrency", "max_inflight_tokens", "queue_deadline_ms"}
     assert policy.disciplines == ("fcfs", "shortest-prompt-first")
     assert policy.mode is Mode.RECOMMEND
-    tunable = Policy.from_spec({"slo": SLO, "engine": {"runtimeTunable": True}})
+    tunable = Policy.from_spec(controller_spec(engine={"runtimeTunable": True}))
     assert "max_num_batched_tokens" in tunable.bounds
 
 
 def test_llamacpp_engine_with_its_kv_cache() -> None:
     policy = Policy.from_spec(
-        {"slo": SLO, "engine": {"kind": "llamacpp", "maxNumSeqs": 16, "maxNumBatchedTokens": 2048, "kvCacheTokens": 16384}}
+        controller_spec(engine={"kind": "llamacpp", "maxNumSeqs": 16, "maxNumBatchedTokens": 2048, "kvCacheTokens": 16384})
     )
     assert policy.engine.kind is EngineKind.LLAMACPP
     assert policy.engine.kv_cache_tokens == 16384
@@ -69,46 +79,46 @@ def test_llamacpp_engine_with_its_kv_cache() -> None:
     # down to one sequence (a sixteenth of the slots) and one prefill step.
     assert policy.bounds["max_concurrency"] == KnobBounds("max_concurrency", 1, 16)
     assert policy.bounds["max_inflight_tokens"] == KnobBounds("max_inflight_tokens", 2048, None)
-    big = Policy.from_spec({"slo": SLO, "engine": {"maxNumSeqs": 512, "maxNumBatchedTokens": 4096}})
+    big = Policy.from_spec(controller_spec(engine={"maxNumSeqs": 512, "maxNumBatchedTokens": 4096}))
     assert big.bounds["max_concurrency"] == KnobBounds("max_concurrency", 4, 512)
     assert big.bounds["max_inflight_tokens"] == KnobBounds("max_inflight_tokens", 4096, None)
     assert "max_num_batched_tokens" not in policy.bounds
-    assert Policy.from_spec({"slo": SLO}).engine.kv_cache_tokens is None
+    assert Policy.from_spec(controller_spec()).engine.kv_cache_tokens is None
 
 
 @pytest.mark.parametrize(
     ("spec", "field", "fix"),
     [
-        ({}, "spec.slo", "required"),
-        ({"slo": {"ttftMs": 2000}}, "spec.slo.tpotMs", "required"),
-        ({"slo": {"ttftMs": -1, "tpotMs": 50}}, "spec.slo.ttftMs", "between 1 and"),
-        ({"slo": {"ttftMs": 2000.5, "tpotMs": 50}}, "spec.slo.ttftMs", "integer"),
-        ({"slo": {"ttftMs": 2000, "tpotMs": True}}, "spec.slo.tpotMs", "integer"),
-        ({"slo": {**SLO, "percentile": 100}}, "spec.slo.percentile", "[50, 100)"),
-        ({"slo": {**SLO, "p": 1}}, "spec.slo.p", "unknown field"),
-        ({"slo": SLO, "engine": {"kind": "ollama"}}, "spec.engine.kind", "llamacpp"),
-        ({"slo": SLO, "engine": {"kvCacheTokens": 8}}, "spec.engine.kvCacheTokens", "between 16 and"),
-        ({"slo": SLO, "engine": {"kvCacheTokens": 2**31 + 1}}, "spec.engine.kvCacheTokens", "--ctx-size"),
-        ({"slo": SLO, "engine": {"kvCacheTokens": "16k"}}, "spec.engine.kvCacheTokens", "KV-cache size in tokens"),
-        ({"slo": SLO, "engine": {"kvCacheTokens": True}}, "spec.engine.kvCacheTokens", "integer"),
-        ({"slo": SLO, "engine": {"kind": "llamacpp", "runtimeTunable": True}}, "spec.engine.runtimeTunable", "--batch-size"),
-        ({"slo": SLO, "engine": {"maxNumSeqs": 0}}, "spec.engine.maxNumSeqs", "between"),
-        ({"slo": SLO, "knobs": {"maxConcurrency": {"min": 10, "max": 5}}}, "spec.knobs.maxConcurrency.max", "at least min"),
-        ({"slo": SLO, "knobs": {"batchSize": {}}}, "spec.knobs.batchSize", "unknown field"),
-        ({"slo": SLO, "knobs": {"discipline": {"allowed": ["lifo"]}}}, "spec.knobs.discipline.allowed", "fcfs"),
-        ({"slo": SLO, "knobs": {"discipline": {"allowed": []}}}, "spec.knobs.discipline.allowed", "non-empty"),
-        ({"slo": SLO, "knobs": {"maxNumBatchedTokens": {}}}, "spec.knobs.maxNumBatchedTokens", "runtimeTunable"),
-        ({"slo": SLO, "behavior": {"maxStepFactor": 1}}, "spec.behavior.maxStepFactor", "between"),
-        ({"slo": SLO, "behavior": {"minChangePercent": 150}}, "spec.behavior.minChangePercent", "between"),
-        ({"slo": SLO, "behavior": {"canary": {"enabled": "yes"}}}, "spec.behavior.canary.enabled", "true or false"),
-        ({"slo": SLO, "mode": "Manual"}, "spec.mode", "Recommend"),
-        ({"slo": SLO, "metrics": {"windowSeconds": 0}}, "spec.metrics.windowSeconds", "between"),
-        ({"slo": SLO, "metrics": {"podLabel": "pod-name"}}, "spec.metrics.podLabel", "label name"),
-        ({"slo": SLO, "metrics": {"overrides": {"latency": {"metric": "x"}}}}, "spec.metrics.overrides.latency", "signals are"),
-        ({"slo": SLO, "metrics": {"overrides": {"running": {}}}}, "spec.metrics.overrides.running.metric", "required"),
-        ({"slo": SLO, "metrics": {"overrides": {"running": {"metric": "a{b}"}}}}, "spec.metrics.overrides.running.metric", "metric name"),
-        ({"slo": SLO, "metrics": {"overrides": {"running": {"metric": "m", "scale": 0}}}}, "spec.metrics.overrides.running.scale", "positive"),
-        ({"slo": SLO, "metrics": "60s"}, "spec.metrics", "expected an object"),
+        (controller_spec(slo=None), "spec.slo", "required"),
+        (controller_spec(slo={"ttftMs": 2000}), "spec.slo.tpotMs", "required"),
+        (with_field(controller_spec(), "slo.ttftMs", -1), "spec.slo.ttftMs", "between 1 and"),
+        (with_field(controller_spec(), "slo.ttftMs", 2000.5), "spec.slo.ttftMs", "integer"),
+        (with_field(controller_spec(), "slo.tpotMs", True), "spec.slo.tpotMs", "integer"),
+        (with_field(controller_spec(), "slo.percentile", 100), "spec.slo.percentile", "[50, 100)"),
+        (with_field(controller_spec(), "slo.p", 1), "spec.slo.p", "unknown field"),
+        (controller_spec(engine={"kind": "ollama"}), "spec.engine.kind", "llamacpp"),
+        (controller_spec(engine={"kvCacheTokens": 8}), "spec.engine.kvCacheTokens", "between 16 and"),
+        (controller_spec(engine={"kvCacheTokens": 2**31 + 1}), "spec.engine.kvCacheTokens", "--ctx-size"),
+        (controller_spec(engine={"kvCacheTokens": "16k"}), "spec.engine.kvCacheTokens", "KV-cache size in tokens"),
+        (controller_spec(engine={"kvCacheTokens": True}), "spec.engine.kvCacheTokens", "integer"),
+        (controller_spec(engine={"kind": "llamacpp", "runtimeTunable": True}), "spec.engine.runtimeTunable", "--batch-size"),
+        (controller_spec(engine={"maxNumSeqs": 0}), "spec.engine.maxNumSeqs", "between"),
+        (controller_spec(knobs={"maxConcurrency": {"min": 10, "max": 5}}), "spec.knobs.maxConcurrency.max", "at least min"),
+        (controller_spec(knobs={"batchSize": {}}), "spec.knobs.batchSize", "unknown field"),
+        (controller_spec(knobs={"discipline": {"allowed": ["lifo"]}}), "spec.knobs.discipline.allowed", "fcfs"),
+        (controller_spec(knobs={"discipline": {"allowed": []}}), "spec.knobs.discipline.allowed", "non-empty"),
+        (controller_spec(knobs={"maxNumBatchedTokens": {}}), "spec.knobs.maxNumBatchedTokens", "runtimeTunable"),
+        (controller_spec(behavior={"maxStepFactor": 1}), "spec.behavior.maxStepFactor", "between"),
+        (controller_spec(behavior={"minChangePercent": 150}), "spec.behavior.minChangePercent", "between"),
+        (controller_spec(behavior={"canary": {"enabled": "yes"}}), "spec.behavior.canary.enabled", "true or false"),
+        (controller_spec(mode="Manual"), "spec.mode", "Recommend"),
+        (controller_spec(metrics={"windowSeconds": 0}), "spec.metrics.windowSeconds", "between"),
+        (controller_spec(metrics={"podLabel": "pod-name"}), "spec.metrics.podLabel", "label name"),
+        (controller_spec(metrics={"overrides": {"latency": {"metric": "x"}}}), "spec.metrics.overrides.latency", "signals are"),
+        (controller_spec(metrics={"overrides": {"running": {}}}), "spec.metrics.overrides.running.metric", "required"),
+        (controller_spec(metrics={"overrides": {"running": {"metric": "a{b}"}}}), "spec.metrics.overrides.running.metric", "metric name"),
+        (controller_spec(metrics={"overrides": {"running": {"metric": "m", "scale": 0}}}), "spec.metrics.overrides.running.scale", "positive"),
+        (controller_spec(metrics="60s"), "spec.metrics", "expected an object"),
     ],
 )
 def test_invalid_specs_name_the_field_and_the_fix(spec: dict[str, Any], field: str, fix: str) -> None:
@@ -128,15 +138,41 @@ def test_invalid_specs_name_the_field_and_the_fix(spec: dict[str, Any], field: s
     ],
 )
 def test_effective_value_of_an_unset_knob(knob: str, value: int | None, expected: float) -> None:
-    policy = Policy.from_spec({"slo": SLO, "engine": {"maxNumSeqs": 512}})
+    policy = Policy.from_spec(controller_spec(engine={"maxNumSeqs": 512}))
     assert policy.effective(knob, value) == expected
 
 
 def test_clamp_touches_steered_knobs_only() -> None:
-    policy = Policy.from_spec({"slo": SLO, "knobs": {"maxConcurrency": {"min": 8, "max": 64}}})
+    policy = Policy.from_spec(controller_spec(knobs={"maxConcurrency": {"min": 8, "max": 64}}))
     knobs = Knobs(max_concurrency=1000, queue_deadline_ms=5, discipline="priority")
     clamped = policy.clamp(knobs)
     assert clamped.max_concurrency == 64
     # not steered by this policy: left as they are
     assert clamped.queue_deadline_ms == 5
     assert clamped.discipline == "priority"
+
+
+def test_null_reads_as_absent_as_the_api_server_stores_it() -> None:
+    with_nulls = {**controller_spec(), "engine": None, "knobs": None, "behavior": {"canary": None}}
+    assert Policy.from_spec(with_nulls) == Policy.from_spec(controller_spec())
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "says"),
+    [
+        (lambda: Slo(0, 50), "ttftMs", "between 1 and 3600000"),
+        (lambda: EngineSpec(kind="ollama"), "kind", "'ollama' is not one of vllm"),
+        (lambda: EngineSpec(max_num_batched_tokens=8), "maxNumBatchedTokens", "between 16 and"),
+        (lambda: Behavior(canary=True), "canary", "expected Canary"),
+        (lambda: MetricsSpec(window_s=0.5), "windowSeconds", "between 1 and 86400"),
+    ],
+)
+def test_values_built_in_code_keep_the_specs_contract(build: Any, field: str, says: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        build()
+    assert error.value.field == field
+    assert says in error.value.message
+
+
+def test_an_engine_kind_given_by_name_becomes_the_member() -> None:
+    assert EngineSpec(kind="sglang").kind is EngineKind.SGLANG  # type: ignore[arg-type]

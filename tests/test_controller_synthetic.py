@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.controller.model import LengthMix, Sample, StepModel, running_limit
+from batchpilot.contract.knobs import Knobs
+from batchpilot.controller.physics import StepModel, running_limit
 from batchpilot.controller.policy import EngineSpec, Policy, Slo
+from batchpilot.controller.samples import LengthMix, Sample
 
 # An engine like an 8B model on one H100 (seconds): 6 ms per step, 13 us
 # per running sequence, 41 ns per context token, 17 us per prefilled token

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from policyspec import policy_body, policy_spec, with_field
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
@@ -62,86 +63,77 @@ def test_examples_apply(crd_installed: Path, kubectl: Path, namespace: str, exam
 
 
 def _policy(spec: dict[str, Any]) -> str:
-    return yaml.safe_dump({
-        "apiVersion": "batchpilot.dev/v1alpha1",
-        "kind": "InferencePolicy",
-        "metadata": {"name": "bad"},
-        "spec": spec,
-    })
+    return yaml.safe_dump(policy_body("bad", spec))
 
-
-SELECTOR = {"matchLabels": {"app": "chat"}}
-SLO = {"ttftMs": 2000, "tpotMs": 50}
 
 INVALID = [
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "knobs": {"maxConcurrency": {"min": 64, "max": 8}}},
+        policy_spec(knobs={"maxConcurrency": {"min": 64, "max": 8}}),
         ["spec.knobs.maxConcurrency.min", "min must not exceed max"],
         id="min-above-max",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "engine": {"maxNumSeqs": 64},
-         "knobs": {"maxConcurrency": {"max": 512}}},
+        policy_spec(engine={"maxNumSeqs": 64}, knobs={"maxConcurrency": {"max": 512}}),
         ["spec.knobs.maxConcurrency.max", "above spec.engine.maxNumSeqs", "in the same edit"],
         id="cap-above-engine-ceiling",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "knobs": {"maxConcurrency": {"min": 8, "max": 512}}},
+        policy_spec(knobs={"maxConcurrency": {"min": 8, "max": 512}}),
         ["spec.knobs.maxConcurrency.max", "above spec.engine.maxNumSeqs (default"],
         id="cap-above-default-engine-ceiling",
     ),
     pytest.param(
-        {"selector": SELECTOR, "targetRef": {"kind": "Deployment", "name": "chat"}, "slo": SLO},
+        policy_spec(targetRef={"kind": "Deployment", "name": "chat"}),
         ["spec.selector", "spec.targetRef", "exactly one"],
         id="selector-and-targetRef",
     ),
     pytest.param(
-        {"slo": SLO},
+        policy_spec(selector=None),
         ["exactly one of spec.selector", "spec.targetRef"],
         id="neither-selector-nor-targetRef",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "engine": {"kind": "ollama"}},
+        policy_spec(engine={"kind": "ollama"}),
         ["spec.engine.kind", 'Unsupported value: "ollama"', '"llamacpp"'],
         id="unknown-engine",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": {"ttftMs": -5, "tpotMs": 50}},
+        with_field(policy_spec(), "slo.ttftMs", -5),
         ["spec.slo.ttftMs", "greater than or equal to 1"],
         id="negative-slo",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": {"ttftMs": 2000, "tpotMs": 0}},
+        with_field(policy_spec(), "slo.tpotMs", 0),
         ["spec.slo.tpotMs", "greater than or equal to 1"],
         id="zero-tpot",
     ),
     pytest.param(
-        {"selector": {}, "slo": SLO},
+        policy_spec(selector={}),
         ["spec.selector", "empty selector would select every pod"],
         id="empty-selector",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "mode": "Auto"},
+        policy_spec(mode="Auto"),
         ["spec.mode", "spec.actuation.tokenSecretRef is required when spec.mode is Auto"],
         id="auto-without-token",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "knobs": {"maxNumBatchedTokens": {"min": 512}}},
+        policy_spec(knobs={"maxNumBatchedTokens": {"min": 512}}),
         ["spec.knobs.maxNumBatchedTokens", "spec.engine.runtimeTunable"],
         id="prefill-budget-needs-runtime-tunable",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "metrics": {"overrides": {"latency": {"metric": "x"}}}},
+        policy_spec(metrics={"overrides": {"latency": {"metric": "x"}}}),
         ["spec.metrics.overrides", "unknown signal", "ttft"],
         id="unknown-signal",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": SLO, "metrics": {"endpoint": "http://prometheus:9090"}},
+        policy_spec(metrics={"endpoint": "http://prometheus:9090"}),
         ["spec.metrics.endpoint", "should match"],
         id="endpoint-url-instead-of-name",
     ),
     pytest.param(
-        {"selector": SELECTOR, "slo": {**SLO, "p99": True}},
+        with_field(policy_spec(), "slo.p99", True),
         ['unknown field "spec.slo.p99"'],
         id="unknown-field",
     ),
@@ -174,7 +166,7 @@ def test_a_cap_up_to_the_engine_ceiling_is_accepted(
     crd_installed: Path, kubectl: Path, namespace: str, spec: dict[str, Any]
 ) -> None:
     applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-",
-                          stdin=_policy({"selector": SELECTOR, "slo": SLO, **spec}))
+                          stdin=_policy(policy_spec(**spec)))
     assert applied.returncode == 0, applied.stderr
 
 
@@ -182,7 +174,7 @@ def test_raising_the_engine_ceiling_and_the_cap_in_one_edit_is_accepted(
     crd_installed: Path, kubectl: Path, namespace: str
 ) -> None:
     """The engine restarted with more sequences: one apply raises both, as the rule's message says."""
-    before = {"selector": SELECTOR, "slo": SLO, "engine": {"maxNumSeqs": 64}, "knobs": {"maxConcurrency": {"max": 64}}}
+    before = policy_spec(engine={"maxNumSeqs": 64}, knobs={"maxConcurrency": {"max": 64}})
     assert run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-", stdin=_policy(before)).returncode == 0
     cap_only = {**before, "knobs": {"maxConcurrency": {"max": 512}}}
     refused = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-", stdin=_policy(cap_only))

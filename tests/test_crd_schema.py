@@ -1,27 +1,31 @@
-"""crds/inferencepolicy.yaml, read as a file: structural, documented, and in step
-with the controller's Policy (the API server must reject what Policy rejects).
+"""crds/inferencepolicy.yaml, read as a file: generated from the typed spec,
+structural, documented, and in step with the controller's Policy (the API
+server must reject what Policy rejects).
 
 The API server's own verdicts on the same CRD are in test_crd_apiserver.py.
 """
 
 from __future__ import annotations
 
-import copy
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from policyspec import policy_spec, with_field
 
-from batchpilot.controller.knobs import (
+from batchpilot.contract.knobs import (
     DISCIPLINES,
     MAX_CONCURRENCY_LIMIT,
     MAX_DEADLINE_MS,
     MAX_TOKENS_LIMIT,
+    WIRE_NAMES,
 )
-from batchpilot.controller.policy import CAMEL_NAMES, EngineKind, Mode, PolicyError
+from batchpilot.controller.policy import EngineKind, Mode, PolicyError
 from batchpilot.controller.signals import SIGNAL_NAMES
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.spec import parse_policy
@@ -29,6 +33,12 @@ from batchpilot.operator.spec import parse_policy
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "crds" / "inferencepolicy.yaml"
 EXAMPLES = sorted((ROOT / "examples").glob("policy-*.yaml"))
+
+
+def test_crd_file_is_generated_from_the_typed_spec() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-crd"), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +140,7 @@ def test_enums_match_the_controller(spec_schema: dict[str, Any]) -> None:
     assert at(spec_schema, "engine.kind")["enum"] == [kind.value for kind in EngineKind]
     assert at(spec_schema, "mode")["enum"] == [mode.value for mode in Mode]
     assert at(spec_schema, "knobs.discipline.allowed")["items"]["enum"] == list(DISCIPLINES)
-    assert set(at(spec_schema, "knobs")["properties"]) == set(CAMEL_NAMES.values())
+    assert set(at(spec_schema, "knobs")["properties"]) == set(WIRE_NAMES.values())
 
 
 def test_override_signal_list_matches_the_controller(spec_schema: dict[str, Any]) -> None:
@@ -155,15 +165,13 @@ def test_knob_maximum_is_the_knobs_limit(spec_schema: dict[str, Any], camel: str
 
 
 CONFIG = OperatorConfig(prometheus={"default": "http://prometheus:9090"})
-BASE_SPEC: dict[str, Any] = {
-    "selector": {"matchLabels": {"app": "chat"}},
-    "slo": {"ttftMs": 2000, "tpotMs": 50},
-    "engine": {"kind": "vllm", "maxNumSeqs": 256, "maxNumBatchedTokens": 8192, "runtimeTunable": True},
-    "actuation": {"native": True},
-    "knobs": {},
-    "behavior": {"canary": {}},
-    "metrics": {},
-}
+BASE_SPEC = policy_spec(
+    engine={"kind": "vllm", "maxNumSeqs": 256, "maxNumBatchedTokens": 8192, "runtimeTunable": True},
+    actuation={"native": True},
+    knobs={},
+    behavior={"canary": {}},
+    metrics={},
+)
 # Every bounded integer/number field of the spec (its dotted path under spec).
 BOUNDED_FIELDS = [
     "slo.ttftMs",
@@ -183,14 +191,14 @@ BOUNDED_FIELDS = [
 ]
 
 
-def _with(path: str, value: Any) -> dict[str, Any]:
-    spec = copy.deepcopy(BASE_SPEC)
-    node = spec
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return spec
+def test_bounded_fields_are_every_bounded_field_of_the_schema(spec_schema: dict[str, Any]) -> None:
+    """So that a new bounded field cannot miss the test below (knob ranges have their own)."""
+    bounded = {
+        path.removeprefix("spec.")
+        for path, node in walk(spec_schema, "spec")
+        if "minimum" in node and "maximum" in node and not node.get("exclusiveMaximum")
+    }
+    assert {path for path in bounded if not path.startswith("knobs.")} == set(BOUNDED_FIELDS)
 
 
 @pytest.mark.parametrize("path", BOUNDED_FIELDS)
@@ -200,10 +208,10 @@ def test_crd_bounds_are_the_policy_bounds(spec_schema: dict[str, Any], path: str
     low, high = field["minimum"], field["maximum"]
     step = 1 if field["type"] == "integer" else 0.01
     for inside in (low, high):
-        parse_policy(_with(path, inside), name="p", namespace="ns", config=CONFIG)
+        parse_policy(with_field(BASE_SPEC, path, inside), name="p", namespace="ns", config=CONFIG)
     for outside in (low - step, high + step):
         with pytest.raises(PolicyError) as caught:
-            parse_policy(_with(path, outside), name="p", namespace="ns", config=CONFIG)
+            parse_policy(with_field(BASE_SPEC, path, outside), name="p", namespace="ns", config=CONFIG)
         assert caught.value.field == f"spec.{path}"
 
 

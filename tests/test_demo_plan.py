@@ -26,7 +26,7 @@ from batchpilot.cli.demo import (
     snapshot_from_text,
 )
 from batchpilot.cli.main import app
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.signals import Signal
 from batchpilot.sim.calibration import BUILTIN_STEP_COST
 from batchpilot.sim.engine import Replica

@@ -8,7 +8,7 @@ import pytest
 from batchpilot.cli.demo import DemoState, FleetState, load_demo_scenario, plan_demo
 from batchpilot.cli.demo_fleet import ReplicaAddress
 from batchpilot.cli.demo_view import knobs_text, summarize
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.sim.load import OK, SHED, RequestRecord
 
 REPLICAS = (

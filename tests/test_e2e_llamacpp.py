@@ -51,15 +51,14 @@ from kubernetes import client
 from stack import KubeAPIServer
 from stack.chart import chart_identity_kubeconfig
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs, knobs_document
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
-from batchpilot.operator.status import knobs_document
 from batchpilot.sim.llamacpp import SERVED_MODEL, ServerOptions
 from batchpilot.sim.load import ERROR, OK, SHED, RequestRecord, replay, summarize
 from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, GatedPod, start_fleet
 from batchpilot.sim.sandbox.operator_process import OperatorProcess
 from batchpilot.sim.sandbox.process import http_get
-from batchpilot.sim.scenario import SLO, Arrival, LengthDist, SyntheticPhase
+from batchpilot.sim.scenario import Arrival, LengthDist, ScenarioSlo, SyntheticPhase
 from batchpilot.sim.workload import Workload, phases_workload
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.engine]
@@ -269,7 +268,7 @@ def test_operator_steers_llama_server_pods_through_a_traffic_shift(
     (counted,) = prometheus_query(
         prometheus_url, f'sum(llamacpp:prompt_tokens_total{{namespace="{namespace}"}})'
     )
-    slo = SLO(SLO_TTFT_MS, SLO_TPOT_MS)
+    slo = ScenarioSlo(SLO_TTFT_MS, SLO_TPOT_MS)
     chat, long = (
         summarize([r for r in records if start <= r.arrival_s < end], end - start, slo)
         for start, end in ((0.0, SHIFT_S), (SHIFT_S, DURATION_S))

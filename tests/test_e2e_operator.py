@@ -46,14 +46,14 @@ from stack import KubeAPIServer
 from stack.chart import chart_identity_kubeconfig
 from stack.workloads import CALIBRATION, short_to_long_scenario
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.operator.gates import APPLIED_ANNOTATION
+from batchpilot.contract.gate_api import APPLIED_ANNOTATION
+from batchpilot.contract.knobs import Knobs
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.sim.load import RequestRecord, summarize
 from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, GatedPod, start_fleet
 from batchpilot.sim.sandbox.operator_process import OperatorProcess
 from batchpilot.sim.sandbox.process import http_get
-from batchpilot.sim.scenario import SLO
+from batchpilot.sim.scenario import ScenarioSlo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +169,7 @@ def phase_summary(rows: list[dict[str, Any]], start_s: float, end_s: float) -> d
         for row in rows
         if start_s <= row["arrival_s"] < end_s
     ]
-    summary = summarize(records, end_s - start_s, SLO(SLO_TTFT_MS, SLO_TPOT_MS))
+    summary = summarize(records, end_s - start_s, ScenarioSlo(SLO_TTFT_MS, SLO_TPOT_MS))
     summary.pop("by_url", None)
     return summary
 

@@ -1,9 +1,10 @@
 """The user docs cannot drift from the code they describe.
 
 docs/api.md is generated from the CRD (scripts/gen-api-docs); the other pages
-are written by hand, so these tests read the operator's and the gate's source
-for the names users look up (condition reasons, Event reasons, metric names)
-and fail when a page misses one. Links between pages must resolve.
+are written by hand, so these tests read the names users look up (condition
+and Event reasons from contract/reasons.py, metric names from the operator's
+and the gate's source) and fail when a page misses one. Links between pages
+must resolve.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from batchpilot.contract.gate_metrics import GateMetric
+from batchpilot.contract.reasons import ConditionReason, ConditionType, EventReason
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -91,62 +95,15 @@ def _tree(relative: str) -> ast.Module:
     return ast.parse((REPO / relative).read_text())
 
 
-def condition_reasons() -> set[str]:
-    """Every reason the operator can put on a condition (operator/status.py)."""
-    tree = _tree("operator/status.py")
-    reasons: set[str] = set()
-    for node in ast.walk(tree):
-        # class Problem: NAME = "Reason"
-        if isinstance(node, ast.ClassDef) and node.name == "Problem":
-            reasons |= {stmt.value.value for stmt in node.body
-                        if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant)
-                        and isinstance(stmt.value.value, str)}
-        # wanted[KIND] = (STATUS, "Reason", message)
-        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple)
-                and len(node.value.elts) == 3 and isinstance(node.targets[0], ast.Subscript)):
-            reason = node.value.elts[1]
-            if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
-                reasons.add(reason.value)
-            elif isinstance(reason, ast.JoinedStr):  # f"Mode{report.mode.value}"
-                reasons |= {"ModeOff", "ModeRecommend", "ModeAuto"}
-    return reasons
-
-
-def event_reasons() -> set[str]:
-    """Every literal Event reason the operator posts (reconcile.py, handlers.py)."""
-    reasons: set[str] = set()
-    for relative in ("operator/reconcile.py", "operator/handlers.py"):
-        for node in ast.walk(_tree(relative)):
-            if not isinstance(node, ast.Call):
-                continue
-            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-            if name == "EventNote" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
-                reasons.add(node.args[1].value)
-            if name in ("_warn_once", "_warn_once_notes") and isinstance(node.args[2], ast.Constant):
-                reasons.add(node.args[2].value)
-            if name == "event":
-                reasons |= {kw.value.value for kw in node.keywords
-                            if kw.arg == "reason" and isinstance(kw.value, ast.Constant)}
-    # _warn_once with Problem.X passes a Problem constant: its value is a condition reason too.
-    return reasons
-
-
-def test_condition_reasons_are_found_in_the_source() -> None:
-    # Guards the AST reading above: if it finds nothing, the doc tests prove nothing.
-    assert {"MetricsUnavailable", "QueryFailed", "FeedbackRule", "ObjectivesMissed",
-            "ModeAuto"} <= condition_reasons()
-    assert {"SettingsApplied", "RolledBack", "ModeChanged"} <= event_reasons()
-
-
 def test_troubleshooting_covers_every_condition_reason() -> None:
     text = (DOCS / "troubleshooting.md").read_text()
-    assert sorted(r for r in condition_reasons() if f"`{r}`" not in text) == []
+    assert sorted(r for r in ConditionReason if f"`{r}`" not in text) == []
 
 
 def test_status_page_covers_every_condition_and_event_reason() -> None:
     text = (DOCS / "status-and-events.md").read_text()
-    assert sorted(r for r in condition_reasons() if f"`{r}`" not in text) == []
-    assert sorted(r for r in event_reasons() if f"`{r}`" not in text) == []
+    for words in (ConditionType, ConditionReason, EventReason):
+        assert sorted(w for w in words if f"`{w}`" not in text) == [], words.__name__
 
 
 def _metric_names(relative: str, prefix: str) -> set[str]:
@@ -158,7 +115,7 @@ def _metric_names(relative: str, prefix: str) -> set[str]:
 def test_metrics_page_lists_every_operator_and_gate_metric() -> None:
     text = (DOCS / "metrics-and-alerts.md").read_text()
     operator_metrics = _metric_names("operator/metrics.py", "batchpilot_operator_")
-    gate_metrics = _metric_names("gate/metrics.py", "batchpilot_gate_")
+    gate_metrics = {str(metric) for metric in GateMetric}
     assert len(operator_metrics) >= 5 and len(gate_metrics) == 16
     assert sorted(m for m in operator_metrics | gate_metrics if f"`{m}" not in text) == []
 

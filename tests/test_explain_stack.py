@@ -19,47 +19,25 @@ from batchpilot.cli.explain import (
     ExplainError,
     parse_target,
     pod_rows,
-    selector_string,
 )
 from batchpilot.cli.main import app
+from batchpilot.contract.gate_api import APPLIED_ANNOTATION
+from batchpilot.contract.knobs import Knobs, knobs_document
 from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
-from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.policy import Mode
-from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
+from batchpilot.operator.gates import AppliedRecord
+from batchpilot.operator.pods import PodInfo, pod_info
 from batchpilot.operator.status import (
     ActuationReport,
     CycleReport,
+    Laggard,
     PodCounts,
     build_status,
-    knobs_document,
 )
 
 TARGET = Knobs(max_concurrency=64, queue_deadline_ms=1500, discipline="shortest-prompt-first")
 OLD = Knobs(max_concurrency=256)
 LAGGARD_WHY = "gate admin API at http://127.0.0.3:9090/config unreachable: connection refused"
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        ({"matchLabels": {"app": "llm", "tier": "a"}}, "app=llm,tier=a"),
-        (
-            {"matchExpressions": [{"key": "app", "operator": "In", "values": ["b", "a"]}]},
-            "app in (a,b)",
-        ),
-        (
-            {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]},
-            "app notin (x)",
-        ),
-        (
-            {"matchLabels": {"a": "1"}, "matchExpressions": [{"key": "gpu", "operator": "Exists"}]},
-            "a=1,gpu",
-        ),
-        ({"matchExpressions": [{"key": "spot", "operator": "DoesNotExist"}]}, "!spot"),
-    ],
-)
-def test_selector_string(selector: dict, expected: str) -> None:
-    assert selector_string(selector) == expected
 
 
 @pytest.mark.parametrize(
@@ -74,13 +52,11 @@ def test_parse_target(target: str, ok: bool) -> None:
             parse_target(target)
 
 
-def pod(name: str, record: AppliedRecord | None, ready: bool = True) -> client.V1Pod:
+def pod(name: str, record: AppliedRecord | None, ready: bool = True) -> PodInfo:
+    """A pod as the operator reads it (operator/pods.py), as explain reads it too."""
     annotations = {APPLIED_ANNOTATION: record.to_json()} if record is not None else {}
-    condition = client.V1PodCondition(type="Ready", status="True" if ready else "False")
-    return client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name, annotations=annotations),
-        status=client.V1PodStatus(conditions=[condition]),
-    )
+    status = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    return pod_info(name, f"uid-{name}", {}, annotations, status, False)
 
 
 def record(knobs: Knobs, policy: str = "chat") -> AppliedRecord:
@@ -99,7 +75,7 @@ def record(knobs: Knobs, policy: str = "chat") -> AppliedRecord:
     ],
 )
 def test_pod_rows_find_laggards(
-    the_pod: client.V1Pod, reported: list[str], laggard: str | None
+    the_pod: PodInfo, reported: list[str], laggard: str | None
 ) -> None:
     status = {"applied": {"knobs": knobs_document(TARGET), "laggards": reported}}
     (row,) = pod_rows([the_pod], "chat", status)
@@ -141,7 +117,7 @@ def operator_status() -> dict[str, Any]:
         pods=PodCounts(selected=3, ready=2, reporting=2),
         decision=decision,
         actuation=ActuationReport(
-            TARGET, up_to_date=1, laggards=(f"llm-1: {LAGGARD_WHY}",), changed=("llm-0",)
+            TARGET, up_to_date=1, laggards=(Laggard("llm-1", LAGGARD_WHY),), changed=("llm-0",)
         ),
         last_known_good=Knobs(max_concurrency=128),
     )

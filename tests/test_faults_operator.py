@@ -3,7 +3,7 @@
 What runs: the API server (stack fixtures) with two serving pods whose real
 gates listen on 127.0.0.2 / 127.0.0.3; a real Prometheus scraping those
 gates with `pod` / `namespace` labels; between the operator and Prometheus a
-small fault-injecting proxy. Cycles run through `reconcile.run_cycle` with
+small fault-injecting proxy. Cycles run through `cycle.run_cycle` with
 the REAL controller (`ControllerStepper`, the operator's default), in Auto.
 
 Faults: Prometheus down, slower than the policy's query timeout, answering
@@ -36,19 +36,15 @@ from stack import PrometheusServer, ScrapeTarget
 from stack.in_process import in_process_operator, pod_infos, start_gates
 from test_operator_actuation import ScriptedStepper
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.reasons import ConditionReason
 from batchpilot.gate.server import GateServer
 from batchpilot.operator.config import OperatorConfig
+from batchpilot.operator.cycle import CycleOutcome, run_cycle
 from batchpilot.operator.gates import AppliedRecord
-from batchpilot.operator.metrics import OperatorMetrics
-from batchpilot.operator.reconcile import (
-    CycleOutcome,
-    Operator,
-    PodInfo,
-    PolicyRuntime,
-    run_cycle,
-)
-from batchpilot.operator.status import Problem, build_status
+from batchpilot.operator.pods import PodInfo
+from batchpilot.operator.runtime import Operator, PolicyRuntime
+from batchpilot.operator.status import build_status
 
 pytestmark = pytest.mark.stack
 
@@ -130,6 +126,8 @@ class Stack:
     op: Operator
     proxy: FaultProxy
     runtime: PolicyRuntime
+    # Closes the operator (and any restarted one) with the stack.
+    exits: AsyncExitStack
 
     def pods(self) -> list[PodInfo]:
         return pod_infos(self.api, self.namespace)
@@ -162,16 +160,10 @@ class Stack:
     def versions(self) -> list[int]:
         return [gate.gate.config.version for gate in self.gates]
 
-    def restart_operator(self, stepper: ScriptedStepper) -> None:
+    async def restart_operator(self, stepper: ScriptedStepper) -> None:
         """A new operator process: no in-memory state, only what the cluster and gates hold."""
-        self.op = Operator(
-            config=self.op.config,
-            gates=self.op.gates,
-            kube=self.op.kube,
-            metrics=OperatorMetrics(),
-            step_slots=asyncio.Semaphore(2),
-            step_threads=self.op.step_threads,
-            stepper_factory=lambda policy, prometheus: stepper,
+        self.op = await in_process_operator(
+            self.exits, self.api, self.op.config, lambda policy, prometheus: stepper
         )
         self.runtime = PolicyRuntime("chat", self.namespace)
 
@@ -239,6 +231,7 @@ def stack_factory(
                 op,
                 proxy,
                 PolicyRuntime("chat", namespace),
+                exits,
             )
             stack_ref.append(stack)
             yield stack
@@ -304,7 +297,7 @@ async def _outage_holds_and_clears(stack: Stack, fault: str) -> None:
     for outcome in during:
         assert outcome.report is not None and outcome.report.problem is not None, fault
         reason, message = outcome.report.problem
-        assert reason == Problem.METRICS_UNAVAILABLE and "Prometheus" in message, (fault, message)
+        assert reason == ConditionReason.METRICS_UNAVAILABLE and "Prometheus" in message, (fault, message)
         assert outcome.report.actuation is None, fault
         metrics = conditions(outcome)["MetricsAvailable"]
         assert metrics["status"] == "False" and metrics["message"], (fault, metrics)
@@ -371,7 +364,7 @@ def test_gate_unreachable_and_pods_flapping_mid_rollout_leave_laggards_not_crash
             assert first.report is not None and first.report.actuation is not None
             assert first.report.actuation.changed == ("chat-0",)
             (laggard,) = first.report.actuation.laggards
-            assert laggard.startswith("chat-1"), laggard
+            assert laggard.pod == "chat-1", laggard
             assert stack.gates[0].gate.queue.knobs == targets[0]
             assert any(e.type == "Warning" for e in first.events)
 
@@ -396,7 +389,7 @@ def test_gate_unreachable_and_pods_flapping_mid_rollout_leave_laggards_not_crash
             third = await stack.cycle()
             assert third.report is not None and third.report.actuation is not None
             assert third.report.actuation.changed == ("chat-0",)
-            assert any(laggard.startswith("chat-2") for laggard in third.report.actuation.laggards)
+            assert any(laggard.pod == "chat-2" for laggard in third.report.actuation.laggards)
             assert stack.gates[0].gate.queue.knobs == targets[2]
 
     asyncio.run(scenario())
@@ -423,7 +416,7 @@ def test_operator_restarted_after_a_partial_rollout_converges_and_restores(
                     revival, [(IPS[1], TOKEN)], STARTUP, stack.admin_port
                 )
                 restarted = ScriptedStepper([TARGET])
-                stack.restart_operator(restarted)
+                await stack.restart_operator(restarted)
                 resumed = await stack.cycle()
                 # chat-0's record is the only one: the fleet was left on TARGET.
                 assert restarted.resumed == [TARGET]
@@ -449,7 +442,7 @@ def test_operator_killed_between_gate_write_and_annotation_still_restores_startu
             await stack.op.gates.write(IPS[0], stack.admin_port, TOKEN, TARGET)
             assert stack.records() == [None, None]
             restarted = ScriptedStepper([TARGET])
-            stack.restart_operator(restarted)
+            await stack.restart_operator(restarted)
             await stack.cycle()
             # No record to resume from: the gates' own startup settings are
             # the fleet's, not the setting the killed operator left on one.

@@ -48,10 +48,10 @@ from stack.chart import chart_identity_kubeconfig
 from stack.checks import condition_statuses, eventually, metric_sum
 from stack.workloads import CALIBRATION
 
-from batchpilot.controller.knobs import Knobs
-from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
+from batchpilot.contract.gate_api import APPLIED_ANNOTATION
+from batchpilot.contract.knobs import Knobs, knobs_summary
+from batchpilot.operator.gates import AppliedRecord
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
-from batchpilot.operator.status import knobs_summary
 from batchpilot.sim.sandbox.fleet import GATE_TOKEN_SECRET, Fleet, GatedPod, start_fleet
 from batchpilot.sim.sandbox.operator_process import OperatorProcess
 from batchpilot.sim.sandbox.process import ManagedProcess, http_get
@@ -129,7 +129,7 @@ CASES = [
     pytest.param(Case("kill-canary", 3, canary=True), id="mid-canary"),
     pytest.param(Case("kill-rollout", 3, canary=False, stall_last=True), id="mid-rollout"),
     # One canary and one baseline pod: the restarted operator must tell them
-    # apart from their records (reconcile.fleet_setting), not by a 1:1 count.
+    # apart from their records (pods.fleet_setting), not by a 1:1 count.
     pytest.param(Case("kill-canary-pair", 2, canary=True), id="mid-canary-two-pods"),
 ]
 

@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.server import GateServer
 from batchpilot.gate.settings import load_settings
 

@@ -1,11 +1,13 @@
 """How the gate ships: the sidecar example is a valid pod wired to the gate's settings,
-and the image's slim install (no operator/simulator dependencies) can run `batchpilot gate`."""
+and the image's slim install (no operator/simulator dependencies) can run `batchpilot-gate`."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -14,6 +16,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "gate-sidecar-pod.yaml"
 DOCKERFILE = REPO / "gate" / "Dockerfile"
+# The image's own project file: the packages and dependencies it installs.
+GATE_PROJECT = REPO / "gate" / "image" / "pyproject.toml"
+ENTRY_MODULE = "batchpilot.cli.gate"
 
 # What the image leaves out (see gate/Dockerfile): importing any of them from
 # the `batchpilot gate` path would crash the sidecar at start.
@@ -68,11 +73,11 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     assert len(re.findall(r"^FROM ", text, re.MULTILINE)) == 2
     user = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
     assert user and not user[-1].startswith(("0", "root"))
-    assert 'ENTRYPOINT ["batchpilot", "gate"]' in text
+    assert 'ENTRYPOINT ["batchpilot-gate"]' in text
 
 
 def test_gate_command_needs_none_of_the_left_out_dependencies() -> None:
-    """Import the CLI with the left-out packages made unimportable, as in the image."""
+    """Run the image's entry point with the left-out packages made unimportable, as in the image."""
     blocker = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
@@ -80,15 +85,83 @@ def test_gate_command_needs_none_of_the_left_out_dependencies() -> None:
         f"        if name.split('.')[0] in {NOT_IN_GATE_IMAGE!r}:\n"
         "            raise ImportError(f'{name} is not in the gate image')\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from typer.testing import CliRunner\n"
-        "from batchpilot.cli.main import app\n"
-        "import batchpilot.gate.server\n"
-        "result = CliRunner().invoke(app, ['gate', '--help'])\n"
-        "print(result.output)\n"
-        "sys.exit(result.exit_code)\n"
+        f"from {ENTRY_MODULE} import main\n"
+        "sys.argv = ['batchpilot-gate', '--help']\n"
+        "main()\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr + done.stdout
     assert "--upstream" in done.stdout
+
+
+def _shipped_modules() -> set[str]:
+    """The batchpilot modules the image holds: its COPY lines, as its project maps them."""
+    project = tomllib.loads(GATE_PROJECT.read_text())
+    package_of = {
+        folder: package for package, folder in project["tool"]["setuptools"]["package-dir"].items()
+    }
+    shipped = set(package_of.values())
+    for line in DOCKERFILE.read_text().splitlines():
+        words = line.split()
+        if not words or words[0] != "COPY" or words[1].startswith("--"):
+            continue
+        for source in words[1:-1]:
+            path = REPO / source
+            files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+            for file in files:
+                relative = file.relative_to(REPO)
+                if relative.parts[0] in package_of and relative.suffix == ".py":
+                    module = ".".join((package_of[relative.parts[0]], *relative.parts[1:]))
+                    shipped.add(module.removesuffix(".py").removesuffix(".__init__"))
+    return shipped
+
+
+def test_gate_entry_point_imports_only_what_the_image_ships() -> None:
+    """`batchpilot-gate`'s import closure: no controller, operator, simulator or other
+    command, and none of the dependencies the image leaves out."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, json, {ENTRY_MODULE}; print(json.dumps(sorted(sys.modules)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout)
+    ours = {name for name in loaded if name.split(".")[0] == "batchpilot"} - {"batchpilot"}
+    assert ENTRY_MODULE in ours
+    assert ours <= _shipped_modules(), sorted(ours - _shipped_modules())
+    for name in ours:
+        assert not name.startswith(
+            ("batchpilot.controller", "batchpilot.operator", "batchpilot.sim")
+        ), name
+    left_out = sorted(name for name in loaded if name.split(".")[0] in NOT_IN_GATE_IMAGE)
+    assert not left_out, left_out
+
+
+def test_gate_project_agrees_with_the_repository_project() -> None:
+    gate = tomllib.loads(GATE_PROJECT.read_text())
+    main = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for key in ("name", "version", "requires-python", "license"):
+        assert gate["project"][key] == main["project"][key], key
+    assert gate["project"]["scripts"] == {
+        "batchpilot-gate": main["project"]["scripts"]["batchpilot-gate"]
+    }
+    assert gate["project"]["scripts"]["batchpilot-gate"] == f"{ENTRY_MODULE}:main"
+    # Same package folders and the same bounds as the full distribution's.
+    main_dirs = main["tool"]["setuptools"]["package-dir"]
+    for package, folder in gate["tool"]["setuptools"]["package-dir"].items():
+        assert main_dirs[package] == folder, package
+    assert set(gate["tool"]["setuptools"]["packages"]) <= set(
+        main["tool"]["setuptools"]["packages"]
+    )
+    assert set(gate["project"]["dependencies"]) <= set(main["project"]["dependencies"])
+    assert not {
+        re.split(r"[<>=!~ ;\[]", requirement)[0].lower().replace("-", "_")
+        for requirement in gate["project"]["dependencies"]
+    } & {name.lower() for name in NOT_IN_GATE_IMAGE}

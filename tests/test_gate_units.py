@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.annotations import AnnotationError, knobs_from_annotations, parse_annotations
 from batchpilot.gate.estimate import RequestError, RequestSize, estimate_request
 from batchpilot.gate.metrics import TOKEN_BUCKETS, TPOT_BUCKETS_S, Histogram
@@ -111,7 +111,7 @@ def test_unsizable_request_names_the_field(
 ) -> None:
     with pytest.raises(RequestError) as caught:
         estimate_request(body, headers, 256)
-    assert caught.value.param == param
+    assert caught.value.field == param
 
 
 def test_settings_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:

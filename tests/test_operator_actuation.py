@@ -1,4 +1,4 @@
-"""operator/reconcile.py against the real stack: API server pods, real gates on 127.0.0.x.
+"""operator/cycle.py and actuation.py against the real stack: API server pods, real gates on 127.0.0.x.
 
 The controller is replaced by a scripted one (a `Stepper` that returns the
 decisions a test gives it): what is under test here is what the operator does
@@ -20,20 +20,16 @@ import pytest
 from kubernetes import client
 from stack.in_process import in_process_operator, pod_infos, start_gates
 
+from batchpilot.contract.gate_api import APPLIED_ANNOTATION, KNOBS_ANNOTATION
+from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.reasons import ConditionReason
 from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
-from batchpilot.controller.knobs import Knobs
-from batchpilot.gate.annotations import KNOBS_ANNOTATION
 from batchpilot.gate.server import GateServer
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import APPLIED_ANNOTATION, AppliedRecord
-from batchpilot.operator.reconcile import (
-    CycleOutcome,
-    Operator,
-    PodInfo,
-    PolicyRuntime,
-    run_cycle,
-)
-from batchpilot.operator.status import Problem
+from batchpilot.operator.cycle import CycleOutcome, run_cycle
+from batchpilot.operator.gates import AppliedRecord
+from batchpilot.operator.pods import PodInfo
+from batchpilot.operator.runtime import Operator, PolicyRuntime
 
 pytestmark = pytest.mark.stack
 
@@ -224,7 +220,7 @@ def test_no_ready_pods_is_a_problem_to_retry(stack_factory: Callable[..., Any]) 
             outcome = await stack.cycle(PolicyRuntime("chat", stack.namespace), spec_for(stack))
             assert stepper.calls == []
             assert outcome.report is not None and outcome.report.problem is not None
-            assert outcome.report.problem[0] == Problem.NO_READY_PODS
+            assert outcome.report.problem[0] == ConditionReason.NO_READY_PODS
             assert outcome.retry_after_s is not None and outcome.retry_after_s > 0
 
     asyncio.run(scenario())
@@ -238,7 +234,7 @@ def test_metrics_outage_skips_actuation(stack_factory: Callable[..., Any]) -> No
             runtime = PolicyRuntime("chat", stack.namespace)
             first = await stack.cycle(runtime, spec_for(stack))
             assert [gate.gate.config.version for gate in stack.gates] == [1, 1]
-            assert first.report is not None and first.report.problem == (Problem.METRICS_UNAVAILABLE, stepper.outage)
+            assert first.report is not None and first.report.problem == (ConditionReason.METRICS_UNAVAILABLE, stepper.outage)
             assert [e.reason for e in first.events] == ["MetricsUnavailable"]
             again = await stack.cycle(runtime, spec_for(stack))
             assert again.events == []  # the same outage is one Event, not one per step
@@ -264,7 +260,7 @@ def test_token_problems_make_laggards(stack_factory: Callable[..., Any], k8s_cli
             assert outcome.report is not None and outcome.report.actuation is not None
             assert outcome.report.actuation.up_to_date == 0
             assert len(outcome.report.actuation.laggards) == 2
-            assert all(says in laggard for laggard in outcome.report.actuation.laggards)
+            assert all(says in laggard.why for laggard in outcome.report.actuation.laggards)
             assert [gate.gate.config.version for gate in stack.gates] == [1, 1]
             assert any(e.type == "Warning" and says in e.message for e in outcome.events)
 
@@ -282,7 +278,7 @@ def test_a_pod_steered_by_another_policy_is_left_alone(stack_factory: Callable[.
             outcome = await stack.cycle(PolicyRuntime("chat", stack.namespace), spec_for(stack))
             assert outcome.report is not None and outcome.report.actuation is not None
             (laggard,) = outcome.report.actuation.laggards
-            assert laggard.startswith("chat-1: already steered by InferencePolicy other-policy")
+            assert laggard.text.startswith("chat-1: already steered by InferencePolicy other-policy")
             assert [gate.gate.config.version for gate in stack.gates] == [2, 1]
 
     asyncio.run(scenario())
@@ -332,7 +328,7 @@ def test_recommend_after_auto_keeps_the_pods_and_reports_what_they_run(stack_fac
             assert again.report is not None and again.report.held is not None
             assert again.report.held.running == 1
             (other,) = again.report.held.others
-            assert other.startswith("chat-1: gate admin API at") and "unreachable" in other
+            assert other.text.startswith("chat-1: gate admin API at") and "unreachable" in other.why
 
     asyncio.run(scenario())
 

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.annotations import knobs_from_annotations
 from batchpilot.gate.server import GateServer
 from batchpilot.gate.settings import load_settings

@@ -6,11 +6,12 @@ import logging
 
 import pytest
 
+from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.reasons import ConditionReason
 from batchpilot.controller.explain import Conditions, Decision, ModelQuality
-from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.policy import Mode
 from batchpilot.operator.logs import RepeatLimiter, step_line
-from batchpilot.operator.status import ActuationReport, CycleReport, HeldReport, PodCounts, Problem
+from batchpilot.operator.status import ActuationReport, CycleReport, HeldReport, PodCounts
 
 
 class Clock:
@@ -140,7 +141,7 @@ def decision(slo_met: bool | None = True) -> Decision:
             CycleReport(
                 Mode.AUTO,
                 PodCounts(2, 2),
-                problem=(Problem.METRICS_UNAVAILABLE, "connection refused"),
+                problem=(ConditionReason.METRICS_UNAVAILABLE, "connection refused"),
             ),
             logging.WARNING,
             "mode Auto; no step (MetricsUnavailable: connection refused)",

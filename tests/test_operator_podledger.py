@@ -7,7 +7,7 @@ watch could not resume, kopf's re-list) is in tests/test_faults_kube_api.py.
 from __future__ import annotations
 
 from batchpilot.operator.podledger import AUDIT_RETRY_S, PodLedger
-from batchpilot.operator.reconcile import PodInfo, pod_info
+from batchpilot.operator.pods import PodInfo, pod_info
 
 READY = {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}
 

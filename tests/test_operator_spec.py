@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from policyspec import policy_spec, with_field
 
 from batchpilot.controller.policy import EngineKind, Mode, PolicyError
 from batchpilot.operator.config import OperatorConfig
@@ -14,11 +15,11 @@ from batchpilot.operator.spec import (
     SecretRef,
     WorkloadRef,
     parse_policy,
+    parse_selector,
+    parse_workload,
 )
 
 CONFIG = OperatorConfig(prometheus={"default": "http://prom:9090", "thanos": "http://thanos:9090"})
-SELECTOR = {"matchLabels": {"app": "chat"}}
-SLO = {"ttftMs": 2000, "tpotMs": 50}
 
 
 def parse(spec: dict[str, Any]) -> Any:
@@ -29,7 +30,7 @@ def parse(spec: dict[str, Any]) -> Any:
     ("spec", "expected"),
     [
         pytest.param(
-            {"selector": SELECTOR, "slo": SLO},
+            policy_spec(),
             {
                 "selector": LabelSelector({"app": "chat"}),
                 "workload": None,
@@ -44,15 +45,16 @@ def parse(spec: dict[str, Any]) -> Any:
             id="minimal-defaults",
         ),
         pytest.param(
-            {
-                "targetRef": {"kind": "StatefulSet", "name": "llama"},
-                "slo": {"ttftMs": 800, "tpotMs": 30, "percentile": 95},
-                "engine": {"kind": "sglang", "maxNumSeqs": 128, "runtimeTunable": True},
-                "actuation": {"adminPort": 9999, "tokenSecretRef": {"name": "tok"}, "native": True},
-                "metrics": {"endpoint": "thanos", "windowSeconds": 120},
-                "knobs": {"maxNumBatchedTokens": {"min": 1024}},
-                "mode": "Auto",
-            },
+            policy_spec(
+                selector=None,
+                targetRef={"kind": "StatefulSet", "name": "llama"},
+                slo={"ttftMs": 800, "tpotMs": 30, "percentile": 95},
+                engine={"kind": "sglang", "maxNumSeqs": 128, "runtimeTunable": True},
+                actuation={"adminPort": 9999, "tokenSecretRef": {"name": "tok"}, "native": True},
+                metrics={"endpoint": "thanos", "windowSeconds": 120},
+                knobs={"maxNumBatchedTokens": {"min": 1024}},
+                mode="Auto",
+            ),
             {
                 "selector": None,
                 "workload": WorkloadRef("StatefulSet", "llama"),
@@ -84,8 +86,8 @@ def test_valid_specs(spec: dict[str, Any], expected: dict[str, Any]) -> None:
 
 
 def test_metrics_fields_other_than_endpoint_reach_the_policy() -> None:
-    parsed = parse({"selector": SELECTOR, "slo": SLO, "metrics": {"endpoint": "thanos", "windowSeconds": 120,
-                    "overrides": {"ttft": {"metric": "ttft_ms", "scale": 0.001}}}})
+    parsed = parse(policy_spec(metrics={"endpoint": "thanos", "windowSeconds": 120,
+                                        "overrides": {"ttft": {"metric": "ttft_ms", "scale": 0.001}}}))
     assert parsed.policy.metrics.window_s == 120
     assert parsed.policy.metrics.overrides["ttft"].scale == 0.001
 
@@ -93,36 +95,40 @@ def test_metrics_fields_other_than_endpoint_reach_the_policy() -> None:
 @pytest.mark.parametrize(
     ("spec", "field", "says"),
     [
-        ({"slo": SLO}, "spec", "exactly one"),
-        ({"selector": SELECTOR, "targetRef": {"kind": "Deployment", "name": "x"}, "slo": SLO}, "spec", "exactly one"),
-        ({"selector": {}, "slo": SLO}, "spec.selector", "empty selector"),
+        (policy_spec(selector=None), "spec", "exactly one"),
+        (policy_spec(targetRef={"kind": "Deployment", "name": "x"}), "spec", "exactly one"),
+        (policy_spec(selector={}), "spec.selector", "empty selector"),
         (
-            {"selector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}, "slo": SLO},
+            policy_spec(selector={"matchExpressions": [{"key": "a", "operator": "Near"}]}),
             "spec.selector.matchExpressions[0].operator", "'Near'",
         ),
         (
-            {"selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}, "slo": SLO},
+            policy_spec(selector={"matchExpressions": [{"key": "a", "operator": "In"}]}),
             "spec.selector.matchExpressions[0].values", "non-empty",
         ),
-        ({"targetRef": {"kind": "DaemonSet", "name": "x"}, "slo": SLO}, "spec.targetRef.kind", "Deployment"),
-        ({"selector": SELECTOR, "slo": SLO, "metrics": {"endpoint": "mimir"}}, "spec.metrics.endpoint", "default, thanos"),
-        ({"selector": SELECTOR, "slo": SLO, "mode": "Auto"}, "spec.actuation.tokenSecretRef", "required when spec.mode is Auto"),
+        (policy_spec(selector=None, targetRef={"kind": "DaemonSet", "name": "x"}), "spec.targetRef.kind", "Deployment"),
+        (policy_spec(selector=None, targetRef={"kind": "Deployment", "name": ""}), "spec.targetRef.name", "required"),
+        (policy_spec(metrics={"endpoint": "mimir"}), "spec.metrics.endpoint", "default, thanos"),
+        (policy_spec(metrics={"endpoint": "http://prom:9090"}), "spec.metrics.endpoint", "not an endpoint name"),
+        (policy_spec(mode="Auto"), "spec.actuation.tokenSecretRef", "required when spec.mode is Auto"),
+        (policy_spec(mode="Auto", actuation={"tokenSecretRef": {}}), "spec.actuation.tokenSecretRef.name", "required"),
         (
-            {"selector": SELECTOR, "slo": SLO, "engine": {"runtimeTunable": True},
-             "knobs": {"maxNumBatchedTokens": {"min": 1024}}},
+            policy_spec(engine={"runtimeTunable": True}, knobs={"maxNumBatchedTokens": {"min": 1024}}),
             "spec.knobs.maxNumBatchedTokens", "actuation.native",
         ),
-        ({"selector": SELECTOR, "slo": SLO, "actuation": {"adminPort": 70000}}, "spec.actuation.adminPort", "1-65535"),
-        ({"selector": SELECTOR, "slo": SLO, "actuation": {"native": "yes"}}, "spec.actuation.native", "true or false"),
+        # Without `knobs`, a tunable engine's prefill budget is steered by default: the same rule.
+        (policy_spec(engine={"runtimeTunable": True}), "spec.knobs.maxNumBatchedTokens", "actuation.native"),
+        (policy_spec(actuation={"adminPort": 70000}), "spec.actuation.adminPort", "1-65535"),
+        (policy_spec(actuation={"native": "yes"}), "spec.actuation.native", "true or false"),
         # The controller's own checks come through with their spec path.
-        ({"selector": SELECTOR, "slo": {"ttftMs": -5, "tpotMs": 50}}, "spec.slo.ttftMs", "between"),
-        ({"selector": SELECTOR, "slo": SLO, "engine": {"kind": "ollama"}}, "spec.engine.kind", "llamacpp"),
-        ({"selector": SELECTOR, "slo": SLO, "engine": {"kvCacheTokens": 0}}, "spec.engine.kvCacheTokens", "--ctx-size"),
-        ({"selector": SELECTOR, "slo": SLO, "knobs": {"maxConcurrency": {"min": 64, "max": 8}}},
-         "spec.knobs.maxConcurrency.max", "at least min"),
-        ({"selector": SELECTOR, "slo": SLO, "surprise": 1}, "spec.surprise", "unknown field"),
+        (policy_spec(slo={"ttftMs": -5, "tpotMs": 50}), "spec.slo.ttftMs", "between"),
+        (policy_spec(engine={"kind": "ollama"}), "spec.engine.kind", "llamacpp"),
+        (policy_spec(engine={"kvCacheTokens": 0}), "spec.engine.kvCacheTokens", "--ctx-size"),
+        (policy_spec(knobs={"maxConcurrency": {"min": 64, "max": 8}}), "spec.knobs.maxConcurrency.max", "at least min"),
+        (with_field(policy_spec(), "surprise", 1), "spec.surprise", "unknown field"),
+        (with_field(policy_spec(), "selector.matchLabels.app", "a" * 64), "spec.selector.matchLabels.app", "at most 63"),
         # Stored before the CRD's rule: the gate would admit what the engine can only queue.
-        ({"selector": SELECTOR, "slo": SLO, "engine": {"maxNumSeqs": 64}, "knobs": {"maxConcurrency": {"max": 512}}},
+        (policy_spec(engine={"maxNumSeqs": 64}, knobs={"maxConcurrency": {"max": 512}}),
          "spec.knobs.maxConcurrency.max", "512 is above spec.engine.maxNumSeqs (64)"),
     ],
 )
@@ -154,3 +160,11 @@ def test_invalid_specs_name_the_field(spec: dict[str, Any], field: str, says: st
 )
 def test_label_selector_matches_as_kubernetes_does(selector: LabelSelector, labels: dict[str, str], matches: bool) -> None:
     assert selector.matches(labels) is matches
+
+
+def test_parse_selector_reads_spec_selector_as_parse_policy_does() -> None:
+    assert parse_selector({"matchLabels": {"app": "chat"}}) == LabelSelector({"app": "chat"})
+    with pytest.raises(PolicyError) as caught:
+        parse_selector({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]})
+    assert caught.value.field == "spec.selector.matchExpressions[0].values"
+    assert parse_workload({"kind": "Deployment", "name": "llm"}) == WorkloadRef("Deployment", "llm")

@@ -1,4 +1,4 @@
-"""operator/status.py: the status document and the rule "write only when it changed"."""
+"""operator/status.py and conditions.py: the status document and the rule "write only when it changed"."""
 
 from __future__ import annotations
 
@@ -7,20 +7,19 @@ from typing import Any
 
 import pytest
 
+from batchpilot.contract.knobs import Knobs, knobs_document
+from batchpilot.contract.reasons import ConditionReason, ConditionType
 from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
-from batchpilot.controller.knobs import Knobs
 from batchpilot.controller.policy import Mode
+from batchpilot.operator.conditions import condition_map
 from batchpilot.operator.status import (
-    CONDITION_TYPES,
     MAX_LAGGARDS,
     ActuationReport,
     CycleReport,
     HeldReport,
+    Laggard,
     PodCounts,
-    Problem,
     build_status,
-    condition_map,
-    knobs_document,
     merge_patch,
 )
 
@@ -97,7 +96,7 @@ def test_transition_time_moves_only_with_the_status() -> None:
 
 def test_every_condition_is_reported_with_observed_generation() -> None:
     status = build_status(report(), {}, generation=7, now=T0)
-    assert [c["type"] for c in status["conditions"]] == list(CONDITION_TYPES)
+    assert [c["type"] for c in status["conditions"]] == list(ConditionType)
     for condition in status["conditions"]:
         assert condition["observedGeneration"] == 7
         assert condition["status"] in ("True", "False", "Unknown")
@@ -120,22 +119,22 @@ def test_every_condition_is_reported_with_observed_generation() -> None:
             id="metrics-missing",
         ),
         pytest.param(
-            report(decision=None, problem=(Problem.METRICS_UNAVAILABLE, "connection refused"), actuation=None),
+            report(decision=None, problem=(ConditionReason.METRICS_UNAVAILABLE, "connection refused"), actuation=None),
             {"Ready": "False", "MetricsAvailable": "False", "SLOMet": "Unknown"},
             id="prometheus-down",
         ),
         pytest.param(
-            report(decision=None, problem=(Problem.NO_READY_PODS, "none ready"), actuation=None),
+            report(decision=None, problem=(ConditionReason.NO_READY_PODS, "none ready"), actuation=None),
             {"Ready": "False", "MetricsAvailable": "Unknown"},
             id="no-ready-pods",
         ),
         pytest.param(
-            report(actuation=ActuationReport(Knobs(max_concurrency=64), 1, ("chat-1: refused",), ("chat-0",))),
+            report(actuation=ActuationReport(Knobs(max_concurrency=64), 1, (Laggard("chat-1", "refused"),), ("chat-0",))),
             {"Ready": "True", "Progressing": "True", "Degraded": "True"},
             id="one-laggard",
         ),
         pytest.param(
-            report(actuation=ActuationReport(Knobs(max_concurrency=64), 0, ("chat-0: x", "chat-1: y"))),
+            report(actuation=ActuationReport(Knobs(max_concurrency=64), 0, (Laggard("chat-0", "x"), Laggard("chat-1", "y")))),
             {"Ready": "False", "Degraded": "True"},
             id="all-laggards",
         ),
@@ -158,7 +157,7 @@ def test_conditions(cycle: CycleReport, expected: dict[str, str]) -> None:
 
 def test_problem_reason_and_message_reach_ready() -> None:
     status = build_status(
-        report(decision=None, problem=(Problem.INVALID_SPEC, "spec.metrics.endpoint: 'x' is not ..."), actuation=None),
+        report(decision=None, problem=(ConditionReason.INVALID_SPEC, "spec.metrics.endpoint: 'x' is not ..."), actuation=None),
         {},
         generation=2,
         now=T0,
@@ -171,7 +170,7 @@ def test_problem_reason_and_message_reach_ready() -> None:
 def test_a_skipped_cycle_keeps_the_last_recommendation() -> None:
     good = build_status(report(), {}, generation=1, now=T0)
     skipped = build_status(
-        report(decision=None, problem=(Problem.METRICS_UNAVAILABLE, "down"), actuation=None),
+        report(decision=None, problem=(ConditionReason.METRICS_UNAVAILABLE, "down"), actuation=None),
         good,
         generation=1,
         now=T0 + timedelta(seconds=30),
@@ -204,7 +203,7 @@ def test_guard_reasons_say_wanted_and_allowed_never_an_arrow() -> None:
 def test_prometheus_down_names_the_failed_query_in_every_condition() -> None:
     """B2: not "no completed requests" nor "Healthy" while the query fails."""
     down = "Prometheus query for admitted failed: connection refused"
-    status = build_status(report(decision=None, problem=(Problem.METRICS_UNAVAILABLE, down), actuation=None),
+    status = build_status(report(decision=None, problem=(ConditionReason.METRICS_UNAVAILABLE, down), actuation=None),
                           {}, generation=1, now=T0)
     got = conditions(status)
     assert (got["SLOMet"]["status"], got["SLOMet"]["reason"]) == ("Unknown", "QueryFailed")
@@ -222,7 +221,7 @@ def test_prometheus_down_names_the_failed_query_in_every_condition() -> None:
 def test_recommend_after_auto_shows_the_settings_the_pods_still_run() -> None:
     """B3: leaving Auto changes no pod, and the status says what they run, never "not applied"."""
     cap15 = Knobs(max_concurrency=15)
-    held = report(mode=Mode.RECOMMEND, actuation=None, held=HeldReport(cap15, 1, ("chat-1: runs cap=none",)))
+    held = report(mode=Mode.RECOMMEND, actuation=None, held=HeldReport(cap15, 1, (Laggard("chat-1", "runs cap=none"),)))
     status = build_status(held, {}, generation=2, now=T0)
     assert status["applied"] == {
         "knobs": {"maxConcurrency": 15, "agingMs": 2000, "discipline": "fcfs"},
@@ -255,12 +254,22 @@ def test_last_known_good_keeps_its_time_while_unchanged() -> None:
 
 
 def test_laggards_are_capped() -> None:
-    many = tuple(f"pod-{i}: unreachable" for i in range(25))
+    many = tuple(Laggard(f"pod-{i}", "unreachable") for i in range(25))
     status = build_status(report(pods=PodCounts(25, 25, 25), actuation=ActuationReport(Knobs(), 0, many)),
                           {}, generation=1, now=T0)
     laggards = status["applied"]["laggards"]
     assert len(laggards) == MAX_LAGGARDS + 1
     assert laggards[-1] == f"... and {25 - MAX_LAGGARDS} more"
+
+
+def test_a_laggard_line_reads_back_as_written() -> None:
+    """`batchpilot explain` parses what the status wrote, with Laggard's own parser."""
+    laggard = Laggard("chat-1", "gate admin API at http://10.0.0.7:9090/config unreachable: refused")
+    actuation = ActuationReport(Knobs(max_concurrency=64), 1, (laggard,))
+    (line,) = build_status(report(actuation=actuation), {}, generation=1, now=T0)["applied"]["laggards"]
+    assert line == "chat-1: gate admin API at http://10.0.0.7:9090/config unreachable: refused"
+    assert Laggard.parse(line) == laggard
+    assert Laggard.parse("... and 3 more") is None
 
 
 @pytest.mark.parametrize(("mode", "summary"), [(Mode.RECOMMEND, "not applied (mode Recommend)"),
@@ -307,7 +316,7 @@ def test_merge_patch_applied_gives_the_desired_document() -> None:
         return out
 
     first = build_status(report(), {}, generation=1, now=T0)
-    second = build_status(report(decision=None, problem=(Problem.NO_PODS, "none"), actuation=None, pods=PodCounts()),
+    second = build_status(report(decision=None, problem=(ConditionReason.NO_PODS_SELECTED, "none"), actuation=None, pods=PodCounts()),
                           first, generation=2, now=T0 + timedelta(minutes=1))
     patch = merge_patch(first, second)
     assert patch is not None

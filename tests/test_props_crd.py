@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from policyspec import policy_body, policy_spec
 
 from batchpilot.controller.policy import PolicyError
 from batchpilot.operator.config import OperatorConfig
@@ -273,12 +274,7 @@ outcomes: dict[str, int] = {"refused": 0, "valid": 0, "operator-refused": 0}
 def test_generated_specs_are_refused_clearly_or_parsed_without_crashing(
     inferencepolicy_crd: None, k8s_client: client.ApiClient, namespace: str, spec: dict[str, Any]
 ) -> None:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "InferencePolicy",
-        "metadata": {"name": "generated"},
-        "spec": spec,
-    }
+    body = policy_body("generated", spec)
     try:
         stored = client.CustomObjectsApi(k8s_client).create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, body, dry_run="All"
@@ -307,9 +303,6 @@ def test_generated_specs_reached_every_outcome() -> None:
     assert outcomes["refused"] > 0 and outcomes["valid"] > 0, outcomes
 
 
-BASE = {"selector": {"matchLabels": {"app": "chat"}}, "slo": {"ttftMs": 2000, "tpotMs": 50}}
-
-
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
@@ -321,12 +314,7 @@ BASE = {"selector": {"matchLabels": {"app": "chat"}}, "slo": {"ttftMs": 2000, "t
 def test_specs_only_the_operator_can_refuse_get_a_named_error(
     inferencepolicy_crd: None, k8s_client: client.ApiClient, namespace: str, extra: dict[str, Any], field: str
 ) -> None:
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "InferencePolicy",
-        "metadata": {"name": "operator-refuses"},
-        "spec": {**BASE, **extra},
-    }
+    body = policy_body("operator-refuses", policy_spec(**extra))
     stored = client.CustomObjectsApi(k8s_client).create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, body, dry_run="All"
     )

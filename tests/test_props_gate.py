@@ -34,7 +34,7 @@ from test_faults_gate import (
     sim_and_gate,
 )
 
-from batchpilot.controller.knobs import KnobError, Knobs
+from batchpilot.contract.knobs import KnobError, Knobs
 
 # Small enough that a "huge" body is cheap to send; large enough for every
 # well-formed request generated here.

@@ -16,22 +16,21 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policyspec import controller_spec
 
 from batchpilot.controller.observe import (
-    Histogram,
     MetricsUnavailable,
     Observation,
     PodObservation,
-    PrometheusSource,
+    WindowHistogram,
     observe,
 )
 from batchpilot.controller.policy import Policy
+from batchpilot.controller.sources import PrometheusSource
 
 NOW_S = 1_800_000_000.0
 PODS = ("llm-0", "llm-1")
-POLICY = Policy.from_spec(
-    {"slo": {"ttftMs": 2000, "tpotMs": 50}}, name="props", namespace="serving"
-)
+POLICY = Policy.from_spec(controller_spec(), name="props", namespace="serving")
 
 numbers = st.one_of(
     st.floats(),  # NaN, +-inf, subnormals, +-1.8e308
@@ -120,7 +119,7 @@ def _check_pod(observation: PodObservation) -> None:
         value = getattr(observation, name)
         if isinstance(value, float):
             assert math.isfinite(value), (name, value)
-        elif isinstance(value, Histogram):
+        elif isinstance(value, WindowHistogram):
             assert all(math.isfinite(rate) for _, rate in value.buckets), (name, value)
             assert value.sum_rate is None or math.isfinite(value.sum_rate), (name, value)
     for key, number in observation.summary(POLICY.slo.quantile).items():

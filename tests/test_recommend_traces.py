@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from batchpilot.cli.main import app
 from batchpilot.cli.recommend import Outcome, pick_best, recommend_for, scenario_from_trace
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CALIBRATION = SHARED / "data" / "calibration" / "llama3.1-8b_vllm_step_latency.csv"

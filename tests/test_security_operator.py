@@ -8,7 +8,7 @@
 - A policy in A never steers pods in B, even pods its selector matches.
 - The token never appears in status or Events.
 
-Cycles run through `reconcile.run_cycle` with a scripted controller (as in
+Cycles run through `cycle.run_cycle` with a scripted controller (as in
 tests/test_operator_actuation.py, whose `ScriptedStepper` is reused), the
 pods listed from the API server and indexed by namespace as the operator's
 kopf index does.
@@ -34,19 +34,16 @@ from stack import create_namespace, unique_name
 from stack.in_process import as_pod_info, in_process_operator, start_gates
 from test_operator_actuation import ScriptedStepper
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.gate_api import APPLIED_ANNOTATION
+from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.reasons import ConditionReason
 from batchpilot.gate.server import GateServer
 from batchpilot.operator import handlers
 from batchpilot.operator.config import OperatorConfig
-from batchpilot.operator.gates import APPLIED_ANNOTATION
-from batchpilot.operator.reconcile import (
-    CycleOutcome,
-    Operator,
-    PodInfo,
-    PolicyRuntime,
-    run_cycle,
-)
-from batchpilot.operator.status import Problem, build_status
+from batchpilot.operator.cycle import CycleOutcome, run_cycle
+from batchpilot.operator.pods import PodInfo
+from batchpilot.operator.runtime import Operator, PolicyRuntime
+from batchpilot.operator.status import build_status
 
 pytestmark = pytest.mark.stack
 
@@ -207,8 +204,6 @@ def test_a_policy_steers_only_pods_in_its_own_namespace(tenants_factory: Callabl
     "secret_ref",
     [
         {"name": "only-in-b"},
-        # Fields the spec does not have are ignored, never followed to another namespace.
-        {"name": "only-in-b", "namespace": "<B>"},
         {"name": "<B>/only-in-b"},
         {"name": "../<B>/secrets/only-in-b"},
     ],
@@ -223,11 +218,31 @@ def test_a_secret_in_another_namespace_gives_no_token(
             assert outcome.report is not None and outcome.report.actuation is not None
             assert outcome.report.actuation.up_to_date == 0
             (laggard,) = outcome.report.actuation.laggards
-            assert f"Secret {tenants.a}/" in laggard and "not found" in laggard, laggard
+            assert f"Secret {tenants.a}/" in laggard.why and "not found" in laggard.why, laggard
             assert tenants.gate_a.gate.config.version == 1
             assert tenants.gate_b.gate.config.version == 1
             said = _everything_said(outcome)
             assert TOKEN_A not in said and TOKEN_B not in said
+
+    asyncio.run(scenario())
+
+
+def test_a_secret_ref_naming_another_namespace_is_refused_and_reads_nothing(
+    tenants_factory: Callable[[], Any],
+) -> None:
+    # The spec has no namespace for its Secret: the field is refused by name,
+    # never followed to another namespace (the API server prunes it anyway).
+    async def scenario() -> None:
+        async with tenants_factory() as tenants:
+            ref = {"name": "only-in-b", "namespace": tenants.b}
+            outcome = await tenants.cycle(tenants.a, spec(tenants.admin_port, secret=ref))
+            assert outcome.report is not None and outcome.report.problem is not None
+            reason, message = outcome.report.problem
+            assert reason == ConditionReason.INVALID_SPEC
+            assert "spec.actuation.tokenSecretRef.namespace: unknown field" in message
+            assert outcome.report.actuation is None
+            assert tenants.gate_a.gate.config.version == 1
+            assert tenants.gate_b.gate.config.version == 1
 
     asyncio.run(scenario())
 
@@ -252,14 +267,14 @@ def test_a_policy_cannot_point_the_operator_at_a_url(
             outcome = await tenants.cycle(tenants.a, spec(tenants.admin_port, endpoint=endpoint))
             assert outcome.report is not None and outcome.report.problem is not None
             reason, message = outcome.report.problem
-            assert reason == Problem.INVALID_SPEC
+            assert reason == ConditionReason.INVALID_SPEC
             assert "spec.metrics.endpoint" in message and "default, thanos" in message
             # Refused before any controller (and so any Prometheus client) exists.
             assert tenants.stepper_factory_calls == []
             assert tenants.op.prometheus == {}
             status = build_status(outcome.report, {}, generation=1, now=datetime.now(UTC))
             ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-            assert (ready["status"], ready["reason"]) == ("False", Problem.INVALID_SPEC)
+            assert (ready["status"], ready["reason"]) == ("False", ConditionReason.INVALID_SPEC)
             assert "spec.metrics.endpoint" in ready["message"]
             assert tenants.gate_a.gate.config.version == 1
 

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 
 import pytest
+from policyspec import controller_spec
 from prometheus_api_client import PrometheusConnect
 from stack import PrometheusServer, ScrapeTarget
 
-from batchpilot.controller.observe import PrometheusSource
 from batchpilot.controller.policy import Policy, PolicyError
 from batchpilot.controller.signals import Signal
+from batchpilot.controller.sources import PrometheusSource
 from batchpilot.sim.sandbox.process import serve_in_thread
 
 VICTIM_NAMESPACE = "victim"
@@ -91,9 +92,7 @@ def tenant_prometheus(
 def _read(
     client: PrometheusConnect, namespace: str, pods: list[str]
 ) -> dict[Signal, dict[str, object]]:
-    policy = Policy.from_spec(
-        {"slo": {"ttftMs": 2000, "tpotMs": 50}}, name="p", namespace=namespace
-    )
+    policy = Policy.from_spec(controller_spec(), name="p", namespace=namespace)
     window = PrometheusSource(client, policy).read(time.time(), pods)
     return {signal: dict(by_pod) for signal, by_pod in window.readings.items()}
 
@@ -158,5 +157,5 @@ def test_hostile_label_and_metric_names_are_refused_before_any_query(
     metrics: dict[str, object], field: str
 ) -> None:
     with pytest.raises(PolicyError) as refused:
-        Policy.from_spec({"slo": {"ttftMs": 2000, "tpotMs": 50}, "metrics": metrics})
+        Policy.from_spec(controller_spec(metrics=metrics))
     assert refused.value.field.startswith(field), refused.value.field

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.sim.calibration import StepCostModel
 from batchpilot.sim.engine import EngineConfig, EngineConfigError, Replica
 from batchpilot.sim.serve import LiveEngine

@@ -22,14 +22,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from batchpilot.cli.main import app
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.server import GateServer
 from batchpilot.gate.settings import load_settings
 from batchpilot.sim.calibration import fit_file
 from batchpilot.sim.engine import EngineConfig, Replica
 from batchpilot.sim.load import ERROR, OK, SHED, replay, summarize
 from batchpilot.sim.metrics import TTFT_BUCKETS
-from batchpilot.sim.scenario import SLO, load_scenario
+from batchpilot.sim.scenario import ScenarioSlo, load_scenario
 from batchpilot.sim.serve import SimServer
 from batchpilot.sim.workload import build_workload
 
@@ -427,9 +427,9 @@ def test_load_replays_the_workload_and_measures_each_request(tmp_path: Path) -> 
             )
             # The same measurements against an SLO nothing meets, and one everything meets.
             assert (
-                summarize(records, parsed.duration_s, SLO(ttft_ms=0.001, tpot_ms=50))["good"] == 0
+                summarize(records, parsed.duration_s, ScenarioSlo(ttft_ms=0.001, tpot_ms=50))["good"] == 0
             )
-            everything = summarize(records, parsed.duration_s, SLO(ttft_ms=1e9, tpot_ms=1e9))
+            everything = summarize(records, parsed.duration_s, ScenarioSlo(ttft_ms=1e9, tpot_ms=1e9))
             assert everything["good"] == len(workload)
             assert everything["goodput_rps"] == pytest.approx(len(workload) / parsed.duration_s)
 

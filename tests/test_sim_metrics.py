@@ -11,7 +11,7 @@ from batchpilot.sim.metrics import (
     E2E_BUCKETS,
     ITL_BUCKETS,
     TTFT_BUCKETS,
-    Histogram,
+    ReplicaHistogram,
     build_1_2_5_buckets,
     format_le,
     histogram_buckets,
@@ -32,9 +32,9 @@ from batchpilot.sim.metrics import (
 def test_observe_series_equals_one_by_one(
     first: float, step: float, length: int, times: int
 ) -> None:
-    bulk = Histogram(ITL_BUCKETS)
+    bulk = ReplicaHistogram(ITL_BUCKETS)
     bulk.observe_series(first, step, length, times)
-    single = Histogram(ITL_BUCKETS)
+    single = ReplicaHistogram(ITL_BUCKETS)
     for j in range(length):
         single.observe(first + step * j, times)
     assert bulk.count == single.count == length * times
@@ -45,7 +45,7 @@ def test_observe_series_equals_one_by_one(
 
 
 def test_observe_uses_le_semantics() -> None:
-    hist = Histogram((0.1, 1.0))
+    hist = ReplicaHistogram((0.1, 1.0))
     for value in (0.1, 0.10001, 1.0, 5.0):
         hist.observe(value)
     assert hist.cumulative() == [1, 3, 4]
@@ -78,7 +78,7 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
 
 def test_quantile_of_random_samples_is_close() -> None:
     rng = random.Random(4)
-    hist = Histogram(tuple(i / 100 for i in range(1, 101)))
+    hist = ReplicaHistogram(tuple(i / 100 for i in range(1, 101)))
     values = [rng.random() for _ in range(20_000)]
     for v in values:
         hist.observe(v)

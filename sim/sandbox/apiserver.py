@@ -196,7 +196,10 @@ class KubeAPIServer(Stoppable):
         else:
             token_digest = hashlib.sha256(token.encode()).hexdigest()[:12]
             kubeconfig = self.kubeconfig_for(token, f"token-{token_digest}")
-        return kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+        api: kubernetes.client.ApiClient = kubernetes.config.new_client_from_config(
+            config_file=str(kubeconfig)
+        )
+        return api
 
     @contextlib.contextmanager
     def outage(self, *, graceful: bool = False) -> Iterator[None]:

@@ -32,6 +32,7 @@ import signal
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from .kube import create_serving_pod
 from .llama_server import start_llama_server
 from .process import ManagedProcess, Stoppable, free_loopback_port, http_get, http_ok
 from .prometheus import PrometheusServer, ScrapeTarget, start_prometheus
-from .tools import BATCHPILOT_CLI, StackError
+from .tools import BATCHPILOT_CLI, BATCHPILOT_GATE, StackError
 
 GATE_TOKEN_SECRET = "gate-token"
 # How long a gate or an engine may take to answer after its start: the 60 s
@@ -178,20 +179,21 @@ def start_fleet(
                     "--time-scale", str(time_scale)])  # fmt: skip
             gate_port = free_loopback_port((ip,))
             gate = _launch(fleet, f"gate-{name}", [
-                "gate", "--upstream", f"http://{ip}:{sim_port}", "--listen", f"{ip}:{gate_port}",
-                "--admin", f"{ip}:{fleet.admin_port}", "--token-file", str(token_file)])  # fmt: skip
+                "--upstream", f"http://{ip}:{sim_port}", "--listen", f"{ip}:{gate_port}",
+                "--admin", f"{ip}:{fleet.admin_port}", "--token-file", str(token_file)],
+                command=BATCHPILOT_GATE)  # fmt: skip
             fleet.pods.append(
                 GatedPod(name, ip, sim_port, gate_port, fleet.admin_port, engine, gate)
             )
         for pod in fleet.pods:
             pod.engine.wait_until(
-                lambda pod=pod: http_ok(f"http://{pod.ip}:{pod.sim_port}/health"),
+                partial(http_ok, f"http://{pod.ip}:{pod.sim_port}/health"),
                 START_TIMEOUT_S,
                 "serving /health",
             )
             # Ready means the gate's engine answered its /health probe too.
             pod.gate.wait_until(
-                lambda pod=pod: http_ok(f"http://{pod.ip}:{pod.admin_port}/readyz"),
+                partial(http_ok, f"http://{pod.ip}:{pod.admin_port}/readyz"),
                 START_TIMEOUT_S,
                 "ready (/readyz)",
             )
@@ -215,8 +217,10 @@ def start_fleet(
     return fleet
 
 
-def _launch(fleet: Fleet, name: str, args: list[str]) -> ManagedProcess:
-    process = ManagedProcess(name, [*BATCHPILOT_CLI, *args], fleet.workdir / f"{name}.log")
+def _launch(
+    fleet: Fleet, name: str, args: list[str], command: tuple[str, ...] = BATCHPILOT_CLI
+) -> ManagedProcess:
+    process = ManagedProcess(name, [*command, *args], fleet.workdir / f"{name}.log")
     fleet._processes.append(process)
     return process
 

@@ -82,6 +82,8 @@ def service_account_token(
     response = client.CoreV1Api(api).create_namespaced_service_account_token(
         name, namespace, request
     )
+    if response.status is None:
+        raise RuntimeError(f"the apiserver issued no token for service account {namespace}/{name}")
     return str(response.status.token)
 
 
@@ -98,7 +100,8 @@ def create_crd(
     """
     extensions = client.ApiextensionsV1Api(api)
     name = manifest["metadata"]["name"]
-    extensions.create_custom_resource_definition(dict(manifest))
+    # The client sends a dict body as it is: no need to build the model objects.
+    extensions.create_custom_resource_definition(dict(manifest))  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout_s
     while True:
         crd = extensions.read_custom_resource_definition(name)
@@ -216,7 +219,7 @@ def _running_status(pod: client.V1Pod, pod_ip: str, ready: bool) -> client.V1Pod
         container_statuses=[
             client.V1ContainerStatus(
                 name=container.name,
-                image=container.image,
+                image=container.image or "",
                 image_id="",
                 ready=ready,
                 started=True,
@@ -225,6 +228,6 @@ def _running_status(pod: client.V1Pod, pod_ip: str, ready: bool) -> client.V1Pod
                     running=client.V1ContainerStateRunning(started_at=started_at)
                 ),
             )
-            for container in pod.spec.containers
+            for container in (pod.spec.containers if pod.spec is not None else [])
         ],
     )

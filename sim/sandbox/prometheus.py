@@ -51,7 +51,7 @@ def _duration(seconds: float) -> str:
 
 def _config(scrape_configs: Sequence[Mapping[str, object]], interval_s: float) -> str:
     interval = _duration(interval_s)
-    return yaml.safe_dump(
+    text: str = yaml.safe_dump(
         {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             # The default 10 s timeout is longer than the interval, which
@@ -60,6 +60,7 @@ def _config(scrape_configs: Sequence[Mapping[str, object]], interval_s: float) -
         },
         sort_keys=False,
     )
+    return text
 
 
 def _static_job(targets: Sequence[ScrapeTarget], metrics_path: str) -> dict[str, object]:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubernetes import client
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError
@@ -157,9 +157,8 @@ class SandboxState:
         return False
 
     def api_client(self) -> client.ApiClient:
-        from kubernetes import config
-
-        return config.new_client_from_config(config_file=self.kubeconfig)
+        api: client.ApiClient = config.new_client_from_config(config_file=self.kubeconfig)
+        return api
 
     def last_round(self) -> dict[str, Any] | None:
         """The summary of the load generator's last finished round, if any."""

@@ -32,6 +32,9 @@ from pathlib import Path
 SETUP_FIX = "run scripts/dev-setup"
 # This interpreter, so that the virtualenv's batchpilot and packages run.
 BATCHPILOT_CLI = (sys.executable, "-m", "batchpilot.cli.main")
+# `batchpilot gate` as the gate image runs it (`batchpilot-gate`): the gate
+# alone, without the operator's and the simulator's imports.
+BATCHPILOT_GATE = (sys.executable, "-m", "batchpilot.cli.gate")
 
 
 class StackError(RuntimeError):

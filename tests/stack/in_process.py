@@ -1,8 +1,8 @@
 """The operator's parts run in the test's own event loop, against the real API server.
 
-For tests that drive `reconcile.run_cycle` themselves (no kopf): real gates on
-pod IPs, the pod index as kopf builds it, and an `Operator` wired as
-`operator_configure` wires it.
+For tests that drive `cycle.run_cycle` themselves (no kopf): real gates on
+pod IPs, the pod index as kopf builds it, and an `Operator` built by
+`open_operator`, as `operator_configure` builds it.
 
     async with AsyncExitStack() as exits:
         gates, admin_port = await start_gates(exits, [("127.0.0.2", TOKEN)], STARTUP)
@@ -12,24 +12,18 @@ pod IPs, the pod index as kopf builds it, and an `Operator` wired as
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 
-import aiohttp
 from kubernetes import client
 
-from batchpilot.controller.knobs import Knobs
+from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.server import GateServer
 from batchpilot.gate.settings import load_settings
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.control import ControllerStepper, StepperFactory
-from batchpilot.operator.gates import GateClient
-from batchpilot.operator.metrics import OperatorMetrics
-from batchpilot.operator.reconcile import Operator, PodInfo, pod_info
-
-GATE_TIMEOUT_S = 2.0
+from batchpilot.operator.pods import PodInfo, pod_from_body
+from batchpilot.operator.runtime import Operator, open_operator
 
 
 async def start_gates(
@@ -70,17 +64,10 @@ async def in_process_operator(
     stepper_factory: StepperFactory = ControllerStepper,
 ) -> Operator:
     """An Operator as `operator_configure` builds it (the real controller
-    unless `stepper_factory` says otherwise); its clients close with `exits`."""
-    session = await exits.enter_async_context(aiohttp.ClientSession())
-    return Operator(
-        config=config,
-        gates=GateClient(session, GATE_TIMEOUT_S),
-        kube=api,
-        metrics=OperatorMetrics(),
-        step_slots=asyncio.Semaphore(2),
-        step_threads=exits.enter_context(ThreadPoolExecutor(2)),
-        stepper_factory=stepper_factory,
-    )
+    unless `stepper_factory` says otherwise); it closes with `exits`, `api` stays open."""
+    op = await open_operator(config, api, stepper_factory=stepper_factory)
+    exits.push_async_callback(op.close)
+    return op
 
 
 def pod_infos(api: client.ApiClient, namespace: str) -> list[PodInfo]:
@@ -92,13 +79,4 @@ def pod_infos(api: client.ApiClient, namespace: str) -> list[PodInfo]:
 
 def as_pod_info(api: client.ApiClient, pod: client.V1Pod) -> PodInfo:
     """One listed pod as kopf's pod index keeps it."""
-    body = api.sanitize_for_serialization(pod)
-    meta = body["metadata"]
-    return pod_info(
-        meta["name"],
-        meta["uid"],
-        meta.get("labels") or {},
-        meta.get("annotations") or {},
-        body.get("status") or {},
-        meta.get("deletionTimestamp") is not None,
-    )
+    return pod_from_body(api.sanitize_for_serialization(pod))

@@ -1,8 +1,4 @@
-"""`batchpilot sim ...`: the simulator's commands.
-
-Heavy imports (numpy, the simulator) happen inside the commands so that
-`batchpilot --help` stays fast.
-"""
+"""`batchpilot sim ...`: the simulator's commands (`serve` and `load` are in cli/sim_live.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from batchpilot.sim.calibration import CalibrationError, fit, read_rows
 
 app = typer.Typer(
     name="sim",
@@ -48,11 +48,6 @@ def calibrate(
     ] = False,
 ) -> None:
     """Fit the step-cost model to measured step latencies and report its error per kind."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from batchpilot.sim.calibration import CalibrationError, fit, read_rows
-
     try:
         calibration = fit(read_rows(csv_path), model, system, tp, shared_kv_cache=shared_kv_cache)
     except CalibrationError as err:

@@ -8,12 +8,22 @@ are checked before any simulation starts).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shlex
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from batchpilot.cli.report import write_report
+from batchpilot.sim.bench import check_supported, result_rows, run_benchmark
+from batchpilot.sim.controllers import ControllerError, ensure_available
+from batchpilot.sim.scenario import ScenarioError, load_scenario
 
 DEFAULT_CONTROLLERS = "static-default,static-best,aimd,oracle"
 
@@ -42,10 +52,6 @@ def bench(
     ] = None,
 ) -> None:
     """Replay scenarios against each controller and report goodput and SLO attainment."""
-    from batchpilot.sim.bench import check_supported
-    from batchpilot.sim.controllers import ControllerError, ensure_available
-    from batchpilot.sim.scenario import ScenarioError, load_scenario
-
     names = [name.strip() for name in controllers.split(",") if name.strip()]
     if not names:
         _fail("--controllers: give at least one controller name")
@@ -81,8 +87,6 @@ def bench(
         partial.replace(json_out)
         typer.echo(f"wrote {json_out}")
     if report_dir is not None:
-        from batchpilot.cli.report import write_report
-
         for path in write_report(document, report_dir):
             typer.echo(f"wrote {path}")
 
@@ -100,14 +104,6 @@ def _command_line(
 
 
 def _run(scenarios: list[Any], names: list[str], workers: int) -> dict[str, Any]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from batchpilot.sim.bench import run_benchmark
-
     console = Console(stderr=True)
     # spawn, not fork: the progress bar runs a thread, and forking a process
     # with threads can copy a held lock into the child.
@@ -138,11 +134,6 @@ def _run(scenarios: list[Any], names: list[str], workers: int) -> dict[str, Any]
 
 
 def _print_table(document: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from batchpilot.sim.bench import result_rows
-
     table = Table(title="benchmark (TTFT/TPOT in ms)")
     for column in (
         "scenario", "controller", "good", "goodput/s", "SLO att.", "TTFT p50", "TTFT p99",

@@ -1,11 +1,23 @@
-"""`batchpilot operator`: run the InferencePolicy operator (kopf, in-process)."""
+"""`batchpilot operator`: run the InferencePolicy operator (kopf, in-process).
+
+Not named cli/operator.py: run as a script, a file's folder leads sys.path,
+and that name would shadow the standard library's `operator` module (the
+reason operator/ has no __init__.py either).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
+import kopf
 import typer
+
+from batchpilot.operator import logs
+from batchpilot.operator.config import ConfigError, load_config
+from batchpilot.operator.handlers import build_registry
 
 
 def operator(
@@ -25,15 +37,6 @@ def operator(
     variables (those win), e.g. BATCHPILOT_OPERATOR_PROMETHEUS_DEFAULT=http://prometheus:9090.
     The Kubernetes API is reached in-cluster, or through KUBECONFIG.
     """
-    import logging
-    import os
-
-    import kopf
-
-    from batchpilot.operator import logs
-    from batchpilot.operator.config import ConfigError, load_config
-    from batchpilot.operator.handlers import build_registry
-
     try:
         settings = load_config(config, os.environ)
     except ConfigError as err:

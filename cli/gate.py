@@ -1,14 +1,27 @@
-"""`batchpilot gate`: run the batching gate sidecar in front of an engine."""
+"""`batchpilot gate`, and `batchpilot-gate`: the same command as a program of its own.
+
+`batchpilot-gate` is the gate image's entry point. This module imports only
+the gate, the contract and their own dependencies, never the other commands
+of cli/main.py (the controller, the operator, the simulator and their
+numpy, scikit-learn and kopf): the image ships gate/, contract/ and this
+file alone (gate/Dockerfile), and tests/test_gate_packaging.py holds the
+module to that.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import uvloop
+
+from batchpilot.cli.app import new_app
+from batchpilot.gate.server import GateServer
+from batchpilot.gate.settings import GateSettingsError, load_settings
 
 
 def gate(
@@ -49,11 +62,6 @@ def gate(
     (e.g. BATCHPILOT_GATE_UPSTREAM, BATCHPILOT_GATE_TOKEN_FILE; BATCHPILOT_GATE_TOKEN
     holds the token itself) or from --config; the command line wins.
     """
-    import logging
-
-    from batchpilot.gate.server import GateServer
-    from batchpilot.gate.settings import GateSettingsError, load_settings
-
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -85,3 +93,16 @@ def gate(
         # Almost always a port already in use or a host that is not local.
         typer.echo(f"error: gate cannot start: {err}", err=True)
         raise typer.Exit(1) from err
+
+
+# `batchpilot-gate [OPTIONS]`: the gate command alone, as a program.
+app = new_app(name="batchpilot-gate")
+app.command()(gate)
+
+
+def main() -> None:
+    app(prog_name="batchpilot-gate")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,9 @@
 The same `Knobs` value is what the controller recommends, what the gate
 applies (its admin API body), what the simulator's gate model runs with, and
 what the operator records in the pod annotation. Validation lives here once so
-every entry point rejects bad settings with the same field-named message.
+every entry point rejects bad settings with the same field-named message, and
+so do the knobs' wire names (the InferencePolicy's camelCase) and limits, which
+the CRD schema, the policy parser and the guards read from here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from batchpilot.contract.errors import FieldError
 
 DISCIPLINES = ("fcfs", "shortest-prompt-first", "priority")
 
@@ -21,14 +25,34 @@ MAX_TOKENS_LIMIT = 1 << 31
 MAX_DEADLINE_MS = 3_600_000
 MAX_AGING_MS = 3_600_000
 
+# Hard limits of each numeric knob, in field order: what `Knobs` validates,
+# what a policy's bounds must stay within and what the CRD schema states.
+# The engine's prefill budget starts at 16 tokens: below that no engine
+# schedules a useful step.
+KNOB_LIMITS: Mapping[str, tuple[int, int]] = {
+    "max_concurrency": (1, MAX_CONCURRENCY_LIMIT),
+    "max_inflight_tokens": (1, MAX_TOKENS_LIMIT),
+    "queue_deadline_ms": (1, MAX_DEADLINE_MS),
+    "aging_ms": (1, MAX_AGING_MS),
+    "max_num_batched_tokens": (16, MAX_TOKENS_LIMIT),
+}
+# Knobs the controller can steer by a number, then the one it steers by name.
+NUMERIC_KNOBS = tuple(KNOB_LIMITS)
+STEERABLE_KNOBS = (*NUMERIC_KNOBS, "discipline")
+# The InferencePolicy's (and its status') camelCase spelling of each knob.
+WIRE_NAMES: Mapping[str, str] = {
+    "max_concurrency": "maxConcurrency",
+    "max_inflight_tokens": "maxInflightTokens",
+    "queue_deadline_ms": "queueDeadlineMs",
+    "aging_ms": "agingMs",
+    "max_num_batched_tokens": "maxNumBatchedTokens",
+    "discipline": "discipline",
+}
+FROM_WIRE_NAMES: Mapping[str, str] = {wire: name for name, wire in WIRE_NAMES.items()}
 
-class KnobError(ValueError):
+
+class KnobError(FieldError):
     """A knob setting is invalid; `field` names the offending key."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +82,13 @@ class Knobs:
     max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        _check_optional_int("max_concurrency", self.max_concurrency, 1, MAX_CONCURRENCY_LIMIT)
-        _check_optional_int("max_inflight_tokens", self.max_inflight_tokens, 1, MAX_TOKENS_LIMIT)
+        for name, (low, high) in KNOB_LIMITS.items():
+            _check_optional_int(name, getattr(self, name), low, high)
         if self.discipline not in DISCIPLINES:
             raise KnobError(
                 "discipline",
                 f"{self.discipline!r} is not one of {', '.join(DISCIPLINES)}",
             )
-        _check_optional_int("queue_deadline_ms", self.queue_deadline_ms, 1, MAX_DEADLINE_MS)
-        _check_optional_int("aging_ms", self.aging_ms, 1, MAX_AGING_MS)
-        _check_optional_int(
-            "max_num_batched_tokens", self.max_num_batched_tokens, 16, MAX_TOKENS_LIMIT
-        )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> Knobs:
@@ -99,3 +118,34 @@ def _check_optional_int(name: str, value: object, low: int, high: int) -> None:
         raise KnobError(name, f"must be an integer or null, got {value!r}")
     if not low <= value <= high:
         raise KnobError(name, f"must be between {low} and {high}, got {value}")
+
+
+def knobs_document(knobs: Knobs) -> dict[str, Any]:
+    """camelCase knob settings; an unset limit (None) is left out: absent means no limit."""
+    return {WIRE_NAMES[name]: value for name, value in knobs.to_mapping().items() if value is not None}
+
+
+def knobs_summary(knobs: Knobs) -> str:
+    """`cap=64 tokens=200000 fcfs deadline=none` for one-line displays."""
+    return (
+        f"cap={_text(knobs.max_concurrency)} tokens={_text(knobs.max_inflight_tokens)} "
+        f"{knobs.discipline} deadline={_text(knobs.queue_deadline_ms)}"
+    )
+
+
+def knobs_text(knobs: Knobs) -> str:
+    """Every knob by its wire name, `maxConcurrency=64, ..., discipline=fcfs`, for Event messages."""
+    return ", ".join(f"{WIRE_NAMES[name]}={_text(value)}" for name, value in knobs.to_mapping().items())
+
+
+def knobs_change_text(before: Knobs, after: Knobs) -> str:
+    """The knobs that differ, `maxConcurrency 8 -> 16, ...`, for Event messages."""
+    return ", ".join(
+        f"{WIRE_NAMES[name]} {_text(getattr(before, name))} -> {_text(getattr(after, name))}"
+        for name in WIRE_NAMES
+        if getattr(before, name) != getattr(after, name)
+    )
+
+
+def _text(value: object) -> str:
+    return "none" if value is None else str(value)

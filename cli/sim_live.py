@@ -1,15 +1,27 @@
-"""`batchpilot sim serve` and `batchpilot sim load`: the simulator over real HTTP.
-
-Heavy imports (numpy, the simulator, aiohttp) happen inside the commands.
-"""
+"""`batchpilot sim serve` and `batchpilot sim load`: the simulator over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from batchpilot.gate.settings import GateSettingsError, parse_host_port
+from batchpilot.sim.calibration import CalibrationError, fit_file
+from batchpilot.sim.engine import EngineConfig, EngineConfigError
+from batchpilot.sim.load import LoadError, LoadProgress, record_rows, replay, summarize
+from batchpilot.sim.scenario import ScenarioError, load_scenario
+from batchpilot.sim.serve import SimServer
+from batchpilot.sim.workload import build_workload
 
 
 def serve(
@@ -46,16 +58,6 @@ def serve(
     ] = 256,
 ) -> None:
     """Serve the simulated engine in real time on an OpenAI-compatible API (no gate in front)."""
-    import asyncio
-    import logging
-    import signal
-
-    from batchpilot.gate.settings import GateSettingsError, parse_host_port
-    from batchpilot.sim.calibration import CalibrationError, fit_file
-    from batchpilot.sim.engine import EngineConfig, EngineConfigError
-    from batchpilot.sim.scenario import ScenarioError, load_scenario
-    from batchpilot.sim.serve import SimServer
-
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         host, port = parse_host_port("listen", listen)
@@ -123,17 +125,6 @@ def load(
     ] = None,
 ) -> None:
     """Replay a scenario's workload against live servers, streaming, and measure at the client."""
-    import asyncio
-    import time
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
-    from batchpilot.sim.load import LoadError, LoadProgress, record_rows, replay, summarize
-    from batchpilot.sim.scenario import ScenarioError, load_scenario
-    from batchpilot.sim.workload import build_workload
-
     try:
         parsed = load_scenario(scenario)
     except ScenarioError as err:

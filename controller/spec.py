@@ -1,0 +1,390 @@
+"""The controller's part of the InferencePolicy spec, declared once.
+
+Each class here is both a value the controller runs with and the declaration
+of its part of the spec: its fields carry their wire contract (contract/schema.py),
+from which the CRD's schema, the spec parser and docs/api.md all come.
+`ControllerSpec` is the controller's part of `spec`; `Policy.from_spec`
+(policy.py) parses one and derives the knob bounds from it. The operator's
+`InferencePolicySpec` (operator/spec.py) adds the Kubernetes-only fields.
+
+Spec shape (camelCase, as in the CR):
+
+```yaml
+engine:   {kind: vllm, maxNumSeqs: 512, maxNumBatchedTokens: 8192, runtimeTunable: false,
+           kvCacheTokens: 400000}          # optional: the KV cache's size in tokens
+slo:      {ttftMs: 2000, tpotMs: 50, percentile: 99}
+knobs:                       # which knobs to steer; absent: a default set
+  maxConcurrency:   {min: 8, max: 512}
+  maxInflightTokens: {min: 20000}            # no max: "no budget" is allowed
+  discipline:       {allowed: [fcfs, shortest-prompt-first]}
+  queueDeadlineMs:  {min: 100, max: 30000}
+  maxNumBatchedTokens: {min: 512, max: 8192}   # only with runtimeTunable
+behavior: {intervalSeconds: 30, stabilizationWindowSeconds: 90, maxStepFactor: 4,
+           minChangePercent: 10, canary: {enabled: false, intervals: 3}}
+mode: Recommend                               # Off | Recommend | Auto
+metrics:
+  endpoint: default                           # a name in the operator's configuration
+  windowSeconds: 60
+  stalenessSeconds: 90
+  overrides:                                  # per signal, see signals.Signal
+    kvUsage: {metric: "vllm:gpu_cache_usage_perc"}
+    waiting: {metric: nv_trt_llm_request_metrics, labels: {request_type: waiting}}
+```
+
+Values built in code (the simulator, the benchmark, tests) are checked
+against the same contract on construction (`check_fields`); errors then name
+the field relative to the value (`ttftMs`), and `parse` puts the spec path in
+front (`spec.slo.ttftMs`).
+"""
+
+# `wired` is dataclasses.field with a wire contract; ruff knows only `field` as safe.
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from batchpilot.contract.knobs import MAX_CONCURRENCY_LIMIT, MAX_TOKENS_LIMIT
+from batchpilot.contract.schema import PolicyError, Rule, Wire, check_fields, wired
+from batchpilot.controller.knobspec import KnobsSpec
+
+# Prometheus' own grammar for the names batchpilot puts into a query
+# unquoted; anything else is rejected rather than escaped.
+LABEL_NAME = "[a-zA-Z_][a-zA-Z0-9_]*"
+METRIC_NAME = "[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL_NAME_RE = re.compile(LABEL_NAME)
+METRIC_NAME_RE = re.compile(METRIC_NAME)
+_NOT_A_LABEL = "{value!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+
+
+class Mode(StrEnum):
+    OFF = "Off"
+    RECOMMEND = "Recommend"
+    AUTO = "Auto"
+
+
+class EngineKind(StrEnum):
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TGI = "tgi"
+    TRITON = "triton"
+    LLAMACPP = "llamacpp"
+    GENERIC = "generic"
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """Per-request latency objectives, met at `percentile` (e.g. 99: p99)."""
+
+    ttft_ms: int = wired(
+        "Time to first token, milliseconds, from arrival at the gate (queueing included).",
+        required="an integer number of milliseconds",
+        minimum=1,
+        maximum=3_600_000,
+    )
+    tpot_ms: int = wired(
+        "Mean time per output token after the first (inter-token latency), milliseconds.",
+        required="an integer number of milliseconds",
+        minimum=1,
+        maximum=60_000,
+    )
+    percentile: float = wired(
+        "The percentile the objectives hold at (default 99).",
+        default=99.0,
+        minimum=50,
+        maximum=100,
+        exclusive_maximum=True,
+        invalid="must be a number in [50, 100), e.g. 99; got {value!r}",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def quantile(self) -> float:
+        return self.percentile / 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What the engine was started with: ceilings the gate can only lower."""
+
+    kind: EngineKind = wired(
+        "Engine, which decides the metric names read (default vllm; llamacpp: llama-server's "
+        "llamacpp:* token counters and slot gauges, with TTFT and TPOT from the gate's histograms; "
+        "generic: gate metrics only).",
+        default=EngineKind.VLLM,
+    )
+    max_num_seqs: int = wired(
+        "The engine's startup max concurrent sequences (vLLM --max-num-seqs, llama.cpp --parallel); "
+        "the batch cap never exceeds it (default 256).",
+        default=256,
+        minimum=1,
+        maximum=MAX_CONCURRENCY_LIMIT,
+    )
+    max_num_batched_tokens: int = wired(
+        "The engine's startup prefill token budget per step (vLLM --max-num-batched-tokens, "
+        "llama.cpp --batch-size; default 8192).",
+        default=8192,
+        minimum=16,
+        maximum=MAX_TOKENS_LIMIT,
+    )
+    # Known, the token budget is kept under it from the first decision;
+    # otherwise it is learned from a KV-usage gauge, which some engines
+    # (llama.cpp) do not export.
+    kv_cache_tokens: int | None = wired(
+        "The engine's KV-cache capacity in tokens (llama.cpp --ctx-size with --kv-unified; vLLM "
+        'logs it at startup as "GPU KV cache size"). The in-flight token budget stays under it '
+        "from the first decision; without it the capacity is learned from the engine's KV-usage "
+        "gauge, which llama.cpp does not export.",
+        default=None,
+        minimum=16,
+        maximum=MAX_TOKENS_LIMIT,
+        fix="set it to the engine's KV-cache size in tokens (llama.cpp: --ctx-size; vLLM: "
+        '"GPU KV cache size" in its startup log), or leave it out',
+    )
+    # True when the engine accepts a new prefill budget while running
+    # (SGLang's set_internal_state); otherwise it stays at its startup value.
+    runtime_tunable: bool = wired(
+        "True when the engine accepts a new prefill budget while running (through the gate's "
+        "native adapter; never llamacpp); default false.",
+        default=False,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.runtime_tunable and self.kind is EngineKind.LLAMACPP:
+            raise PolicyError(
+                "runtimeTunable",
+                "llama-server fixes its prefill budget (--batch-size) at startup and has no live API "
+                "for it; set runtimeTunable to false",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Canary:
+    """Try a change on one pod before the rest."""
+
+    enabled: bool = wired("Canary changes on one pod first (default false).", default=False)
+    intervals: int = wired(
+        "Control steps the canary runs before the rollout (default 3).",
+        default=3,
+        minimum=1,
+        maximum=100,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Behavior:
+    """How fast and how carefully recommendations turn into changes.
+
+    The seconds are whole on the wire (the CRD's integers) and may be
+    fractions in code: the simulator runs the controller on a scaled clock.
+    """
+
+    interval_s: float = wired(
+        "Seconds between control steps (default 30).",
+        name="intervalSeconds",
+        default=30.0,
+        minimum=1,
+        maximum=3600,
+        schema_type="integer",
+    )
+    # A move is taken only as far as every recommendation in this window
+    # agrees (HPA's stabilization, in both directions); urgent moves (an SLO
+    # breach, a shift in the length mix) are exempt.
+    stabilization_window_s: float = wired(
+        "A move is taken only as far as every recommendation in this window agrees (default 90); "
+        "SLO breaches are exempt.",
+        name="stabilizationWindowSeconds",
+        default=90.0,
+        minimum=0,
+        maximum=86_400,
+        schema_type="integer",
+    )
+    # A numeric knob changes by at most this factor per interval (x4 or /4):
+    # from the engine default of 256 down to 16 takes two intervals.
+    max_step_factor: float = wired(
+        "A numeric knob changes by at most this factor per step (default 4: x4 or /4).",
+        default=4.0,
+        minimum=1.01,
+        maximum=1000,
+    )
+    # Changes smaller than this are not worth a reconfiguration.
+    min_change_percent: float = wired(
+        "Smaller changes are not applied (default 10).", default=10.0, minimum=0, maximum=100
+    )
+    canary: Canary = wired(
+        "Apply a change to one pod first, and to the rest only when it does not regress.",
+        default_factory=Canary,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @property
+    def min_change_fraction(self) -> float:
+        return self.min_change_percent / 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricOverride:
+    """Read a signal from another metric: a name plus fixed label matchers.
+
+    Deliberately not free-form PromQL: names are validated and values are
+    escaped, so an override can choose a series but never rewrite a query.
+    `scale` converts units into the signal's (0.001 for a histogram in ms).
+    """
+
+    metric: str = wired(
+        "Prometheus metric name (a histogram's base name).",
+        required="the metric name to read this signal from",
+        pattern=f"^{METRIC_NAME}$",
+        max_length=256,
+        invalid="{value!r} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)",
+    )
+    labels: tuple[tuple[str, str], ...] = wired(
+        "Label matchers every series must carry (equality).",
+        default=(),
+        max_properties=16,
+        item=Wire(max_length=256),
+    )
+    scale: float = wired(
+        "Multiplier into the signal's units (0.001 for a histogram in milliseconds); default 1.",
+        default=1.0,
+        minimum=0,
+        exclusive_minimum=True,
+        invalid="must be a positive number, got {value!r}",
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name, _ in self.labels:
+            if not isinstance(name, str) or not LABEL_NAME_RE.fullmatch(name):
+                raise PolicyError(
+                    f"labels.{name}", "not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+                )
+
+
+def _signal_rules() -> tuple[Rule, ...]:
+    # Imported here, not at the top: signals.py builds its engine presets
+    # from this module's MetricOverride.
+    from batchpilot.controller.signals import Signal
+
+    names = [signal.value for signal in Signal]
+    listed = ", ".join(f"'{name}'" for name in names)
+    return (
+        Rule(f"self.all(k, k in [{listed}])", f"unknown signal; signals are {', '.join(names)}"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSpec:
+    """Where and over which window live metrics are read; the operator turns
+    `endpoint` into a URL from its own configuration."""
+
+    endpoint: str = wired(
+        "Name of a Prometheus-compatible endpoint in the operator's configuration (not a URL: the "
+        "operator's owner decides which servers it queries).",
+        default="default",
+        pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        publish_default=True,
+        invalid="{value!r} is not an endpoint name: the operator's configuration names its "
+        "Prometheus endpoints with DNS labels (a-z, 0-9, -)",
+    )
+    # 60 s: four scrapes at Prometheus' common 15 s interval, two at 30 s;
+    # rate() needs two samples inside the window.
+    window_s: float = wired(
+        "Window of every rate and quantile (default 60: four scrapes at the common 15 s interval).",
+        name="windowSeconds",
+        default=60.0,
+        minimum=1,
+        maximum=86_400,
+        schema_type="integer",
+    )
+    # A pod whose newest sample is older than this is reported missing.
+    staleness_s: float = wired(
+        "A pod whose newest sample is older than this counts as not reporting (default 90).",
+        name="stalenessSeconds",
+        default=90.0,
+        minimum=1,
+        maximum=86_400,
+        schema_type="integer",
+    )
+    # Prometheus HTTP request timeout.
+    timeout_s: float = wired(
+        "Timeout of one query (default 10).",
+        name="timeoutSeconds",
+        default=10.0,
+        minimum=0.1,
+        maximum=600,
+    )
+    pod_label: str = wired(
+        "Label that carries the pod name on every series (default pod).",
+        default="pod",
+        pattern=f"^{LABEL_NAME}$",
+        max_length=128,
+        invalid=_NOT_A_LABEL,
+    )
+    namespace_label: str = wired(
+        "Label that carries the namespace on every series (default namespace).",
+        default="namespace",
+        pattern=f"^{LABEL_NAME}$",
+        max_length=128,
+        invalid=_NOT_A_LABEL,
+    )
+    overrides: Mapping[str, MetricOverride] = wired(
+        "Per signal, the metric to read instead of the engine's default (a metric name and fixed "
+        "labels, never free-form PromQL).",
+        default_factory=dict,
+        max_properties=32,
+        rules=_signal_rules,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        # Imported here for the reason _signal_rules gives.
+        from batchpilot.controller.signals import SIGNAL_NAMES
+
+        for signal in self.overrides:
+            if signal not in SIGNAL_NAMES:
+                raise PolicyError(
+                    f"overrides.{signal}",
+                    f"unknown signal; signals are {', '.join(sorted(SIGNAL_NAMES))}",
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSpec:
+    """The controller's part of an InferencePolicy `spec`, as written."""
+
+    slo: Slo = wired("Per-request latency objectives.", required="{ttftMs: <int>, tpotMs: <int>}")
+    engine: EngineSpec = wired(
+        "The serving engine and the ceilings it was started with; the gate can lower them, never "
+        "raise them.",
+        default_factory=EngineSpec,
+    )
+    metrics: MetricsSpec = wired(
+        "Where and over which window live metrics are read.", default_factory=MetricsSpec
+    )
+    knobs: KnobsSpec | None = wired(
+        "Which knobs to steer and within which bounds; knobs not listed are left as they are. "
+        "Absent: batch cap, in-flight token budget and queue deadline, within engine-derived "
+        "bounds, plus fcfs or shortest-prompt-first.",
+        default=None,
+    )
+    behavior: Behavior = wired(
+        "How fast and how carefully recommendations become changes.", default_factory=Behavior
+    )
+    mode: Mode = wired(
+        "Off: observe only, and return the pods to their startup settings. Recommend: publish the "
+        "recommendation in status, change nothing. Auto: apply it to every Ready pod.",
+        default=Mode.RECOMMEND,
+        publish_default=True,
+    )
