@@ -13,13 +13,14 @@ import shlex
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from batchpilot.cli.app import fail, ms_text
 from batchpilot.cli.report import write_report
 from batchpilot.sim.bench import check_supported, result_rows, run_benchmark
 from batchpilot.sim.controllers import ControllerError, ensure_available
@@ -54,20 +55,20 @@ def bench(
     """Replay scenarios against each controller and report goodput and SLO attainment."""
     names = [name.strip() for name in controllers.split(",") if name.strip()]
     if not names:
-        _fail("--controllers: give at least one controller name")
+        fail("--controllers: give at least one controller name")
     try:
         ensure_available(names)
     except ControllerError as err:
-        _fail(f"--controllers: {err}")
+        fail(f"--controllers: {err}")
     loaded = []
     for path in scenarios:
         try:
             scenario = load_scenario(path)
             check_supported(scenario, names)
         except ScenarioError as err:
-            _fail(f"{path}: {err}")
+            fail(f"{path}: {err}")
         except ControllerError as err:
-            _fail(f"{path}: --controllers: {err}")
+            fail(f"{path}: --controllers: {err}")
         loaded.append(scenario)
     started = time.perf_counter()
     document = {
@@ -149,10 +150,10 @@ def _print_table(document: dict[str, Any]) -> None:
             str(row["good"]),
             f"{row['goodput_rps']:.2f}",
             f"{row['slo_attainment']:.1%}",
-            _ms(row["ttft_p50_ms"]),
-            _ms(row["ttft_p99_ms"]),
-            _ms(row["tpot_p50_ms"]),
-            _ms(row["tpot_p99_ms"]),
+            ms_text(row["ttft_p50_ms"]),
+            ms_text(row["ttft_p99_ms"]),
+            ms_text(row["tpot_p50_ms"]),
+            ms_text(row["tpot_p99_ms"]),
             str(row["shed"]),
             str(row["preemptions"]),
             str(row["config_changes"]),
@@ -161,10 +162,3 @@ def _print_table(document: dict[str, Any]) -> None:
     Console(width=160).print(table)
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)

@@ -46,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import aiohttp
 import numpy as np
@@ -57,6 +57,7 @@ from rich.console import Console
 from rich.live import Live
 
 import batchpilot.sim
+from batchpilot.cli.app import fail
 from batchpilot.cli.demo_fleet import HOST, Fleet, FleetError, FleetSpec, ReplicaAddress
 from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.bench_adapter import ControllerContext, policy_for
@@ -418,15 +419,15 @@ def demo(
             load_demo_scenario(scenario_path), time_scale=time_scale, duration_s=duration
         )
     except DemoError as err:
-        _fail(str(err))
+        fail(str(err))
     if len(plan.scenario.replica_names) > 4:
-        _fail(
+        fail(
             f"--scenario: the demo runs at most 4 replicas per fleet on one machine, the scenario has {len(plan.scenario.replica_names)}"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        _fail(f"--out: cannot create {out} ({err.strerror})")
+        fail(f"--out: cannot create {out} ({err.strerror})")
     # A pipe or a file gets 150 columns, not rich's 80: the live table has nine.
     console = Console(width=None if Console().is_terminal else 150)
     console.print(demo_view.intro(plan))
@@ -539,7 +540,3 @@ def records_between(
 ) -> list[RequestRecord]:
     return [record for record in records if start_s <= record.arrival_s < end_s]
 
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)

@@ -25,6 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from batchpilot.cli.app import ms_text
 from batchpilot.cli.demo import (
     FLEETS,
     PLOT_FILE,
@@ -135,8 +136,8 @@ def render(state: DemoState) -> Any:
                 knobs_text(pod.applied if pod else None, plan.time_scale),
                 _number(pod.gate_queue if pod else None),
                 _number(pod.running if pod else None),
-                _ms(stats["ttft_p99_ms"] if stats else None),
-                _ms(stats["tpot_p99_ms"] if stats else None),
+                ms_text(stats["ttft_p99_ms"] if stats else None),
+                ms_text(stats["tpot_p99_ms"] if stats else None),
                 f"{stats['goodput_rps']:.2f}" if stats else "-",
                 f"{stats['slo_attainment']:.0%}" if stats else "-",
             )
@@ -307,8 +308,8 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
             f"{before['slo_attainment']:.1%}",
             f"{after['goodput_rps']:.2f}",
             f"{after['slo_attainment']:.1%}",
-            _ms(overall["ttft_p99_ms"]),
-            _ms(overall["tpot_p99_ms"]),
+            ms_text(overall["ttft_p99_ms"]),
+            ms_text(overall["tpot_p99_ms"]),
             str(overall["shed"]),
             str(overall["errors"]),
         )
@@ -427,6 +428,3 @@ def _nan(value: float | None) -> float:
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"

@@ -22,7 +22,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, cast
+from typing import Annotated, Any, cast
 
 import typer
 from kubernetes import client, config
@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from urllib3.exceptions import HTTPError
 
+from batchpilot.cli.app import fail
 from batchpilot.contract.knobs import knobs_document
 from batchpilot.controller.explain import is_guard_step, parse_reason_text
 from batchpilot.controller.policy import PolicyError
@@ -284,7 +285,7 @@ def explain(
         with _api_client(kubeconfig, context) as api:
             explanation = gather(api, namespace, name)
     except ExplainError as err:
-        _fail(str(err))
+        fail(str(err))
     print_explanation(explanation, Console())
 
 
@@ -331,7 +332,3 @@ def _api_message(err: Any) -> str:
     except (TypeError, ValueError, AttributeError):
         return str(err.body or "")[:200]
 
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)

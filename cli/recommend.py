@@ -27,7 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -36,6 +36,7 @@ from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressDisplay
 from rich.table import Table
 
+from batchpilot.cli.app import fail, ms_text
 from batchpilot.contract.knobs import Knobs
 from batchpilot.sim.baselines import knob_grid
 from batchpilot.sim.bench import RequestTable, Simulation
@@ -338,7 +339,7 @@ def recommend(
                 f"SOURCE: {source} is neither a scenario (.yaml) nor a trace (.csv)"
             )
     except RecommendError as err:
-        _fail(str(err))
+        fail(str(err))
     result = _run_with_progress(scenario)
     print_recommendations(result)
     if plot is not None:
@@ -369,8 +370,8 @@ def print_recommendations(result: Recommendations) -> None:
             knobs_text(best.knobs),
             f"{best.goodput_rps:.2f}",
             f"{best.slo_attainment:.1%}",
-            _ms(best.ttft_p99_ms),
-            _ms(best.tpot_p99_ms),
+            ms_text(best.ttft_p99_ms),
+            ms_text(best.tpot_p99_ms),
             f"{phase.static_best.goodput_rps:.2f}/s",
         )
     # A pipe gets 160 columns, not rich's 80: the table has eleven.
@@ -380,7 +381,7 @@ def print_recommendations(result: Recommendations) -> None:
     console.print(
         f"best single static setting: [bold]{knobs_text(overall.knobs)}[/bold] -> "
         f"{overall.goodput_rps:.2f} good req/s, SLO attainment {overall.slo_attainment:.1%}, "
-        f"TTFT p99 {_ms(overall.ttft_p99_ms)} ms, TPOT p99 {_ms(overall.tpot_p99_ms)} ms"
+        f"TTFT p99 {ms_text(overall.ttft_p99_ms)} ms, TPOT p99 {ms_text(overall.tpot_p99_ms)} ms"
     )
 
 
@@ -534,10 +535,3 @@ def _or_inf(value: float | None) -> float:
     return math.inf if value is None else round(value)
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)

@@ -25,10 +25,11 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
+from batchpilot.cli.app import fail
 from batchpilot.sim.bench import beats_bound
 from batchpilot.sim.controllers import BOUND, is_hindsight
 
@@ -502,7 +503,7 @@ def report(
         document = load_document(bench_json)
         written = write_report(document, out, scenario=scenario)
     except ReportError as err:
-        _fail(str(err))
+        fail(str(err))
     for path in written:
         typer.echo(f"wrote {path}")
 
@@ -553,7 +554,3 @@ def _pyplot() -> Any:
 
     return plt
 
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)

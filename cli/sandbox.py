@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, cast
+from typing import Annotated, Any, cast
 
 import typer
 from kubernetes import client
@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from rich.console import Console
 from rich.table import Table
 
+from batchpilot.cli.app import fail
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION
 from batchpilot.sim.sandbox import session
 from batchpilot.sim.sandbox.session import (
@@ -53,10 +54,6 @@ def _directory(directory: Path | None) -> Path:
     return (directory or default_directory()).resolve()
 
 
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
 
 @app.command()
 def up(
@@ -73,7 +70,7 @@ def up(
     console = Console()
     where = _directory(directory)
     if scenario is not None and not scenario.is_file():
-        _fail(f"--scenario: no such file {scenario}")
+        fail(f"--scenario: no such file {scenario}", code=1)
     already = SandboxState.read(where)
     if already is not None and already.supervisor_alive():
         console.print(f"the sandbox in {where} is already running")
@@ -88,7 +85,7 @@ def up(
                 on_progress=lambda line: console.print(f"  {line}"),
             )
         except StackError as error:
-            _fail(str(error))
+            fail(str(error), code=1)
         console.print(f"up in {time.monotonic() - started:.0f} s")
     _print_endpoints(console, state, where)
 
@@ -128,7 +125,7 @@ def env(directory: DirectoryOption = None) -> None:
     """
     state = SandboxState.read(_directory(directory))
     if state is None or not state.supervisor_alive():
-        _fail("no sandbox is running: start one with `batchpilot sandbox up`")
+        fail("no sandbox is running: start one with `batchpilot sandbox up`", code=1)
     # kubectl as the sandbox installed it, and this virtualenv's batchpilot.
     path = ":".join(
         shlex.quote(str(p)) for p in (Path(state.kubectl).parent, Path(sys.executable).parent)

@@ -128,24 +128,25 @@ def knobs_document(knobs: Knobs) -> dict[str, Any]:
 def knobs_summary(knobs: Knobs) -> str:
     """`cap=64 tokens=200000 fcfs deadline=none` for one-line displays."""
     return (
-        f"cap={_text(knobs.max_concurrency)} tokens={_text(knobs.max_inflight_tokens)} "
-        f"{knobs.discipline} deadline={_text(knobs.queue_deadline_ms)}"
+        f"cap={value_text(knobs.max_concurrency)} tokens={value_text(knobs.max_inflight_tokens)} "
+        f"{knobs.discipline} deadline={value_text(knobs.queue_deadline_ms)}"
     )
 
 
 def knobs_text(knobs: Knobs) -> str:
     """Every knob by its wire name, `maxConcurrency=64, ..., discipline=fcfs`, for Event messages."""
-    return ", ".join(f"{WIRE_NAMES[name]}={_text(value)}" for name, value in knobs.to_mapping().items())
+    return ", ".join(f"{WIRE_NAMES[name]}={value_text(value)}" for name, value in knobs.to_mapping().items())
 
 
 def knobs_change_text(before: Knobs, after: Knobs) -> str:
     """The knobs that differ, `maxConcurrency 8 -> 16, ...`, for Event messages."""
     return ", ".join(
-        f"{WIRE_NAMES[name]} {_text(getattr(before, name))} -> {_text(getattr(after, name))}"
+        f"{WIRE_NAMES[name]} {value_text(getattr(before, name))} -> {value_text(getattr(after, name))}"
         for name in WIRE_NAMES
         if getattr(before, name) != getattr(after, name)
     )
 
 
-def _text(value: object) -> str:
+def value_text(value: object) -> str:
+    """One knob value for display: an unset limit (None) reads `none`."""
     return "none" if value is None else str(value)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from batchpilot.contract.knobs import WIRE_NAMES, Knobs
+from batchpilot.contract.knobs import WIRE_NAMES, Knobs, value_text
 
 Scalar = float | int | str | bool | None
 
@@ -122,7 +121,8 @@ def reason_text(reason: Reason) -> str:
     text = f"{reason.step}{_STEP_END}{reason.message}"
     if reason.knob is not None:
         name = WIRE_NAMES.get(reason.knob, reason.knob)
-        text += f" ({name}: wanted {_text(reason.wanted)}, allowed {_text(reason.allowed)})"
+        wanted, allowed = value_text(reason.wanted), value_text(reason.allowed)
+        text += f" ({name}: wanted {wanted}, allowed {allowed})"
     return text
 
 
@@ -136,6 +136,3 @@ def is_guard_step(step: str) -> bool:
     """Whether a guard, not the decision, gave a reason of this step."""
     return step.startswith(_GUARD_PREFIX)
 
-
-def _text(value: Any) -> str:
-    return "none" if value is None else str(value)

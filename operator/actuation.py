@@ -165,7 +165,7 @@ async def held_settings(
     answers = dict(zip((pod.name for pod in ours), await each_pod(op, ours, one), strict=True))
     running = Counter(knobs for knobs in answers.values() if isinstance(knobs, Knobs))
     # No gate answered: what the records say was applied is the best knowledge.
-    recorded = Counter(pod.record.knobs for pod in ours if pod.record is not None)
+    recorded = Counter(record.knobs for pod in ours if (record := pod.record) is not None)
     knobs = (running or recorded).most_common(1)[0][0]
     others = tuple(
         Laggard(pod, answer if isinstance(answer, str) else f"runs {knobs_summary(answer)}")
