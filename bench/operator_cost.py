@@ -5,26 +5,29 @@ the operator process it measures, the report) are stages of one run that
 nothing else imports.
 
     python bench/operator_cost.py [--policies 100] [--pods-per-policy 16] [--namespaces 10]
-                                  [--measure 180] [--json OUT]
+                                  [--shards 1] [--measure 180] [--json OUT]
 
 Setup, all real and on loopback: the test stack's kube-apiserver (etcd
 embedded) with the InferencePolicy CRD; `--policies` policies in Recommend
 mode spread over `--namespaces` namespaces, each selecting its own
-`--pods-per-policy` Ready pods (127.1.x.y pod IPs); one exporter serving
-synthetic per-pod series for every pod (the series and bucket layouts the
-gate and vLLM export, with per-pod traffic, seeded), scraped by a real
-Prometheus every 15 s; and `batchpilot operator` as a process, at its
+`--pods-per-policy` Ready pods (127.1.x.y pod IPs); one exporter per
+namespace serving synthetic per-pod series for its pods (the series and
+bucket layouts the gate and vLLM export, with per-pod traffic, seeded),
+scraped by a real Prometheus every 15 s; and `batchpilot operator` as
+`--shards` processes (shard_count / shard_index, docs/scale-out.md), at the
 default tick (5 s), each policy stepping every 30 s over a 60 s window.
 
 Recommend mode: the pods are not backed by gates, so Auto would only time
 connection failures; Recommend runs everything else (pod index, queries,
 fit, decision, guards, status writes).
 
-Measured, after every policy has completed a step (warm-up): the operator
+Measured, after every policy has completed a step (warm-up): each operator
 process's CPU time over `--measure` seconds (utime + stime from /proc) as a
-share of one core, its peak and final RSS, and the control-step duration
+share of one core, its peak and final RSS, the control-step duration
 (select pods -> queries -> fit -> decide -> guard -> status) from the
-operator's own histogram, p50/p99 interpolated within its buckets.
+operators' own histograms (summed over shards), p50/p99 interpolated within
+their buckets, and the load on Prometheus: queries/s, series returned/s,
+queries per control step.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -209,7 +212,9 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 def operator_metrics(url: str) -> dict[str, float]:
     """Every batchpilot_operator_* sample of the operator's /metrics, by sample name."""
-    reply = http_get(url)
+    # An operator stepping a thousand policies on two shared cores answers
+    # in seconds, not the probe's default fraction of one.
+    reply = http_get(url, timeout_s=30.0)
     if reply is None or reply[0] != 200:
         raise RuntimeError(f"operator /metrics at {url} not answering")
     samples: dict[str, float] = {}
@@ -291,12 +296,15 @@ def main() -> None:
     parser.add_argument("--policies", type=int, default=100)
     parser.add_argument("--pods-per-policy", type=int, default=16)
     parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--shards", type=int, default=1, help="operator processes, each running one shard")
     parser.add_argument("--measure", type=float, default=180.0, help="seconds of measurement after warm-up")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
     if args.policies < 1 or args.pods_per_policy < 1 or not 1 <= args.namespaces <= args.policies:
         parser.error("--policies and --pods-per-policy must be >= 1, --namespaces in 1..policies")
+    if not 1 <= args.shards <= args.policies:
+        parser.error("--shards must be in 1..policies")
     total_pods = args.policies * args.pods_per_policy
     if total_pods > 250 * 256:
         parser.error("at most 64,000 pods (127.1.0.0/16 pod IPs)")
@@ -327,12 +335,18 @@ def main() -> None:
                 for _ in pool.map(make_pod, enumerate(assignments)):
                     bar.advance(task)
 
-        exporter = Exporter([(namespace, pod) for namespace, _, pod in assignments], args.seed)
-        with serving(exporter) as address:
-            prometheus = start_prometheus([address], scrape_interval_s=SCRAPE_INTERVAL_S, workdir=workdir / "prom")
+        # One exporter (and scrape target) per namespace: one target of
+        # millions of series would not be parsed within the scrape timeout.
+        exporters = [Exporter([(ns, pod) for ns, _, pod in assignments if ns == namespace],
+                              args.seed + index)
+                     for index, namespace in enumerate(namespaces)]
+        with ExitStack() as served:
+            addresses = [served.enter_context(serving(exporter)) for exporter in exporters]
+            prometheus = start_prometheus(addresses, scrape_interval_s=SCRAPE_INTERVAL_S,
+                                          workdir=workdir / "prom", timeout_s=300.0)
             try:
                 result = run_operator(args, kube, api, prometheus, namespaces, workdir, processes,
-                                      len(exporter.series))
+                                      sum(len(exporter.series) for exporter in exporters))
             finally:
                 prometheus.stop()
     finally:
@@ -364,16 +378,23 @@ def run_operator(args: argparse.Namespace, kube: Any, api: client.ApiClient, pro
         namespace = namespaces[p % args.namespaces]
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
                                                policy_manifest(f"policy-{p:03d}"))
-    health_port, metrics_port = free_loopback_port(), free_loopback_port()
-    config = workdir / "operator.yaml"
-    config.write_text(yaml.safe_dump({
-        "prometheus": {"default": prometheus_url}, "namespaces": namespaces,
-        "health_host": "127.0.0.1", "health_port": health_port, "metrics_port": metrics_port,
-    }))
-    operator = ManagedProcess("operator", [sys.executable, "-m", "batchpilot.cli.main", "operator",
-                                           "--config", str(config)],
-                              workdir / "operator.log", {**os.environ, "KUBECONFIG": str(kube.kubeconfig)})
-    processes.append(operator)
+    operators, metrics_urls = [], []
+    for shard in range(args.shards):
+        health_port, metrics_port = free_loopback_port(), free_loopback_port()
+        config = workdir / f"operator-{shard}.yaml"
+        config.write_text(yaml.safe_dump({
+            "prometheus": {"default": prometheus_url}, "namespaces": namespaces,
+            "health_host": "127.0.0.1", "health_port": health_port, "metrics_port": metrics_port,
+            "shard_count": args.shards, "shard_index": shard,
+        }))
+        operator = ManagedProcess(f"operator-{shard}",
+                                  [sys.executable, "-m", "batchpilot.cli.main", "operator",
+                                   "--config", str(config)],
+                                  workdir / f"operator-{shard}.log",
+                                  {**os.environ, "KUBECONFIG": str(kube.kubeconfig)})
+        processes.append(operator)
+        operators.append(operator)
+        metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
     started = time.monotonic()
 
     def stepped() -> int:
@@ -386,35 +407,49 @@ def run_operator(args: argparse.Namespace, kube: Any, api: client.ApiClient, pro
 
     with _Bar() as bar:
         task = bar.add_task("warm-up: first step of every policy", total=args.policies)
-        # Two intervals: the first steps of 100 policies queue behind
-        # max_parallel_steps, and Prometheus needs two scrapes for rate().
-        deadline = time.monotonic() + 4 * POLICY_INTERVAL_S + 120
+        # Two intervals: the first steps queue behind max_parallel_steps, and
+        # Prometheus needs two scrapes for rate(); a large fleet's first
+        # listings and pod indexes take longer.
+        deadline = time.monotonic() + 4 * POLICY_INTERVAL_S + 120 + 0.3 * args.policies
         while (done := stepped()) < args.policies:
             bar.update(task, completed=done)
-            if not operator.running():
-                raise RuntimeError(f"operator exited; its log ends:\n{operator.log_tail()}")
+            for operator in operators:
+                if not operator.running():
+                    raise RuntimeError(f"{operator.name} exited; its log ends:\n{operator.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {done}/{args.policies} policies stepped; log:\n{operator.log_tail()}")
+                raise RuntimeError(f"only {done}/{args.policies} policies stepped; log:\n"
+                                   f"{operators[0].log_tail()}")
             time.sleep(2.0)
     warmup_s = time.monotonic() - started
-    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-    before = operator_metrics(metrics_url)
+    before_each = [operator_metrics(url) for url in metrics_urls]
+    before = merged(before_each)
     neighbours = {"prometheus": prometheus_pid, "kube-apiserver": kube.process.pid, "exporter": os.getpid()}
     neighbours_before = {name: cpu_seconds(pid) for name, pid in neighbours.items()}
-    cpu_before, wall_before = cpu_seconds(operator.pid), time.monotonic()
-    rss_samples = []
+    cpu_before = [cpu_seconds(operator.pid) for operator in operators]
+    wall_before = time.monotonic()
+    rss_samples: list[list[float]] = [[] for _ in operators]
     with _Bar() as bar:
         task = bar.add_task(f"measuring {args.measure:.0f} s", total=args.measure)
         while (elapsed := time.monotonic() - wall_before) < args.measure:
-            rss_samples.append(proc_rss_mib(operator.pid)[0])
+            for samples, operator in zip(rss_samples, operators, strict=True):
+                samples.append(proc_rss_mib(operator.pid)[0])
             bar.update(task, completed=elapsed)
             time.sleep(1.0)
-    cpu_after, wall_after = cpu_seconds(operator.pid), time.monotonic()
-    wall = wall_after - wall_before
+    cpu_after = [cpu_seconds(operator.pid) for operator in operators]
+    wall = time.monotonic() - wall_before
     neighbour_cpu = {name: round((cpu_seconds(pid) - neighbours_before[name]) / wall, 4)
                      for name, pid in neighbours.items()}
-    rss_now, rss_peak = proc_rss_mib(operator.pid)
-    after = operator_metrics(metrics_url)
+    prometheus_rss = proc_rss_mib(prometheus_pid)[1]
+    after_each = [operator_metrics(url) for url in metrics_urls]
+    after = merged(after_each)
+    per_process = [
+        {"shard": index,
+         "control_steps": window_quantiles(before_each[index], after_each[index], STEP_HISTOGRAM)["count"],
+         "cpu_share_of_one_core": round((cpu_after[index] - cpu_before[index]) / wall, 4),
+         "rss_mib": {"mean": round(sum(samples) / len(samples), 1),
+                     "peak": round(proc_rss_mib(operator.pid)[1], 1)}}
+        for index, (operator, samples) in enumerate(zip(operators, rss_samples, strict=True))
+    ]
 
     def delta(prefix: str) -> int:
         return int(sum(value - before.get(name, 0.0) for name, value in after.items() if name.startswith(prefix)))
@@ -423,33 +458,54 @@ def run_operator(args: argparse.Namespace, kube: Any, api: client.ApiClient, pro
     available = sum(_condition(item, "MetricsAvailable") == "True"
                     for namespace in namespaces
                     for item in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"])
+    steps = window_quantiles(before, after, STEP_HISTOGRAM)
+    queries = delta("batchpilot_operator_prometheus_queries_total")
+    samples_returned = delta("batchpilot_operator_prometheus_samples_total")
     return {
         "setup": {"policies": args.policies, "pods_per_policy": args.pods_per_policy,
                   "pods": args.policies * args.pods_per_policy, "namespaces": args.namespaces,
+                  "shards": args.shards,
                   "mode": "Recommend", "policy_interval_s": POLICY_INTERVAL_S, "window_s": WINDOW_S,
                   "scrape_interval_s": SCRAPE_INTERVAL_S, "exporter_series": series,
                   "operator_tick_s": defaults.tick_seconds,
                   "max_parallel_steps": defaults.max_parallel_steps},
         "warmup_s": round(warmup_s, 1),
-        "measure_s": round(wall_after - wall_before, 1),
-        "cpu_share_of_one_core": round((cpu_after - cpu_before) / wall, 4),
+        "measure_s": round(wall, 1),
+        # Summed over the shard processes; per_process has each one.
+        "cpu_share_of_one_core": round(sum(p["cpu_share_of_one_core"] for p in per_process), 4),
+        "rss_mib": {"mean": round(sum(p["rss_mib"]["mean"] for p in per_process), 1),
+                    "peak_per_process": max(p["rss_mib"]["peak"] for p in per_process)},
+        "per_process": per_process,
         # The rest of the stack on the same machine, for context (the
-        # exporter shares the benchmark's own process).
+        # exporters share the benchmark's own process).
         "colocated_cpu_share_of_one_core": neighbour_cpu,
-        "rss_mib": {"mean": round(sum(rss_samples) / len(rss_samples), 1), "final": round(rss_now, 1),
-                    "peak": round(rss_peak, 1)},
-        # Quantiles interpolated within the operator's histogram buckets,
+        "prometheus_peak_rss_mib": round(prometheus_rss, 1),
+        # Quantiles interpolated within the operators' histogram buckets,
         # over the measurement window only.
-        "control_step_s": window_quantiles(before, after, STEP_HISTOGRAM),
+        "control_step_s": steps,
         "slot_wait_s": window_quantiles(before, after, "batchpilot_operator_step_slot_wait_seconds"),
         "query_s": window_quantiles(before, after, "batchpilot_operator_prometheus_query_duration_seconds"),
         # The controller's own phases inside a step (observe = the PromQL queries).
         "phase_s": {phase: window_quantiles(before, after, PHASE_HISTOGRAM, f'phase="{phase}"')
                     for phase in ("observe", "fit", "recommend", "guard", "report", "actuate")},
-        "queries": delta("batchpilot_operator_prometheus_queries_total"),
+        "queries": queries,
+        "prometheus_load": {
+            "queries_per_s": round(queries / wall, 2),
+            "series_returned_per_s": round(samples_returned / wall, 1),
+            "queries_per_control_step": round(queries / steps["count"], 2) if steps["count"] else None,
+        },
         "status_writes": delta("batchpilot_operator_status_writes_total"),
         "policies_with_metrics_available": available,
     }
+
+
+def merged(pages: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Every shard's batchpilot_operator_* samples, summed by sample name."""
+    total: dict[str, float] = {}
+    for page in pages:
+        for name, value in page.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
 
 
 def _condition(item: dict[str, Any], kind: str) -> str | None:
@@ -469,13 +525,16 @@ def print_table(document: dict[str, Any]) -> None:
 
     setup = document["setup"]
     table = Table(title=f"operator cost: {setup['policies']} policies x {setup['pods_per_policy']} pods "
-                        f"({setup['pods']} pods), {document['measure_s']:.0f} s measured")
+                        f"({setup['pods']} pods), {setup['shards']} shard(s), "
+                        f"{document['measure_s']:.0f} s measured")
     table.add_column("metric")
     table.add_column("value", justify="right")
     steps = document["control_step_s"]
     rows = [
-        ("CPU (share of one core)", f"{document['cpu_share_of_one_core']:.1%}"),
-        ("RSS mean / peak (MiB)", f"{document['rss_mib']['mean']:.0f} / {document['rss_mib']['peak']:.0f}"),
+        ("CPU, all shards (share of one core)", f"{document['cpu_share_of_one_core']:.1%}"),
+        ("CPU per shard (share of one core)",
+         ", ".join(f"{p['cpu_share_of_one_core']:.0%}" for p in document["per_process"])),
+        ("RSS peak per shard (MiB)", ", ".join(f"{p['rss_mib']['peak']:.0f}" for p in document["per_process"])),
         ("control steps", str(steps["count"])),
         ("control step p50 / p99 (ms)", f"{_ms(steps['p50'])} / {_ms(steps['p99'])}"),
         ("slot wait p50 / p99 (ms)",
@@ -485,6 +544,11 @@ def print_table(document: dict[str, Any]) -> None:
         ("fit p50 / p99 (ms)",
          f"{_ms(document['phase_s']['fit']['p50'])} / {_ms(document['phase_s']['fit']['p99'])}"),
         ("PromQL queries", str(document["queries"])),
+        ("queries/s, series returned/s",
+         f"{document['prometheus_load']['queries_per_s']:.0f}, "
+         f"{document['prometheus_load']['series_returned_per_s']:.0f}"),
+        ("queries per control step", str(document["prometheus_load"]["queries_per_control_step"])),
+        ("Prometheus peak RSS (MiB)", f"{document['prometheus_peak_rss_mib']:.0f}"),
         ("co-located CPU (share of one core)",
          ", ".join(f"{name} {share:.0%}" for name, share in document["colocated_cpu_share_of_one_core"].items())),
         ("status writes", str(document["status_writes"])),

@@ -7,6 +7,12 @@ adapter's last outcome. `PUT /config` answers the same document plus
 `changed`. The gate writes it (`to_document`) and the operator reads it
 (`from_document`): one declaration for both ends.
 
+A write may carry two conditions, checked atomically with the apply:
+`FENCE_HEADER`, the writer's fencing token (the leader's Lease
+`leaseTransitions`: a token lower than the highest the gate accepted is
+refused with 409, so a deposed leader cannot undo its successor's setting),
+and `If-Match` with a `version` (refused with 412 when the gate moved on).
+
 On the pod, `batchpilot.dev/knobs` holds the bare knobs (a gate that mounts
 its pod's annotations through the Downward API starts from them after a
 restart) and `batchpilot.dev/applied` the operator's record of what it applied.
@@ -25,6 +31,10 @@ from batchpilot.contract.knobs import KnobError, Knobs
 KNOBS_ANNOTATION = "batchpilot.dev/knobs"
 APPLIED_ANNOTATION = "batchpilot.dev/applied"
 CONFIG_PATH = "/config"
+FENCE_HEADER = "X-Batchpilot-Fence"
+# The largest fencing token: a signed 64-bit integer, as Kubernetes' own
+# integers (leaseTransitions is narrower still, int32).
+MAX_FENCE = 2**63 - 1
 
 
 class ConfigSource(StrEnum):
@@ -51,6 +61,9 @@ class GateConfig:
     # The engine-native adapter's last outcome ({"adapter", "status",
     # "detail", ...}); None when the gate has no adapter or has not called it.
     native: Mapping[str, Any] | None = None
+    # The highest fencing token the gate accepted; None when it has accepted
+    # none yet since its start, or is too old to know fencing.
+    fence: int | None = None
 
     @property
     def native_status(self) -> str | None:
@@ -71,6 +84,7 @@ class GateConfig:
             "source": self.source,
             "applied_unix_s": self.applied_unix_s,
             "native": None if self.native is None else dict(self.native),
+            "fence": self.fence,
         }
 
     @classmethod
@@ -80,6 +94,7 @@ class GateConfig:
             startup = data.get("startup_knobs")
             native = data.get("native")
             applied = data.get("applied_unix_s")
+            fence = data.get("fence")
             return cls(
                 knobs=Knobs.from_mapping(data["knobs"]),
                 version=int(data["version"]),
@@ -88,6 +103,7 @@ class GateConfig:
                 startup=None if startup is None else Knobs.from_mapping(startup),
                 applied_unix_s=None if applied is None else float(applied),
                 native=native if isinstance(native, Mapping) else None,
+                fence=None if fence is None else int(fence),
             )
         except (AttributeError, KeyError, TypeError, ValueError, KnobError) as err:
             raise FieldError("", str(err)) from err

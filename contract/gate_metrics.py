@@ -29,6 +29,14 @@ shed_total - retried_requests_total{outcome="shed"} counts first attempts
 shed, i.e. distinct requests that met a full queue. A label of two values,
 not the retry count: the count is whatever a client sends.
 
+config_writes_rejected_total{reason=...}: `PUT /config` writes refused
+because the configuration moved past what the writer knew, nothing applied:
+stale_fence (409: a fencing token lower than the highest the gate accepted,
+i.e. a write from a deposed leader), version_mismatch (412: `If-Match` named
+a version that is no longer the applied one). Refusals of the token or the
+body (401, 403, 400) are answered to the caller and not counted: they are
+misconfigurations, not races between writers.
+
 time_per_output_token_seconds: per streamed request that ended cleanly with
 at least two token events, (last event - first event) / (events - 1), timed
 as the engine's SSE `data:` events reach the gate; `data: [DONE]` is not an
@@ -70,6 +78,7 @@ class GateMetric(StrEnum):
     KNOB = "batchpilot_gate_knob"
     DISCIPLINE = "batchpilot_gate_discipline"
     CONFIG_VERSION = "batchpilot_gate_config_version"
+    CONFIG_WRITES_REJECTED_TOTAL = "batchpilot_gate_config_writes_rejected_total"
 
 
 HELP: Mapping[GateMetric, str] = {
@@ -97,6 +106,9 @@ HELP: Mapping[GateMetric, str] = {
     GateMetric.KNOB: "Applied knob value (+Inf: no limit from batchpilot).",
     GateMetric.DISCIPLINE: "1 for the applied queue discipline, 0 for the others.",
     GateMetric.CONFIG_VERSION: "Version of the applied configuration.",
+    GateMetric.CONFIG_WRITES_REJECTED_TOTAL: (
+        "Configuration writes refused, nothing applied: a stale fence or an If-Match mismatch."
+    ),
 }
 
 # Prometheus type of each family.
@@ -129,6 +141,7 @@ TYPE: Mapping[GateMetric, str] = {
             GateMetric.FAILED_TOTAL,
             GateMetric.UPSTREAM_RETRIES_TOTAL,
             GateMetric.RETRIED_REQUESTS_TOTAL,
+            GateMetric.CONFIG_WRITES_REJECTED_TOTAL,
         ),
         "counter",
     ),
@@ -216,3 +229,8 @@ class RetryReason(StrEnum):
 class RetriedOutcome(StrEnum):
     ADMITTED = "admitted"
     SHED = "shed"
+
+
+class ConfigRejectReason(StrEnum):
+    STALE_FENCE = "stale_fence"
+    VERSION_MISMATCH = "version_mismatch"

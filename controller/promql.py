@@ -46,18 +46,31 @@ def escape_string(value: str) -> str:
     return "".join(out)
 
 
+# The characters RE2 (Prometheus' regex engine) gives a meaning outside a
+# character class; every other printable character stands for itself.
+_RE2_METACHARACTERS = frozenset(r"\.+*?()|[]{}^$")
+
+
 def escape_regex(value: str) -> str:
-    """An RE2 pattern that matches exactly the literal `value`."""
+    """An RE2 pattern that matches exactly the literal `value`.
+
+    Only metacharacters are escaped: Prometheus (2.x) looks a regex of
+    literal alternatives up as a set of label values, which keeps a
+    `pod=~"a|b|c"` matcher's cost independent of how many pods Prometheus
+    holds, but it gives up on any escape it does not know, such as a
+    backslash before `-`, and then matches the regex against every pod name
+    it has.
+    """
     out: list[str] = []
     for char in value:
-        if not char.isascii() or char.isalnum() or char == "_":
-            out.append(char)
-        elif 0x20 <= ord(char) < 0x7F:
-            # RE2 (Prometheus' regex engine) and Python's `re` both read a
-            # backslash before ASCII punctuation as that literal character.
+        if char in _RE2_METACHARACTERS:
+            # RE2 and Python's `re` both read a backslash before ASCII
+            # punctuation as that literal character.
             out.append("\\" + char)
-        else:
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
             out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
     return "".join(out)
 
 

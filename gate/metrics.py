@@ -30,6 +30,7 @@ from batchpilot.contract.gate_metrics import (
     TOKEN_BUCKETS,
     TPOT_BUCKETS_S,
     TTFT_BUCKETS_S,
+    ConfigRejectReason,
     FailedReason,
     GateMetric,
     RetriedOutcome,
@@ -86,6 +87,7 @@ class GateMetrics(Collector):
         self.failed: dict[StrEnum, int] = dict.fromkeys(FailedReason, 0)
         self.upstream_retries: dict[StrEnum, int] = dict.fromkeys(RetryReason, 0)
         self.retried_requests: dict[StrEnum, int] = dict.fromkeys(RetriedOutcome, 0)
+        self.config_writes_rejected: dict[StrEnum, int] = dict.fromkeys(ConfigRejectReason, 0)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
@@ -107,9 +109,7 @@ class GateMetrics(Collector):
         yield _by_label(GateMetric.FAILED_TOTAL, self.failed)
         yield _by_label(GateMetric.UPSTREAM_RETRIES_TOTAL, self.upstream_retries)
         yield _by_label(GateMetric.RETRIED_REQUESTS_TOTAL, self.retried_requests, label="outcome")
-        knob_family = GaugeMetricFamily(
-            GateMetric.KNOB, HELP[GateMetric.KNOB], labels=[KNOB_LABEL]
-        )
+        knob_family = GaugeMetricFamily(GateMetric.KNOB, HELP[GateMetric.KNOB], labels=[KNOB_LABEL])
         for name in NUMERIC_KNOBS:
             value = getattr(knobs, name)
             knob_family.add_metric([name], math.inf if value is None else float(value))
@@ -123,6 +123,7 @@ class GateMetrics(Collector):
             )
         yield discipline_family
         yield _gauge(GateMetric.CONFIG_VERSION, self._config_version())
+        yield _by_label(GateMetric.CONFIG_WRITES_REJECTED_TOTAL, self.config_writes_rejected)
 
 
 def _gauge(name: GateMetric, value: float) -> GaugeMetricFamily:

@@ -10,6 +10,8 @@ when nothing else happens.
 Reconfiguration is one synchronous step on the event loop (queue reconfigure
 + version bump), so no request ever sees half a configuration, and no
 request is dropped: queued ones are re-ranked, admitted ones keep running.
+A write's conditions (its fencing token, the version it expects) are checked
+in that same step, so no other write can land between the check and the apply.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from batchpilot.contract.gate_api import ConfigSource, GateConfig
-from batchpilot.contract.gate_metrics import FailedReason, ShedReason
+from batchpilot.contract.gate_api import FENCE_HEADER, ConfigSource, GateConfig
+from batchpilot.contract.gate_metrics import ConfigRejectReason, FailedReason, ShedReason
 from batchpilot.contract.knobs import Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
 from batchpilot.gate.estimate import RequestSize
@@ -42,6 +45,33 @@ class AppliedConfig:
     applied_unix_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class WriteConditions:
+    """What a configuration write is based on (see contract/gate_api.py)."""
+
+    # The writer's fencing token; None: an unfenced write (a person, or an
+    # operator without leader election), accepted whatever the gate has seen.
+    fence: int | None = None
+    # The versions `If-Match` names; None: whichever version is applied.
+    versions: frozenset[int] | None = None
+
+
+class WriteRefused(Exception):
+    """A write whose conditions no longer hold; nothing was applied.
+
+    `details` are the numbers the refusal compared, for the caller to read
+    without parsing the message.
+    """
+
+    def __init__(
+        self, reason: ConfigRejectReason, message: str, field: str, details: Mapping[str, int]
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+        self.details = details
+
+
 class Gate:
     """Admission and configuration state of one gate process."""
 
@@ -53,6 +83,10 @@ class Gate:
         self.config = AppliedConfig(knobs, 1, ConfigSource.STARTUP, time.time())
         self.native = native
         self.native_result: NativeResult | None = None
+        # The highest fencing token accepted since the start; None before the
+        # first fenced write. Kept in memory only: after a restart the next
+        # leader's write sets it again (see docs/gate.md for the window).
+        self.fence: int | None = None
         self.metrics = GateMetrics(lambda: self.queue, lambda: self.config.version)
         self._apply_lock = asyncio.Lock()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -96,17 +130,56 @@ class Gate:
         self._pump()
         return True
 
-    async def apply(self, knobs: Knobs, source: ConfigSource) -> bool:
+    async def apply(
+        self, knobs: Knobs, source: ConfigSource, conditions: WriteConditions | None = None
+    ) -> bool:
         """Reconfigure, then pass the engine-native part on; returns whether the gate changed.
+
+        Raises `WriteRefused`, having applied nothing, when `conditions` do
+        not hold. They are checked after the lock is taken and with no await
+        before the reconfiguration, so a write queued behind a newer one is
+        judged against what that newer one left.
 
         The native call is made even when the gate's own knobs are unchanged,
         so that repeating a write retries an engine that refused it before.
         Calls are serialized so the engine sees changes in the order applied.
         """
         async with self._apply_lock:
+            if conditions is not None:
+                self._admit_write(conditions)
             changed = self.reconfigure(knobs, source)
             await self._send_native()
             return changed
+
+    def _admit_write(self, conditions: WriteConditions) -> None:
+        """Raise `WriteRefused` unless `conditions` hold; raise the fence when they do."""
+        fence = conditions.fence
+        if fence is not None and self.fence is not None and fence < self.fence:
+            self.metrics.config_writes_rejected[ConfigRejectReason.STALE_FENCE] += 1
+            raise WriteRefused(
+                ConfigRejectReason.STALE_FENCE,
+                f"{FENCE_HEADER}: fence {fence} is lower than fence {self.fence}, which this gate "
+                "already accepted: a newer leader has written since, so this writer is no longer "
+                "the leader; nothing was applied",
+                FENCE_HEADER,
+                {"fence": fence, "highest_fence": self.fence},
+            )
+        version = self.config.version
+        if conditions.versions is not None and version not in conditions.versions:
+            self.metrics.config_writes_rejected[ConfigRejectReason.VERSION_MISMATCH] += 1
+            expected = " or ".join(str(v) for v in sorted(conditions.versions))
+            raise WriteRefused(
+                ConfigRejectReason.VERSION_MISMATCH,
+                f"If-Match: names version {expected}, but version {version} is applied, so "
+                "nothing was applied: GET /config, decide again from what it shows, and send "
+                "its version",
+                "If-Match",
+                {"version": version},
+            )
+        if fence is not None and (self.fence is None or fence > self.fence):
+            before = "none" if self.fence is None else self.fence
+            log.info("accepted fence %d (highest before: %s): a new leader writes", fence, before)
+            self.fence = fence
 
     async def resend_native(self) -> None:
         """Send the applied knobs to the engine again (after it restarted)."""
@@ -131,6 +204,7 @@ class Gate:
             startup=self.startup_knobs,
             applied_unix_s=self.config.applied_unix_s,
             native=None if self.native_result is None else self.native_result.to_mapping(),
+            fence=self.fence,
         )
 
     def _pump(self) -> None:

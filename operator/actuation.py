@@ -18,7 +18,7 @@ from typing import TypeVar
 from batchpilot.contract.knobs import Knobs, knobs_change_text, knobs_summary
 from batchpilot.contract.reasons import EventReason, EventType
 from batchpilot.controller.explain import Decision
-from batchpilot.operator.gates import CLEARED_ANNOTATIONS, AppliedRecord, GateError
+from batchpilot.operator.gates import CLEARED_ANNOTATIONS, AppliedRecord, GateError, StaleFence
 from batchpilot.operator.kube import KubeError, read_token, write_annotations
 from batchpilot.operator.pods import PodInfo
 from batchpilot.operator.runtime import EventNote, Operator, PolicyRuntime
@@ -60,6 +60,12 @@ async def apply_decision(
         try:
             canary = pod.name == decision.canary_pod
             return await _apply_one(op, runtime, parsed, pod, target, canary, token, stamp)
+        except StaleFence as err:
+            # A newer leader wrote this gate: this replica stops acting at once,
+            # and its other writes of this step are refused the same way.
+            op.leadership.step_down(str(err))
+            op.metrics.actuations.labels("failed").inc()
+            return pod.name, str(err), None
         except (GateError, KubeError) as err:
             op.metrics.actuations.labels("failed").inc()
             return pod.name, str(err), None
@@ -115,10 +121,24 @@ async def _apply_one(
     # current ones: an operator killed between a write and this pod's record
     # has already changed the current ones.
     startup = record.startup if record is not None else current.startup or current.knobs
+    fence = op.leadership.fence
+    if fence is not None and current.fence is not None and current.fence > fence:
+        # A newer leader has written this gate: nothing of ours may follow.
+        raise StaleFence(
+            f"gate of {pod.name} holds fence {current.fence}, above this replica's {fence}: "
+            "a newer leader took over",
+            fence,
+            current.fence,
+        )
     # A gate already at its target is not written to: the read is the
-    # whole steady-state cost, one GET per pod per interval.
+    # whole steady-state cost, one GET per pod per interval. A new leader
+    # writes once even then, to raise the gate's fence to its own: until it
+    # does, a deposed leader's write would still be taken.
+    unclaimed = fence is not None and current.fence != fence
     answer = (
-        current if current.knobs == target else await op.gates.write(pod.ip, port, token, target)
+        current
+        if current.knobs == target and not unclaimed
+        else await op.gates.write(pod.ip, port, token, target, fence=fence)
     )
     op.metrics.actuations.labels("changed" if answer.changed else "unchanged").inc()
     if (
@@ -216,10 +236,16 @@ async def restore_pods(
         try:
             if pod.ip is None:
                 raise GateError("the pod has no IP")
-            await op.gates.write(pod.ip, port, token, record.startup or Knobs())
+            await op.gates.write(
+                pod.ip, port, token, record.startup or Knobs(), fence=op.leadership.fence
+            )
             await asyncio.to_thread(
                 write_annotations, op.kube, runtime.namespace, pod.name, CLEARED_ANNOTATIONS
             )
+        except StaleFence as err:
+            op.leadership.step_down(str(err))
+            op.metrics.actuations.labels("failed").inc()
+            return f"{pod.name}: {err}"
         except (GateError, KubeError) as err:
             op.metrics.actuations.labels("failed").inc()
             return f"{pod.name}: {err}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Protocol
 
 from batchpilot.contract.knobs import Knobs
@@ -74,10 +75,13 @@ def stable_message(text: str) -> str:
 
 
 class ControllerStepper:
-    """controller/loop.py's PolicyController over Prometheus, seen as a Stepper."""
+    """controller/loop.py's PolicyController over Prometheus, seen as a Stepper;
+    a step's queries go out together on `query_pool` (the operator's) when given."""
 
-    def __init__(self, policy: Policy, prometheus: PromQueryClient) -> None:
-        self._source = OutageWatch(PrometheusSource(prometheus, policy))
+    def __init__(
+        self, policy: Policy, prometheus: PromQueryClient, query_pool: Executor | None = None
+    ) -> None:
+        self._source = OutageWatch(PrometheusSource(prometheus, policy, query_pool))
         self._loop = PolicyController(policy, self._source)
 
     @property

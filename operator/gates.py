@@ -3,6 +3,8 @@
 The gate's admin API and its `/config` document are declared in
 contract/gate_api.py. A PUT of the same knobs changes nothing and keeps the
 version, which is what makes re-sending the target every interval safe.
+A leader's write carries its fencing token; a gate that has accepted a higher
+one refuses it (409, `StaleFence`): another replica has become the leader.
 
 What the operator applied is recorded on the pod as the annotation
 `batchpilot.dev/applied` (`AppliedRecord`, JSON), including the settings the
@@ -26,6 +28,7 @@ from batchpilot.contract.errors import FieldError
 from batchpilot.contract.gate_api import (
     APPLIED_ANNOTATION,
     CONFIG_PATH,
+    FENCE_HEADER,
     KNOBS_ANNOTATION,
     GateConfig,
 )
@@ -39,6 +42,19 @@ class GateError(Exception):
     """A gate did not take a request; the message says why, for status and Events."""
 
 
+class StaleFence(GateError):
+    """A gate refused a fenced write: it accepted a higher fence, from a newer leader.
+
+    This replica is no longer the leader and must stop writing. `highest` is
+    the gate's highest accepted fence, None if its answer did not say.
+    """
+
+    def __init__(self, message: str, fence: int, highest: int | None) -> None:
+        super().__init__(message)
+        self.fence = fence
+        self.highest = highest
+
+
 class GateClient:
     """Admin-API calls with one shared aiohttp session and a per-request timeout."""
 
@@ -49,8 +65,15 @@ class GateClient:
     async def read(self, address: str, port: int) -> GateConfig:
         return await self._call("GET", address, port, None, None)
 
-    async def write(self, address: str, port: int, token: str, knobs: Knobs) -> GateConfig:
-        return await self._call("PUT", address, port, token, knobs.to_mapping())
+    async def write(
+        self, address: str, port: int, token: str, knobs: Knobs, *, fence: int | None = None
+    ) -> GateConfig:
+        """PUT `knobs`; with `fence`, as the leader holding that fencing token.
+
+        Raises `StaleFence` when the gate has accepted a higher fence, and
+        `GateError` for every other failure.
+        """
+        return await self._call("PUT", address, port, token, knobs.to_mapping(), fence)
 
     async def _call(
         self,
@@ -59,9 +82,12 @@ class GateClient:
         port: int,
         token: str | None,
         body: Mapping[str, Any] | None,
+        fence: int | None = None,
     ) -> GateConfig:
         url = f"http://{_host(address)}:{port}{CONFIG_PATH}"
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        if fence is not None:
+            headers[FENCE_HEADER] = str(fence)
         try:
             async with self._session.request(
                 method, url, json=body, headers=headers, timeout=self._timeout
@@ -77,6 +103,16 @@ class GateClient:
         if status in (401, 403):
             raise GateError(
                 f"gate at {url} refused the admin token ({status}): {_error_message(text)}"
+            )
+        if status == 409 and fence is not None:
+            highest = _error_detail(text, "highest_fence")
+            newer = "a higher fence" if highest is None else f"fence {highest}"
+            raise StaleFence(
+                f"gate at {url} refused this replica's write under fence {fence}: it accepted "
+                f"{newer} from another leader, so this replica stopped being the leader and "
+                "must not write again (409)",
+                fence,
+                highest,
             )
         if status != 200:
             raise GateError(f"gate at {url} answered {status}: {_error_message(text)}")
@@ -151,6 +187,15 @@ class AppliedRecord:
 
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
+
+
+def _error_detail(text: str, key: str) -> int | None:
+    """An integer the gate put beside its error message (`highest_fence`), or None."""
+    try:
+        value = json.loads(text)["error"][key]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _error_message(text: str) -> str:

@@ -14,8 +14,7 @@ again at a later tick, so a 409, a 429 or an outage delays it but never loses it
 | `operator_login` | at startup: the API credentials (in-cluster, else KUBECONFIG) |
 | `operator_cleanup` | once at exit: closes the clients |
 | `operator_liveness` | on each liveness probe (kopf's endpoint, cached 10 s) |
-| `pods_by_namespace` | on every pod event: keeps the pod index |
-| `pods_listed` | on every pod event: marks kopf's re-lists and deletions in the pod ledger |
+| `pods_seen` | on every pod event: keeps the pod index (pods.PodIndex) and marks kopf's re-lists and deletions in the pod ledger |
 | `inferencepolicy_step` | every `tick_seconds` per policy: a control step when due, its log line, the status write |
 | `inferencepolicy_mode` | when spec.mode changes: an Event |
 | `inferencepolicy_restore` | when a policy is deleted (finalizer): the pods' startup settings back |
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +40,7 @@ from batchpilot.controller.policy import PolicyError
 from batchpilot.operator.actuation import restore_pods
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.cycle import now_utc, run_cycle
+from batchpilot.operator.election import LeaseElector, replica_identity
 from batchpilot.operator.kube import (
     GROUP,
     PLURAL,
@@ -50,14 +51,19 @@ from batchpilot.operator.kube import (
 )
 from batchpilot.operator.logs import step_line
 from batchpilot.operator.metrics import OperatorMetrics
-from batchpilot.operator.podledger import AUDIT_RETRY_S, PodLedger
-from batchpilot.operator.pods import PodInfo, pod_info
+from batchpilot.operator.podledger import ARRIVAL_RECHECK_S, AUDIT_RETRY_S, PodLedger
+from batchpilot.operator.pods import PodIndex, PodInfo, pod_info
 from batchpilot.operator.runtime import EventNote, Operator, open_operator
+from batchpilot.operator.shard import Shard
 from batchpilot.operator.spec import parse_policy
 from batchpilot.operator.status import build_status, merge_patch
 
 PREFIX = "batchpilot.dev"
 FINALIZER = f"{PREFIX}/restore-gates"
+# A follower asks kopf to try a policy's deletion again this much later: by
+# then the leader has restored the pods and removed the finalizer, or this
+# replica leads.
+FOLLOWER_RETRY_S = 5.0
 # kopf retries a failed API request (connection refused, 5xx, 403, 429) after
 # these pauses, each at least the answer's Retry-After, then gives up on it.
 # Its default (1, 1, 2, 3, 5, 8, 13, 21) gives up after 54 s; a finalizer
@@ -78,8 +84,25 @@ STATUS_RETRY_MAX_S = 30.0
 log = logging.getLogger("batchpilot.operator")
 
 
+def finalizer_name(config: OperatorConfig) -> str:
+    """The finalizer this operator's shard puts on its policies.
+
+    kopf removes its finalizer from every object none of its deletion
+    handlers match: two releases splitting one namespace by label would each
+    strip the other's. One name per shard keeps them apart; an unsharded
+    operator keeps the plain name.
+    """
+    if config.shard_count == 1 and not config.policy_selector:
+        return FINALIZER
+    return f"{FINALIZER}-{config.lease_for_shard}"
+
+
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    shard = Shard.from_settings(config.shard_index, config.shard_count, config.policy_selector)
+
+    def in_shard(name: str, namespace: str | None, labels: kopf.Labels, **_: Any) -> bool:
+        return shard.owns(namespace or "", name, labels)
 
     @kopf.on.startup(registry=registry)
     async def operator_configure(
@@ -91,9 +114,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
         # Named after what it guards, so `kubectl get -o yaml` explains itself.
-        settings.persistence.finalizer = FINALIZER
-        # One replica, no peering objects to install; HA via kopf peering is
-        # a later addition (its CRDs would have to ship with the chart).
+        settings.persistence.finalizer = finalizer_name(config)
+        # No kopf peering: replicas elect a leader through a Lease of their
+        # own (election.py says why); every replica watches, only the leader acts.
         settings.peering.standalone = True
         # Events say which controller wrote them in `kubectl describe`.
         settings.posting.reporting_component = config.reporting_component
@@ -106,7 +129,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.watching.client_timeout = 300.0
         # Control steps run in the operator's own pool (step_threads) and API
         # calls in asyncio.to_thread's; kopf's pool runs only the small sync
-        # handlers (pod index, probe, login, mode Event): 4 threads are plenty.
+        # handlers (probe, login, mode Event): 4 threads are plenty.
         settings.execution.max_workers = 4
         settings.networking.error_backoffs = ERROR_BACKOFFS_S
         # Left at kopf's default (False): a 429 waits max(backoff, Retry-After),
@@ -118,7 +141,24 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         # Gone; that listing misses pods deleted meanwhile (podledger.py).
 
         op = memo.op = await open_operator(config, _kube_client())
+        memo.campaign = memo.elector = None
+        if config.leader_election:
+            elector = LeaseElector(
+                op.kube,
+                name=config.lease_for_shard,
+                namespace=config.lease_namespace or os.environ.get("POD_NAMESPACE") or "default",
+                identity=replica_identity(),
+                lease_s=config.lease_seconds,
+                renew_s=config.lease_renew_seconds,
+                renew_deadline_s=config.lease_renew_deadline_seconds,
+                registry=op.metrics.registry,
+            )
+            # One round now: a lone replica leads from its first tick.
+            await asyncio.to_thread(elector.try_once)
+            op.leadership = memo.elector = elector
+            memo.campaign = asyncio.create_task(elector.run(), name="lease-campaign")
         memo.pod_ledger = PodLedger()
+        memo.pod_index = PodIndex()
         memo.status_writer = StatusWriter(op.kube, op.metrics, config.tick_seconds)
         memo.metrics_server = (
             start_http_server(
@@ -137,6 +177,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
+        if memo.campaign is not None:
+            memo.campaign.cancel()
+            # Handing the Lease back lets a follower lead at its next try,
+            # not a whole lease_seconds later (a rolling update, a drain).
+            await memo.elector.release()
         await memo.op.close()
         memo.op.kube.close()
         if memo.metrics_server is not None:
@@ -149,9 +194,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     # kopf's callback protocols declare every keyword it passes, typed for any
     # resource (`namespace: str | None` for cluster-scoped ones); the handlers
-    # name only those they use, typed for these namespaced kinds.
-    @kopf.index("", "v1", "pods", registry=registry, id="pods_by_namespace")  # type: ignore[arg-type]
-    def pods_by_namespace(
+    # name only those they use, typed for these namespaced kinds. An async
+    # handler: it runs on the event loop, as the control steps that read the
+    # index do.
+    @kopf.on.event("", "v1", "pods", registry=registry, id="pods_seen")  # type: ignore[arg-type]
+    async def pods_seen(
+        event: kopf.RawEvent,
         name: str,
         uid: str,
         namespace: str,
@@ -161,28 +209,28 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         meta: kopf.Meta,
         memo: kopf.Memo,
         **_: Any,
-    ) -> dict[str, PodInfo]:
-        memo.pod_ledger.seen(uid, time.monotonic())
-        deleting = meta.get("deletionTimestamp") is not None
-        return {namespace: pod_info(name, uid, labels, annotations, status, deleting)}
-
-    @kopf.on.event("", "v1", "pods", registry=registry, id="pods_listed")  # type: ignore[arg-type]
-    def pods_listed(
-        event: kopf.RawEvent, uid: str, namespace: str, memo: kopf.Memo, **_: Any
     ) -> None:
         ledger: PodLedger = memo.pod_ledger
-        if event["type"] is None:  # a listing's object: at start-up, or a re-list
-            ledger.relisted(namespace, time.monotonic())
-        elif event["type"] == "DELETED":
+        index: PodIndex = memo.pod_index
+        if event["type"] == "DELETED":
             ledger.deleted(uid)
+            index.drop(namespace, uid)
+            return
+        now = time.monotonic()
+        ledger.seen(uid, now)
+        if event["type"] is None:  # a listing's object: at start-up, or a re-list
+            ledger.relisted(namespace, now)
+        deleting = meta.get("deletionTimestamp") is not None
+        index.store(namespace, pod_info(name, uid, labels, annotations, status, deleting))
 
-    @kopf.timer(  # type: ignore[arg-type]
+    @kopf.timer(
         GROUP,
         VERSION,
         PLURAL,
         registry=registry,
         id="inferencepolicy_step",
         interval=config.tick_seconds,
+        when=in_shard,
     )
     async def inferencepolicy_step(
         body: kopf.Body,
@@ -190,7 +238,6 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         meta: kopf.Meta,
         status: kopf.Status,
         memo: kopf.Memo,
-        pods_by_namespace: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
         op: Operator = memo.op
@@ -198,20 +245,30 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         op.last_tick_s = time.monotonic()
         op.metrics.last_tick.set(time.time())
         runtime = op.runtime(meta.uid, meta.name, namespace)
-        ledger: PodLedger = memo.pod_ledger
-        await _audit_pods(op, ledger, pods_by_namespace, namespace)
+        writer: StatusWriter = memo.status_writer
+        if not op.leadership.acting(op.last_tick_s):
+            # A follower keeps its watches and pod index warm, nothing else;
+            # if it leads later it starts this policy afresh, from what the
+            # pods' records say the leader left them on.
+            runtime.generation = None
+            writer.forget(meta.uid)
+            return
+        pods = await _current_pods(op, memo.pod_ledger, memo.pod_index, namespace)
+        if pods is None:
+            return  # the namespace's pods are still arriving: the next tick
         now, generation = now_utc(), meta.get("generation", 0)
         outcome = await run_cycle(
             op,
             runtime,
             spec=dict(spec),
             generation=generation,
-            pods=ledger.live(_pods(pods_by_namespace, namespace)),
+            pods=pods,
             now_mono=op.last_tick_s,
             now_wall=now,
         )
+        if not op.leadership.acting(time.monotonic()):
+            return  # deposed during the step: the new leader reports
         _post(body, outcome.events)
-        writer: StatusWriter = memo.status_writer
         current = _plain(status)
         if outcome.report is not None:
             level, line = step_line(outcome.report)
@@ -224,11 +281,19 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             raise kopf.TemporaryError(outcome.retry_message, delay=outcome.retry_after_s)
 
     @kopf.on.field(
-        GROUP, VERSION, PLURAL, registry=registry, id="inferencepolicy_mode", field="spec.mode"
+        GROUP,
+        VERSION,
+        PLURAL,
+        registry=registry,
+        id="inferencepolicy_mode",
+        field="spec.mode",
+        when=in_shard,
     )
-    def inferencepolicy_mode(old: Any, new: Any, body: kopf.Body, **_: Any) -> None:
-        if old is None:
-            return  # creation, not a switch
+    def inferencepolicy_mode(
+        old: Any, new: Any, body: kopf.Body, memo: kopf.Memo, **_: Any
+    ) -> None:
+        if old is None or not memo.op.leadership.acting(time.monotonic()):
+            return  # creation, not a switch; or the leader posts it
         if new == "Off":
             then = " (the pods return to their startup settings)"
         elif old == "Auto":
@@ -243,28 +308,36 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             message=f"mode {old} -> {new}{then}",
         )
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, id="inferencepolicy_restore")  # type: ignore[arg-type]
+    @kopf.on.delete(
+        GROUP, VERSION, PLURAL, registry=registry, id="inferencepolicy_restore", when=in_shard
+    )
     async def inferencepolicy_restore(
         body: kopf.Body,
         spec: kopf.Spec,
         meta: kopf.Meta,
         memo: kopf.Memo,
-        pods_by_namespace: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
         op: Operator = memo.op
+        if not op.leadership.acting(time.monotonic()):
+            raise kopf.TemporaryError(
+                "this replica follows; its shard's leader restores the pods",
+                delay=FOLLOWER_RETRY_S,
+            )
         namespace = _namespace(meta)
         runtime = op.runtime(meta.uid, meta.name, namespace)
         try:
-            parsed = parse_policy(
-                dict(spec), name=meta.name, namespace=namespace, config=op.config
-            )
+            parsed = parse_policy(dict(spec), name=meta.name, namespace=namespace, config=op.config)
         except PolicyError as err:
             parsed = None
             log.warning(
                 "policy %s/%s: restoring without a valid spec: %s", namespace, meta.name, err
             )
-        pods = memo.pod_ledger.live(_pods(pods_by_namespace, namespace))
+        pods = await _current_pods(op, memo.pod_ledger, memo.pod_index, namespace)
+        if pods is None:
+            raise kopf.TemporaryError(
+                "the namespace's pods are still arriving", delay=AUDIT_RETRY_S
+            )
         async with runtime.lock:
             notes = await restore_pods(op, runtime, parsed, list(pods))
         _post(body, notes)
@@ -350,31 +423,39 @@ def _status_retry_delay(err: KubeError, failures: int) -> float:
     return max(backoff, err.retry_after_s or 0.0)
 
 
-def _pods(index: kopf.Index[str, PodInfo], namespace: str) -> Iterable[PodInfo]:
-    return index.get(namespace, ())
+async def _current_pods(
+    op: Operator, ledger: PodLedger, index: PodIndex, namespace: str
+) -> list[PodInfo] | None:
+    """The namespace's pods, ghosts set aside; None until its pods have all arrived."""
+    await _audit_pods(op, ledger, index, namespace)
+    if not index.listed(namespace):
+        return None
+    return list(ledger.live(index.in_namespace(namespace)))
 
 
-async def _audit_pods(
-    op: Operator,
-    ledger: PodLedger,
-    index: kopf.Index[str, PodInfo],
-    namespace: str,
-) -> None:
-    """After kopf (re-)listed the namespace's pods, set aside the index's pods
-    that the API server no longer has (podledger.py says why)."""
+async def _audit_pods(op: Operator, ledger: PodLedger, index: PodIndex, namespace: str) -> None:
+    """When due (the first time, after kopf re-listed the namespace's pods, or
+    while they are arriving): list the namespace's pods, set aside the
+    index's pods the API server no longer has (podledger.py says why), and
+    tell the index which pods to wait for."""
     listed_s = time.monotonic()
     if not ledger.start_audit(namespace, listed_s):
         return
     try:
         live = await asyncio.to_thread(list_pod_uids, op.kube, namespace)
     except KubeError as err:
-        ledger.audit_failed(namespace, time.monotonic())
+        ledger.audit_again(namespace, time.monotonic())
         log.warning("%s; the pod index is checked again in %.0f s", err, AUDIT_RETRY_S)
         return
-    for ghost in ledger.set_aside(_pods(index, namespace), live, listed_s):
+    index.expect(namespace, live)
+    if not index.listed(namespace):
+        # Listed again shortly, in case a pod listed here was deleted
+        # before its event could arrive (then nothing else would clear it).
+        ledger.audit_again(namespace, time.monotonic(), ARRIVAL_RECHECK_S)
+    for ghost in ledger.set_aside(index.in_namespace(namespace), live, listed_s):
         log.warning(
-            "pod %s/%s (uid %s) was deleted while the pod watch was down; kopf's index "
-            "still holds it, so the operator no longer counts or configures it",
+            "pod %s/%s (uid %s) was deleted while the pod watch was down; kopf still "
+            "delivered it, so the operator no longer counts or configures it",
             namespace,
             ghost.name,
             ghost.uid,

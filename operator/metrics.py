@@ -1,4 +1,4 @@
-"""The operator's own Prometheus metrics, and the query client that feeds two of them.
+"""The operator's own Prometheus metrics, and the query client that feeds three of them.
 
 Served on `metrics_port` (/metrics) from a registry of its own, so a test
 or a second operator in one process never sees another's series.
@@ -58,7 +58,40 @@ class OperatorMetrics:
         )
         self.query_seconds = Histogram(
             "batchpilot_operator_prometheus_query_duration_seconds",
-            "Duration of one PromQL query.",
+            "Duration of one PromQL query, its waits and retries included.",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=QUERY_BUCKETS_S,
+        )
+        self.query_samples = Counter(
+            "batchpilot_operator_prometheus_samples_total",
+            "Result elements (series) PromQL queries returned, by endpoint.",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.query_retries = Counter(
+            "batchpilot_operator_prometheus_query_retries_total",
+            "Queries sent again, by endpoint and cause: the HTTP status of an overloaded "
+            "endpoint's answer (429, 502, 503, 504) or connection (a dropped connection).",
+            ["endpoint", "cause"],
+            registry=self.registry,
+        )
+        self.queries_in_flight = Gauge(
+            "batchpilot_operator_prometheus_queries_in_flight",
+            "PromQL queries sent and not yet answered, by endpoint.",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.query_slot_wait_seconds = Histogram(
+            "batchpilot_operator_prometheus_query_slot_wait_seconds",
+            "Time a query waited for one of the max_concurrent_queries slots "
+            "every policy and endpoint share.",
+            registry=self.registry,
+            buckets=QUERY_BUCKETS_S,
+        )
+        self.rate_limit_wait_seconds = Histogram(
+            "batchpilot_operator_prometheus_rate_limit_wait_seconds",
+            "Time a query or retry waited for its endpoint's max_queries_per_second.",
             ["endpoint"],
             registry=self.registry,
             buckets=QUERY_BUCKETS_S,
@@ -149,7 +182,8 @@ class OperatorMetrics:
 
 
 class CountingQueryClient:
-    """A PromQueryClient that counts and times each query for one endpoint."""
+    """A PromQueryClient that counts and times each query for one endpoint,
+    and counts the series its answers hold (the load each query put on Prometheus)."""
 
     def __init__(self, inner: PromQueryClient, endpoint: str, metrics: OperatorMetrics) -> None:
         self._inner = inner
@@ -164,6 +198,8 @@ class CountingQueryClient:
         try:
             answer = self._inner.custom_query(query, params=params, timeout=timeout)
             result = "ok"
+            if isinstance(answer, list):
+                self._metrics.query_samples.labels(self._endpoint).inc(len(answer))
             return answer
         finally:
             self._metrics.queries.labels(self._endpoint, result).inc()

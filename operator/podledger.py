@@ -1,10 +1,11 @@
-"""Pods that kopf's pod index still holds after the API server deleted them.
+"""Pods that the pod index still holds after the API server deleted them.
 
 kopf lists the pods again when a broken watch cannot resume (410 Gone: the
 API server restarted, or the watch was down longer than etcd keeps its
 history), and a re-list only adds to the index: kopf 1.45 keeps nothing to
 compare the list with, so a pod deleted while the watch was down stays in
-the index for good. Such a ghost would count as selected and Ready in the
+the index for good (kopf's own index and pods.PodIndex alike, both fed
+by kopf's events). Such a ghost would count as selected and Ready in the
 policy's status, and the operator would go on configuring the gate at its
 address, which a new pod may have been given meanwhile.
 
@@ -26,6 +27,10 @@ from batchpilot.operator.pods import PodInfo
 # A failed list (the API server down again) is tried again this much later,
 # not at every 0.5 s tick of every policy in the namespace.
 AUDIT_RETRY_S = 5.0
+# A namespace whose listed pods have not all arrived is listed again this
+# much later: only a pod deleted before its event arrived needs it, and a
+# list of thousands of pods is not free while kopf is still delivering them.
+ARRIVAL_RECHECK_S = 30.0
 
 
 class PodLedger:
@@ -72,11 +77,12 @@ class PodLedger:
             self._audited_s[namespace] = now_s
             return True
 
-    def audit_failed(self, namespace: str, now_s: float) -> None:
-        """The list failed: `namespace` is due again, AUDIT_RETRY_S from now."""
+    def audit_again(self, namespace: str, now_s: float, after_s: float = AUDIT_RETRY_S) -> None:
+        """`namespace` is due again, `after_s` from now: the list failed, or the
+        pods it listed have not all reached the pod index yet."""
         with self._lock:
             self._audited_s.pop(namespace, None)
-            self._retry_at_s[namespace] = now_s + AUDIT_RETRY_S
+            self._retry_at_s[namespace] = now_s + after_s
 
     def set_aside(
         self, indexed: Iterable[PodInfo], live_uids: Collection[str], listed_s: float

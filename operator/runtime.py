@@ -13,22 +13,21 @@ import asyncio
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
-import requests
 from kubernetes import client as k8s
-from prometheus_api_client import PrometheusConnect
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from batchpilot.contract.reasons import EventReason, EventType
 from batchpilot.controller.policy import PolicyError
 from batchpilot.controller.sources import PromQueryClient
-from batchpilot.operator.config import OperatorConfig
+from batchpilot.operator.config import OperatorConfig, PrometheusEndpoint
 from batchpilot.operator.control import ControllerStepper, Stepper, StepperFactory
+from batchpilot.operator.election import Leadership, Standalone
 from batchpilot.operator.gates import GateClient
-from batchpilot.operator.metrics import CountingQueryClient, OperatorMetrics
+from batchpilot.operator.metrics import OperatorMetrics
+from batchpilot.operator.prometheus import QueryPool, open_query_client
 from batchpilot.operator.spec import LabelSelector, PolicySpec
 
 # A Deployment's selector is immutable, but the Deployment can be deleted and
@@ -100,7 +99,12 @@ class Operator:
     step_threads: ThreadPoolExecutor
     # The gate client's connections, closed with the operator.
     session: aiohttp.ClientSession
+    # The threads every step's Prometheus queries go out on (prometheus.py).
+    query_pool: QueryPool
     stepper_factory: StepperFactory = ControllerStepper
+    # Whether this replica leads its shard; handlers.py swaps in the Lease
+    # elector when leader_election is on.
+    leadership: Leadership = field(default_factory=Standalone)
     runtimes: dict[str, PolicyRuntime] = field(default_factory=dict)
     prometheus: dict[str, PromQueryClient] = field(default_factory=dict)
     # Monotonic time of the last timer tick; None until the first one.
@@ -109,21 +113,15 @@ class Operator:
     def query_client(self, endpoint: str, url: str) -> PromQueryClient:
         """One client (and connection pool) per Prometheus endpoint, shared by its policies."""
         if endpoint not in self.prometheus:
-            # One retry, no backoff to speak of: an outage must end the step
-            # within the query timeout, not after urllib3's default retries.
-            retry = Retry(total=1, backoff_factor=0.1)
-            session = requests.Session()
-            # Proxy variables and .netrc are not consulted (kopf's own default,
-            # settings.networking.trust_env): looking them up again for every
-            # query cost ~30 ms of CPU per control step (22 queries).
-            session.trust_env = False
-            connect = PrometheusConnect(url=url, retry=retry, session=session)
-            # A connection per step slot: with urllib3's default pool of 10,
-            # concurrent steps would open and discard connections.
-            session.mount(
-                url, HTTPAdapter(max_retries=retry, pool_maxsize=self.config.max_parallel_steps)
+            self.prometheus[endpoint] = open_query_client(
+                endpoint,
+                self.config.endpoint(endpoint) or PrometheusEndpoint(url),
+                # A connection per query slot: with urllib3's default pool of
+                # 10, concurrent queries would open and discard connections.
+                connections=self.config.max_concurrent_queries,
+                max_per_second=self.config.max_queries_per_second,
+                metrics=self.metrics,
             )
-            self.prometheus[endpoint] = CountingQueryClient(connect, endpoint, self.metrics)
         return self.prometheus[endpoint]
 
     def runtime(self, uid: str, name: str, namespace: str) -> PolicyRuntime:
@@ -155,9 +153,11 @@ class Operator:
             self.metrics.forget_policy(runtime.namespace, runtime.name)
 
     async def close(self) -> None:
-        """Close the gate connections and stop the step threads (a step in flight is dropped)."""
+        """Close the gate connections and stop the step and query threads
+        (a step in flight is dropped)."""
         await self.session.close()
         self.step_threads.shutdown(wait=False, cancel_futures=True)
+        self.query_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def open_operator(
@@ -169,15 +169,22 @@ async def open_operator(
     """The operator's object graph from its configuration (async: the gate
     client's HTTP session belongs to the running event loop)."""
     session = aiohttp.ClientSession()
+    metrics = OperatorMetrics()
+    query_pool = QueryPool(config.max_concurrent_queries, metrics)
+    if stepper_factory is ControllerStepper:
+        # The real controller, as production runs it: its queries go out
+        # together on the operator's query pool.
+        stepper_factory = partial(ControllerStepper, query_pool=query_pool)
     return Operator(
         config=config,
         gates=GateClient(session, config.gate_timeout_seconds),
         kube=kube,
-        metrics=OperatorMetrics(),
+        metrics=metrics,
         step_slots=asyncio.Semaphore(config.max_parallel_steps),
         step_threads=ThreadPoolExecutor(
             config.max_parallel_steps, thread_name_prefix="control-step"
         ),
         session=session,
+        query_pool=query_pool,
         stepper_factory=stepper_factory,
     )

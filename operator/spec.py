@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from batchpilot.contract.schema import PolicyError, Rule, Wire, parse, wired
 from batchpilot.controller.policy import Mode, Policy
 from batchpilot.controller.spec import ControllerSpec, EngineSpec
-from batchpilot.operator.config import OperatorConfig
+
+if TYPE_CHECKING:
+    # Type-only: config.py reads label selectors through shard.py, which imports this module.
+    from batchpilot.operator.config import OperatorConfig
 
 _SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")

@@ -54,7 +54,7 @@ def test_promtool_check_rules_passes(promtool: str, rules_dir: Path) -> None:
     result = subprocess.run([promtool, "check", "rules", "rules.yaml"], cwd=rules_dir,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 4 rules found" in result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_pass(promtool: str, rules_dir: Path) -> None:
@@ -69,7 +69,7 @@ def test_every_alert_has_a_firing_and_a_silent_case(rule_groups: list[dict[str, 
              for case in test.get("alert_rule_test", [])]
     fires = {case["alertname"] for case in cases if case["exp_alerts"]}
     stays_silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
-    assert alerts == {"BatchpilotOperatorDown", "BatchpilotMetricsUnavailable",
+    assert alerts == {"BatchpilotOperatorDown", "BatchpilotNoLeader", "BatchpilotMetricsUnavailable",
                       "BatchpilotSLONotMet", "BatchpilotRepeatedRollbacks"}
     assert fires == alerts
     assert stays_silent == alerts

@@ -105,6 +105,10 @@ class FaultyPrometheus(BaseHTTPRequestHandler):
 
 class FaultProxy(ThreadingHTTPServer):
     daemon_threads = True
+    # A step's ~22 queries connect at once; socketserver's listen backlog of 5
+    # would drop the other connects' SYNs, which the kernel resends only
+    # after 1 s, the whole query timeout here.
+    request_queue_size = 64
 
     def __init__(self, upstream: str, port: int = 0) -> None:
         super().__init__(("127.0.0.1", port), FaultyPrometheus)

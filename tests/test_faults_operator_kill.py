@@ -46,7 +46,7 @@ from kubernetes.client.exceptions import ApiException
 from stack import KubeAPIServer, create_namespace, unique_name
 from stack.chart import chart_identity_kubeconfig
 from stack.checks import condition_statuses, eventually, metric_sum
-from stack.workloads import CALIBRATION
+from stack.workloads import CALIBRATION, steady_fleet_scenario
 
 from batchpilot.contract.gate_api import APPLIED_ANNOTATION
 from batchpilot.contract.knobs import Knobs, knobs_summary
@@ -74,29 +74,8 @@ STARTUP = Knobs()
 TARGET = Knobs(max_concurrency=24)
 INTERVAL_S = 2
 CANARY_INTERVALS = 2
-# Short prompts and outputs at 3 requests/s over three pods: every pod
-# completes requests in every 6 s window (what the canary's per-pod scores
-# need) at a few percent of one core. The objectives are far above what this
-# load sees, so the canary pod scores like the others and is rolled out.
-SCENARIO = f"""
-name: kill-steady
-seed: 11
-engine:
-  calibration: {CALIBRATION}
-  model: meta-llama/Meta-Llama-3.1-8B
-  system: h100_sxm
-  kv_cache_tokens: 200000
-  max_num_seqs: 256
-  max_num_batched_tokens: 8192
-replicas: 3
-slo: {{ttft_ms: 5000, tpot_ms: 500}}
-workload:
-  - duration_s: 3600
-    synthetic:
-      arrival: {{process: poisson, rate_rps: 3}}
-      prompt_tokens: {{dist: lognormal, p50: 200, p90: 400, max: 1000}}
-      output_tokens: {{dist: lognormal, p50: 8, p90: 16, max: 32}}
-"""
+# The canary pod scores like the others under this load and is rolled out.
+SCENARIO = steady_fleet_scenario("kill-steady", 11)
 # A restarted operator is live within ~5 s and steps within one interval; a
 # canary then takes CANARY_INTERVALS more. 45 s covers that on two busy cores.
 # Fast enough to catch the moment some but not all gates have changed.

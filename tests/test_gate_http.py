@@ -1112,6 +1112,7 @@ def test_metric_names_and_labels_are_exactly_the_contract() -> None:
                 "batchpilot_gate_knob": ("gauge", {"knob"}),
                 "batchpilot_gate_discipline": ("gauge", {"discipline"}),
                 "batchpilot_gate_config_version": ("gauge", set()),
+                "batchpilot_gate_config_writes_rejected": ("counter", {"reason"}),
             }
             assert 'batchpilot_gate_time_to_first_token_seconds_bucket{le="2560.0"}' in text
             # The fake engine's 4 token events, 2 ms apart.

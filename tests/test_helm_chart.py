@@ -106,6 +106,8 @@ def test_rendered_objects_are_valid_kubernetes_1_33(helm_bin: Path, value_set: s
 CLUSTER_WIDE_KINDS = {
     "ServiceAccount", "ConfigMap", "CustomResourceDefinition", "ClusterRole",
     "ClusterRoleBinding", "Service", "Deployment",
+    # The leader election's Lease rights, in the release's namespace.
+    "Role", "RoleBinding",
 }
 
 
@@ -114,7 +116,7 @@ CLUSTER_WIDE_KINDS = {
     [
         (VALUE_SETS["default"], CLUSTER_WIDE_KINDS),
         (VALUE_SETS["all-on"], CLUSTER_WIDE_KINDS | {
-            "Role", "RoleBinding", "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget"}),
+            "ServiceMonitor", "PrometheusRule", "PodDisruptionBudget"}),
         # Everything optional off: bring your own CRD, ServiceAccount and RBAC.
         (["--set", "crds.enabled=false", "--set", "rbac.create=false", "--set", "serviceAccount.create=false",
           "--set", "serviceAccount.name=existing", "--set", "metrics.enabled=false"],
@@ -323,18 +325,84 @@ def test_rendered_config_is_accepted_by_the_operator(
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     if value_set == "all-on":
         values |= yaml.safe_load(ALL_ON_VALUES.read_text())
+    rendered = yaml.safe_load(only(docs, "ConfigMap", "batchpilot-config")["data"]["config.yaml"])
+    deployments = [doc for doc in docs if doc["kind"] == "Deployment"]
+    assert len(deployments) == values["sharding"]["shards"]
+    # Every credential file an endpoint names lies in a Secret the pods mount;
+    # the operator checks them at start, so they are laid out under tmp_path.
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        secrets = {volume["name"] for volume in pod["volumes"] if "secret" in volume}
+        mounted = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] in secrets}
+        for endpoint in rendered["prometheus"].values():
+            for key, path in _credential_files(endpoint):
+                assert str(Path(path).parent) in mounted, (key, path, mounted)
+    for endpoint in rendered["prometheus"].values():
+        for key, path in _credential_files(endpoint):
+            local = tmp_path / path.lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            pem = Path("/etc/ssl/certs/ca-certificates.crt").read_text()
+            local.write_text(pem if key == "ca_file" else "secret")
+            _set_credential_file(endpoint, key, str(local))
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(only(docs, "ConfigMap", "batchpilot-config")["data"]["config.yaml"])
+    config_file.write_text(yaml.safe_dump(rendered))
+    for index, deployment in enumerate(deployments):
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        # Each shard's one own setting comes from its environment.
+        env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+        config = load_config(config_file, env)
 
-    config = load_config(config_file, {})
+        assert config.namespaces == tuple(values["watchNamespaces"])
+        for name, endpoint in values["config"]["prometheus"].items():
+            url = endpoint if isinstance(endpoint, str) else endpoint["url"]
+            assert config.endpoint_url(name) == url
+        assert config.leader_election is True
+        assert config.lease_name == "batchpilot"
+        assert (config.shard_index, config.shard_count) == (index, len(deployments))
+        assert config.policy_selector == values["sharding"]["policySelector"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert ports == {"health": config.health_port, "metrics": config.metrics_port}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert container["args"] == ["operator", "--config", "/etc/batchpilot/config.yaml"]
 
-    assert config.namespaces == tuple(values["watchNamespaces"])
-    assert dict(config.prometheus) == values["config"]["prometheus"]
-    container = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"health": config.health_port, "metrics": config.metrics_port}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-    assert container["args"] == ["operator", "--config", "/etc/batchpilot/config.yaml"]
+
+def _credential_files(endpoint: Any) -> list[tuple[str, str]]:
+    """(key, path) of each file an endpoint's mapping form names."""
+    if isinstance(endpoint, str):
+        return []
+    files = [(key, endpoint[key]) for key in ("bearer_token_file", "ca_file") if key in endpoint]
+    if "basic_auth" in endpoint:
+        files.append(("password_file", endpoint["basic_auth"]["password_file"]))
+    return files
+
+
+def _set_credential_file(endpoint: dict[str, Any], key: str, path: str) -> None:
+    if key == "password_file":
+        endpoint["basic_auth"][key] = path
+    else:
+        endpoint[key] = path
+
+
+def test_shards_are_deployments_with_disjoint_selectors_and_leases(helm_bin: Path) -> None:
+    docs = render(helm_bin, "--set", "sharding.shards=3", "--set", "replicaCount=2")
+    deployments = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "Deployment"}
+    assert sorted(deployments) == [f"batchpilot-shard-{i}" for i in range(3)]
+    selectors = [
+        tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for d in deployments.values()
+    ]
+    # Overlapping selectors would make the Deployments fight over each other's pods.
+    assert len(set(selectors)) == 3
+    for deployment in deployments.values():
+        assert deployment["spec"]["replicas"] == 2
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert set(deployment["spec"]["selector"]["matchLabels"].items()) <= set(labels.items())
+        # Two replicas: spread over nodes unless the user set an affinity.
+        assert "podAntiAffinity" in deployment["spec"]["template"]["spec"]["affinity"]
+    # One Deployment keeps the unsuffixed name and selector (both immutable on upgrade).
+    single = only(render(helm_bin), "Deployment")
+    assert single["metadata"]["name"] == "batchpilot"
+    assert "batchpilot.dev/shard" not in single["spec"]["selector"]["matchLabels"]
+    assert "affinity" not in single["spec"]["template"]["spec"]
 
 
 def test_config_checksum_follows_the_config(helm_bin: Path) -> None:
@@ -348,10 +416,14 @@ def test_config_checksum_follows_the_config(helm_bin: Path) -> None:
     assert checksum("--set", "watchNamespaces={x}") != base
 
 
-def test_deployment_is_a_single_restricted_writer(helm_bin: Path) -> None:
+def test_deployment_is_a_restricted_elected_writer(helm_bin: Path) -> None:
     deployment = only(render(helm_bin), "Deployment")
     assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Leader election makes a surge pod a standby, not a second writer.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -400,15 +472,23 @@ def test_rbac_never_grants_writes_beyond_patch(helm_bin: Path, value_set: str) -
     all_rules = [rule for kind in ("ClusterRole", "Role") for rules in _rules(docs, kind).values()
                  for rule in rules]
     verbs = {verb for rule in all_rules for verb in rule["verbs"]}
-    assert verbs <= {"get", "list", "watch", "patch", "create"}
+    assert verbs <= {"get", "list", "watch", "patch", "create", "update"}
     assert not any("*" in rule["verbs"] + rule["resources"] + rule["apiGroups"] for rule in all_rules)
     creatable = {resource for rule in all_rules if "create" in rule["verbs"] for resource in rule["resources"]}
-    assert creatable == {"events"}
+    assert creatable == {"events", "leases"}
+    updatable = {resource for rule in all_rules if "update" in rule["verbs"] for resource in rule["resources"]}
+    assert updatable == {"leases"}
+    # The Leases only in the release's own namespace.
+    lease_roles = [key for key, rules in _rules(docs, "Role").items()
+                   if _grants(rules, "coordination.k8s.io", "leases")]
+    assert lease_roles == ["batchpilot-system/batchpilot-leader-election"]
+    assert not any(_grants(rules, "coordination.k8s.io", "leases")
+                   for rules in _rules(docs, "ClusterRole").values())
 
 
 def test_cluster_wide_mode_uses_one_cluster_role(helm_bin: Path) -> None:
     docs = render(helm_bin)
-    assert "Role" not in {doc["kind"] for doc in docs}
+    assert set(_rules(docs, "Role")) == {"batchpilot-system/batchpilot-leader-election"}
     work = _rules(docs, "ClusterRole")["/batchpilot"]
     assert _grants(work, "", "pods") == {"get", "list", "watch", "patch"}
     assert _grants(work, "batchpilot.dev", "inferencepolicies/status") == {"patch"}
@@ -422,9 +502,10 @@ def test_cluster_wide_mode_uses_one_cluster_role(helm_bin: Path) -> None:
 def test_namespaced_mode_grants_work_only_in_watched_namespaces(helm_bin: Path) -> None:
     docs = render(helm_bin, "-f", str(ALL_ON_VALUES))
     roles = _rules(docs, "Role")
+    del roles["batchpilot-system/batchpilot-leader-election"]
     assert set(roles) == {"serving-a/batchpilot", "serving-b/batchpilot"}
     bindings = {f"{d['metadata']['namespace']}/{d['roleRef']['name']}" for d in docs if d["kind"] == "RoleBinding"}
-    assert bindings == set(roles)
+    assert bindings == set(roles) | {"batchpilot-system/batchpilot-leader-election"}
     for rules in roles.values():
         secrets = [rule for rule in rules if "secrets" in rule["resources"]]
         assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],

@@ -1,4 +1,4 @@
-"""The pod ledger: which of kopf's indexed pods the API server no longer has.
+"""The pod index, and the pod ledger: which indexed pods the API server no longer has.
 
 The end-to-end case (an API server restart, a pod deleted while the pod
 watch could not resume, kopf's re-list) is in tests/test_faults_kube_api.py.
@@ -7,7 +7,7 @@ watch could not resume, kopf's re-list) is in tests/test_faults_kube_api.py.
 from __future__ import annotations
 
 from batchpilot.operator.podledger import AUDIT_RETRY_S, PodLedger
-from batchpilot.operator.pods import PodInfo, pod_info
+from batchpilot.operator.pods import PodIndex, PodInfo, pod_info
 
 READY = {"podIP": "127.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]}
 
@@ -60,7 +60,7 @@ def test_an_audit_is_due_after_each_listing_and_once() -> None:
 def test_a_failed_audit_is_due_again_after_the_retry_pause() -> None:
     ledger = PodLedger()
     assert ledger.start_audit("ns", 1.0)
-    ledger.audit_failed("ns", 1.2)
+    ledger.audit_again("ns", 1.2)
     assert not ledger.start_audit("ns", 1.2 + AUDIT_RETRY_S - 0.1)
     assert ledger.start_audit("ns", 1.2 + AUDIT_RETRY_S)
 
@@ -72,3 +72,31 @@ def test_a_pod_deleted_through_its_watch_is_forgotten() -> None:
     ledger.seen("u0", 50.0)
     ledger.deleted("u0")
     assert ledger.set_aside([gone], live_uids=set(), listed_s=10.0) == [gone]
+
+
+def test_pod_index_is_listed_once_every_listed_pod_arrived_or_went() -> None:
+    index = PodIndex()
+    index.store("ns", pod("llm-0", "u0"))
+    assert not index.listed("ns")  # no list of its own yet: nothing to compare with
+    index.expect("ns", {"u0", "u1", "u2"})
+    assert not index.listed("ns")
+    index.store("ns", pod("llm-1", "u1"))
+    assert not index.listed("ns")
+    index.drop("ns", "u2")  # deleted before its listing event reached the index
+    assert index.listed("ns")
+    assert [p.uid for p in index.in_namespace("ns")] == ["u0", "u1"]
+    # Listed once, listed for good: a re-list does not hold the steps back.
+    index.expect("ns", {"u9"})
+    assert index.listed("ns")
+    assert not index.listed("other")
+
+
+def test_pod_index_keeps_the_latest_event_per_pod() -> None:
+    index = PodIndex()
+    index.store("ns", pod("llm-0", "u0"))
+    index.store("ns", PodInfo("llm-0", "u0", (), "10.0.0.1", True))
+    index.expect("ns", {"u0"})
+    assert index.listed("ns")
+    assert index.in_namespace("ns") == [PodInfo("llm-0", "u0", (), "10.0.0.1", True)]
+    index.drop("ns", "u0")
+    assert index.in_namespace("ns") == []

@@ -203,3 +203,32 @@ workload:
       prompt_tokens: {{dist: lognormal, p50: 300, p90: 900, max: 2000}}
       output_tokens: {{dist: lognormal, p50: 100, p90: 200, max: 400}}
 """
+
+
+def steady_fleet_scenario(name: str, seed: int) -> str:
+    """Three simulated replicas under light, steady traffic for an hour.
+
+    Short prompts and outputs at 3 requests/s over three pods: every pod
+    completes requests in every 6 s window (what a canary's per-pod scores
+    need) at a few percent of one core, and the objectives are far above
+    what this load sees. The operator fault tests run their fleets on it.
+    """
+    return f"""
+name: {name}
+seed: {seed}
+engine:
+  calibration: {CALIBRATION}
+  model: meta-llama/Meta-Llama-3.1-8B
+  system: h100_sxm
+  kv_cache_tokens: 200000
+  max_num_seqs: 256
+  max_num_batched_tokens: 8192
+replicas: 3
+slo: {{ttft_ms: 5000, tpot_ms: 500}}
+workload:
+  - duration_s: 3600
+    synthetic:
+      arrival: {{process: poisson, rate_rps: 3}}
+      prompt_tokens: {{dist: lognormal, p50: 200, p90: 400, max: 1000}}
+      output_tokens: {{dist: lognormal, p50: 8, p90: 16, max: 32}}
+"""

@@ -123,7 +123,11 @@ cluster (helm template) looks up nothing and checks nothing.
 {{- $roles = default list (lookup $rbac "Role" "" "").items }}
 {{- end }}
 {{- range $role := $roles }}
-{{- if eq (get (default dict $role.metadata.labels) "app.kubernetes.io/part-of") "batchpilot" }}
+{{- /* Leader-election Roles hold Leases, not a watch scope; releases that
+       both select policies by label split a namespace between them (their
+       selectors must not overlap, docs/scale-out.md). */}}
+{{- $splitByLabel := and $.Values.sharding.policySelector (get (default dict $role.metadata.annotations) "batchpilot.dev/policy-selector") }}
+{{- if and (eq (get (default dict $role.metadata.labels) "app.kubernetes.io/part-of") "batchpilot") (not (hasSuffix "-leader-election" $role.metadata.name)) (not $splitByLabel) }}
 {{- with include "batchpilot.otherOwner" (list $ $role) }}
 {{- $namespace := $role.metadata.namespace }}
 {{- if $.Values.watchNamespaces }}
@@ -135,7 +139,8 @@ cluster (helm template) looks up nothing and checks nothing.
 {{- end }}
 {{- end }}
 {{- range $clusterRole := default list (lookup $rbac "ClusterRole" "" "").items }}
-{{- if and (eq (get (default dict $clusterRole.metadata.labels) "app.kubernetes.io/part-of") "batchpilot") (contains "\"inferencepolicies\"" (toJson $clusterRole.rules)) }}
+{{- $splitByLabel := and $.Values.sharding.policySelector (get (default dict $clusterRole.metadata.annotations) "batchpilot.dev/policy-selector") }}
+{{- if and (eq (get (default dict $clusterRole.metadata.labels) "app.kubernetes.io/part-of") "batchpilot") (contains "\"inferencepolicies\"" (toJson $clusterRole.rules)) (not $splitByLabel) }}
 {{- with include "batchpilot.otherOwner" (list $ $clusterRole) }}
 {{- fail (printf "watchNamespaces: %s already watches every namespace (its ClusterRole %s), and two operators would fight over the same pods: give that release watchNamespaces too, disjoint from this one's" . $clusterRole.metadata.name) }}
 {{- end }}
@@ -150,6 +155,10 @@ owns because other templates depend on them (RBAC scope, container ports).
 {{- define "batchpilot.operatorConfig" -}}
 {{- $owned := dict
       "namespaces" .Values.watchNamespaces
+      "leader_election" true
+      "lease_name" (include "batchpilot.fullname" .)
+      "shard_count" (int .Values.sharding.shards)
+      "policy_selector" .Values.sharding.policySelector
       "health_host" "0.0.0.0"
       "metrics_host" "0.0.0.0"
       "health_port" (int .Values.health.port)
