@@ -67,7 +67,9 @@ def up(
     ] = None,
 ) -> None:
     """Start the sandbox (or show the one already running) and print what to type next."""
-    console = Console()
+    # Soft wrap: a long path stays on one line, whole, for copying (and for
+    # the docs' test that reads this output).
+    console = Console(soft_wrap=True)
     where = _directory(directory)
     if scenario is not None and not scenario.is_file():
         fail(f"--scenario: no such file {scenario}", code=1)

@@ -194,7 +194,13 @@ ACCESS_TABLE = [
     ("watch", "apiextensions.k8s.io", "customresourcedefinitions", "", "", "cluster", True, True),
     ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", "", "cluster", False, False),
     ("list", "", "namespaces", "", "", "cluster", False, True),
-    ("create", "coordination.k8s.io", "leases", "", "", "watched", False, False),
+    # Leader election's Leases: in the release's namespace only (here the
+    # watched one), never deleted.
+    ("create", "coordination.k8s.io", "leases", "", "", "watched", True, True),
+    ("update", "coordination.k8s.io", "leases", "", "batchpilot", "watched", True, True),
+    ("delete", "coordination.k8s.io", "leases", "", "batchpilot", "watched", False, False),
+    ("create", "coordination.k8s.io", "leases", "", "", "other", False, False),
+    ("update", "coordination.k8s.io", "leases", "", "batchpilot", "other", False, False),
 ]
 
 
@@ -413,7 +419,14 @@ def test_several_releases_with_disjoint_namespaces_as_documented(two_teams: Clus
         cluster_roles = {
             role.metadata.name for role in rbac.list_cluster_role(label_selector=selector).items
         }
-    assert roles == {("team-a", "batchpilot-team-a"), ("team-b", "batchpilot-team-b")}
+    # Each release's work Role in its team's namespace, and its leader
+    # election's Role in its own namespace (here the same one).
+    assert roles == {
+        ("team-a", "batchpilot-team-a"),
+        ("team-b", "batchpilot-team-b"),
+        ("team-a", "batchpilot-team-a-leader-election"),
+        ("team-b", "batchpilot-team-b-leader-election"),
+    }
     # Cluster-wide, only what kopf's discovery needs; no cluster-wide work rules.
     assert cluster_roles == {"batchpilot-team-a-discovery", "batchpilot-team-b-discovery"}
     # A release's own CRD, ClusterRole and Roles never count as someone else's.

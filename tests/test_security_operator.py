@@ -38,10 +38,9 @@ from batchpilot.contract.gate_api import APPLIED_ANNOTATION
 from batchpilot.contract.knobs import Knobs
 from batchpilot.contract.reasons import ConditionReason
 from batchpilot.gate.server import GateServer
-from batchpilot.operator import handlers
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.cycle import CycleOutcome, run_cycle
-from batchpilot.operator.pods import PodInfo
+from batchpilot.operator.pods import PodIndex
 from batchpilot.operator.runtime import Operator, PolicyRuntime
 from batchpilot.operator.status import build_status
 
@@ -85,11 +84,11 @@ class Tenants:
     op: Operator
     stepper_factory_calls: list[str]
 
-    def index(self) -> dict[str, list[PodInfo]]:
-        """namespace -> pods, built from every pod in the cluster as the kopf index is."""
-        index: dict[str, list[PodInfo]] = {}
+    def index(self) -> PodIndex:
+        """The operator's pod index, fed every pod in the cluster as kopf's pod events feed it."""
+        index = PodIndex()
         for pod in client.CoreV1Api(self.api).list_pod_for_all_namespaces().items:
-            index.setdefault(pod.metadata.namespace, []).append(as_pod_info(self.api, pod))
+            index.store(pod.metadata.namespace, as_pod_info(self.api, pod))
         return index
 
     def annotations(self, namespace: str, pod: str) -> dict[str, str]:
@@ -105,7 +104,7 @@ class Tenants:
             runtime,
             spec=spec,
             generation=1,
-            pods=handlers._pods(self.index(), namespace),  # type: ignore[arg-type]
+            pods=self.index().in_namespace(namespace),
             now_mono=0.0,
             now_wall=datetime.now(UTC),
         )
