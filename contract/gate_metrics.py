@@ -79,6 +79,19 @@ class GateMetric(StrEnum):
     DISCIPLINE = "batchpilot_gate_discipline"
     CONFIG_VERSION = "batchpilot_gate_config_version"
     CONFIG_WRITES_REJECTED_TOTAL = "batchpilot_gate_config_writes_rejected_total"
+    # Per SLO class (label CLASS_LABEL): one series per class the gate
+    # serves, the default class included, never one per header value sent.
+    CLASS_QUEUE_LENGTH = "batchpilot_gate_class_queue_length"
+    CLASS_INFLIGHT_REQUESTS = "batchpilot_gate_class_inflight_requests"
+    CLASS_ADMITTED_TOTAL = "batchpilot_gate_class_admitted_total"
+    CLASS_ADMITTED_TOKENS_TOTAL = "batchpilot_gate_class_admitted_tokens_total"
+    CLASS_SHED_TOTAL = "batchpilot_gate_class_shed_total"
+    CLASS_QUEUE_WAIT_SECONDS = "batchpilot_gate_class_queue_wait_seconds"
+    CLASS_TIME_TO_FIRST_TOKEN_SECONDS = "batchpilot_gate_class_time_to_first_token_seconds"
+    CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS = "batchpilot_gate_class_time_per_output_token_seconds"
+    # Requests put in the default class because their class header named no
+    # class the gate serves (label `reason`: ClassDefaultReason).
+    CLASS_DEFAULTED_TOTAL = "batchpilot_gate_class_defaulted_total"
 
 
 HELP: Mapping[GateMetric, str] = {
@@ -109,6 +122,23 @@ HELP: Mapping[GateMetric, str] = {
     GateMetric.CONFIG_WRITES_REJECTED_TOTAL: (
         "Configuration writes refused, nothing applied: a stale fence or an If-Match mismatch."
     ),
+    GateMetric.CLASS_QUEUE_LENGTH: "Requests waiting in the gate, by SLO class.",
+    GateMetric.CLASS_INFLIGHT_REQUESTS: "Requests admitted and not finished, by SLO class.",
+    GateMetric.CLASS_ADMITTED_TOTAL: "Requests admitted to the engine, by SLO class.",
+    GateMetric.CLASS_ADMITTED_TOKENS_TOTAL: (
+        "Prompt + requested output tokens of the requests admitted, by SLO class."
+    ),
+    GateMetric.CLASS_SHED_TOTAL: "Requests refused at their class's queue deadline, by SLO class.",
+    GateMetric.CLASS_QUEUE_WAIT_SECONDS: "Time a request waited in the gate's queue, by SLO class.",
+    GateMetric.CLASS_TIME_TO_FIRST_TOKEN_SECONDS: (
+        "Arrival at the gate to the first streamed chunk, by SLO class."
+    ),
+    GateMetric.CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS: (
+        "Mean time between the streamed token events of a request, by SLO class."
+    ),
+    GateMetric.CLASS_DEFAULTED_TOTAL: (
+        "Requests served in the default class because their class header named no known class."
+    ),
 }
 
 # Prometheus type of each family.
@@ -121,6 +151,8 @@ TYPE: Mapping[GateMetric, str] = {
             GateMetric.KNOB,
             GateMetric.DISCIPLINE,
             GateMetric.CONFIG_VERSION,
+            GateMetric.CLASS_QUEUE_LENGTH,
+            GateMetric.CLASS_INFLIGHT_REQUESTS,
         ),
         "gauge",
     ),
@@ -131,6 +163,9 @@ TYPE: Mapping[GateMetric, str] = {
             GateMetric.TIME_PER_OUTPUT_TOKEN_SECONDS,
             GateMetric.PROMPT_TOKENS,
             GateMetric.OUTPUT_TOKENS,
+            GateMetric.CLASS_QUEUE_WAIT_SECONDS,
+            GateMetric.CLASS_TIME_TO_FIRST_TOKEN_SECONDS,
+            GateMetric.CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS,
         ),
         "histogram",
     ),
@@ -142,6 +177,10 @@ TYPE: Mapping[GateMetric, str] = {
             GateMetric.UPSTREAM_RETRIES_TOTAL,
             GateMetric.RETRIED_REQUESTS_TOTAL,
             GateMetric.CONFIG_WRITES_REJECTED_TOTAL,
+            GateMetric.CLASS_ADMITTED_TOTAL,
+            GateMetric.CLASS_ADMITTED_TOKENS_TOTAL,
+            GateMetric.CLASS_SHED_TOTAL,
+            GateMetric.CLASS_DEFAULTED_TOTAL,
         ),
         "counter",
     ),
@@ -151,6 +190,8 @@ TYPE: Mapping[GateMetric, str] = {
 # labelled by the knob's field name and the discipline's name.
 KNOB_LABEL = "knob"
 DISCIPLINE_LABEL = "discipline"
+# The per-class families' label: a class name from the applied knobs.
+CLASS_LABEL = "class"
 
 # vLLM's own buckets for vllm:time_to_first_token_seconds, so gate and engine
 # quantiles computed with histogram_quantile() share their resolution.
@@ -234,3 +275,10 @@ class RetriedOutcome(StrEnum):
 class ConfigRejectReason(StrEnum):
     STALE_FENCE = "stale_fence"
     VERSION_MISMATCH = "version_mismatch"
+
+
+class ClassDefaultReason(StrEnum):
+    # The class header names no class the gate serves.
+    UNKNOWN_CLASS = "unknown_class"
+    # The class header is not a class name at all (contract.knobs.CLASS_NAME).
+    MALFORMED_CLASS = "malformed_class"

@@ -31,6 +31,7 @@ from batchpilot.controller.loop import PolicyController
 from batchpilot.controller.policy import (
     Behavior,
     Canary,
+    ClassSpec,
     EngineKind,
     EngineSpec,
     MetricsSpec,
@@ -63,6 +64,9 @@ class ControllerContext:
     # Prompt tokens per second the engine prefills when one prompt fills its
     # prefill budget, where a cost model is known (the simulator's).
     prefill_tokens_per_s: float | None = None
+    # The SLO classes sharing the replicas, as a policy's spec.classes
+    # declares them (empty: one class with the objectives above).
+    classes: tuple[ClassSpec, ...] = ()
 
 
 class AdaptiveBenchController:
@@ -75,7 +79,9 @@ class AdaptiveBenchController:
     def controller(self) -> PolicyController:
         return self._loop
 
-    def decide(self, now_s: float, snapshots: Mapping[str, Mapping[str, float]]) -> Mapping[str, Knobs]:
+    def decide(
+        self, now_s: float, snapshots: Mapping[str, Mapping[str, float]]
+    ) -> Mapping[str, Knobs]:
         self._source.ingest(now_s, snapshots)
         decision = self._loop.run_once(now_s, self._replicas)
         return decision.per_pod
@@ -98,6 +104,7 @@ def policy_for(context: ControllerContext) -> Policy:
         mode=Mode.AUTO,
         metrics=MetricsSpec(window_s=2 * interval, staleness_s=3 * interval),
         name="bench",
+        classes=context.classes,
     )
 
 

@@ -90,6 +90,31 @@ class Conditions:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassReport:
+    """One SLO class over the window: how it fared, and what the target gives it.
+
+    Every number is None when the window does not show it (no traffic in the
+    class, or the gate's per-class series are missing).
+    """
+
+    name: str
+    priority: int
+    slo_ttft_ms: int
+    slo_tpot_ms: int
+    # Share of the class's requests that met both of its objectives.
+    attainment: float | None = None
+    # TTFT and TPOT at the SLO percentile, milliseconds.
+    ttft_q_ms: float | None = None
+    tpot_q_ms: float | None = None
+    # Requests per second arriving at the gates (admitted + shed), and shed.
+    arrival_rps: float | None = None
+    shed_rps: float | None = None
+    # What the target knobs give the class at the gate.
+    queue_deadline_ms: int | None = None
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of one iteration, whatever the mode: always published."""
 
@@ -107,6 +132,9 @@ class Decision:
     # The pod running a canary of a new setting (guards.canary), if one runs:
     # the operator marks its record so a restart can tell it from the fleet.
     canary_pod: str | None = None
+    # Per SLO class (policy.classes plus the default class), highest priority
+    # first; empty for a policy without classes.
+    classes: tuple[ClassReport, ...] = ()
 
 
 def reason_text(reason: Reason) -> str:
@@ -135,4 +163,3 @@ def parse_reason_text(text: str) -> tuple[str, str]:
 def is_guard_step(step: str) -> bool:
     """Whether a guard, not the decision, gave a reason of this step."""
     return step.startswith(_GUARD_PREFIX)
-

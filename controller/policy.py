@@ -27,6 +27,7 @@ from batchpilot.controller.spec import (
     METRIC_NAME_RE,
     Behavior,
     Canary,
+    ClassSpec,
     ControllerSpec,
     EngineKind,
     EngineSpec,
@@ -42,6 +43,7 @@ __all__ = [
     "METRIC_NAME_RE",
     "Behavior",
     "Canary",
+    "ClassSpec",
     "EngineKind",
     "EngineSpec",
     "KnobBounds",
@@ -106,6 +108,8 @@ class Policy:
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     name: str = "policy"
     namespace: str = "default"
+    # SLO classes (spec.classes); empty: every request in one class, `slo`.
+    classes: tuple[ClassSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
@@ -176,6 +180,7 @@ class Policy:
                 metrics=document.metrics,
                 name=name,
                 namespace=namespace,
+                classes=document.classes,
             )
 
         return prefixed("spec", build)

@@ -45,8 +45,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import ClassVar
 
-from batchpilot.contract.knobs import MAX_CONCURRENCY_LIMIT, MAX_TOKENS_LIMIT
+from batchpilot.contract.knobs import (
+    CLASS_PRIORITY_LIMIT,
+    MAX_CLASS_WEIGHT,
+    MAX_CLASSES,
+    MAX_CONCURRENCY_LIMIT,
+    MAX_MATCH_VALUES,
+    MAX_TOKENS_LIMIT,
+    ClassMatch,
+)
 from batchpilot.contract.schema import PolicyError, Rule, Wire, check_fields, wired
 from batchpilot.controller.knobspec import KnobsSpec
 
@@ -360,6 +369,104 @@ class MetricsSpec:
                 )
 
 
+_MATCH_VALUES_RULE = (
+    "values must be listed exactly when header is set: the header's values that select the class"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassMatchSpec:
+    """Which requests belong to a class, besides those that name it in the x-batchpilot-class header."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            "has(self.header) == (has(self.values) && size(self.values) > 0)",
+            _MATCH_VALUES_RULE,
+        ),
+    )
+
+    header: str | None = wired(
+        "A request header whose value selects the class: the tenant or API-key header an "
+        "authenticating gateway sets (lower-case name).",
+        default=None,
+        pattern="^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$",
+        invalid="{value!r} is not a lower-case HTTP header name such as x-tenant",
+    )
+    values: tuple[str, ...] = wired(
+        "Values of `header` that belong to the class.",
+        default=(),
+        max_items=MAX_MATCH_VALUES,
+        item=Wire(min_length=1, max_length=256),
+    )
+    models: tuple[str, ...] = wired(
+        "Values of the request body's `model` field that belong to the class.",
+        default=(),
+        max_items=MAX_MATCH_VALUES,
+        item=Wire(min_length=1, max_length=256),
+    )
+
+    def check_spec(self) -> None:
+        if (self.header is not None) != bool(self.values):
+            raise PolicyError("values", _MATCH_VALUES_RULE.removeprefix("values "))
+
+    def gate_match(self) -> ClassMatch:
+        return ClassMatch(header=self.header, values=self.values, models=self.models)
+
+
+@dataclass(frozen=True, slots=True)
+class ClassSpec:
+    """One SLO class: which requests, their objectives, their priority and share."""
+
+    name: str = wired(
+        "The class's name: what a request sends in x-batchpilot-class, and the `class` label of "
+        "the gate's per-class metrics. `default` names the class of every request that matches "
+        "no other (declared or not).",
+        required="a class name such as interactive",
+        pattern="^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$",
+        invalid="{value!r} is not a class name: 1-32 lower-case letters, digits and dashes, "
+        "starting and ending with a letter or digit",
+    )
+    slo: Slo | None = wired(
+        "The class's own objectives; absent: spec.slo. At most as loose as spec.slo, which is the "
+        "default class's.",
+        default=None,
+    )
+    priority: int = wired(
+        "Higher is served first; a lower class waits at most (priority difference x agingMs) "
+        "behind higher ones, or is shed at its deadline first (default 0).",
+        default=0,
+        minimum=-CLASS_PRIORITY_LIMIT,
+        maximum=CLASS_PRIORITY_LIMIT,
+    )
+    weight: float = wired(
+        "Share of admissions, counted in tokens, among classes of equal priority under "
+        "contention (default 1).",
+        default=1.0,
+        minimum=0,
+        exclusive_minimum=True,
+        maximum=MAX_CLASS_WEIGHT,
+        invalid="must be a number above 0, e.g. 1 or 2.5; got {value!r}",
+    )
+    max_concurrency: int | None = wired(
+        "At most this many of the class's requests in flight per pod; absent: no limit of its own.",
+        default=None,
+        minimum=1,
+        maximum=MAX_CONCURRENCY_LIMIT,
+    )
+    match: ClassMatchSpec = wired(
+        "Requests that belong to the class without naming it.", default_factory=ClassMatchSpec
+    )
+
+
+def _class_rules() -> tuple[Rule, ...]:
+    return (
+        Rule(
+            "self.all(c, self.exists_one(d, d.name == c.name))",
+            "class names must be unique; rename or merge the duplicates",
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerSpec:
     """The controller's part of an InferencePolicy `spec`, as written."""
@@ -387,4 +494,10 @@ class ControllerSpec:
         "recommendation in status, change nothing. Auto: apply it to every Ready pod.",
         default=Mode.RECOMMEND,
         publish_default=True,
+    )
+    classes: tuple[ClassSpec, ...] = wired(
+        "SLO classes sharing the pods (docs/slo-classes.md); absent: one class, spec.slo.",
+        default=(),
+        max_items=MAX_CLASSES,
+        rules=_class_rules,
     )

@@ -220,12 +220,8 @@ class Gate:
         self._arm_deadline_timer(loop, now)
 
     def _arm_deadline_timer(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
-        deadline_ms = self.queue.knobs.queue_deadline_ms
-        if deadline_ms is None or self.queue.queued == 0:
-            due = None
-        else:
-            oldest_arrival = now - self.queue.oldest_wait_s(now)
-            due = oldest_arrival + deadline_ms / 1000.0 + _DEADLINE_SLACK_S
+        expiry = self.queue.next_expiry_s()
+        due = None if expiry is None else expiry + _DEADLINE_SLACK_S
         timer = self._deadline_timer
         if timer is not None and due is not None and timer.when() == due:
             return

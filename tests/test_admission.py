@@ -184,4 +184,5 @@ def test_requests_that_left_are_forgotten_without_a_deadline():
             queue.release(ticket)
     # Bounded memory over a long life: only waiting requests are remembered.
     assert queue.queued == 0
-    assert len(queue._by_arrival) == 0
+    assert all(not load.queued for load in queue.class_loads())
+    assert sum(len(q.by_arrival) + len(q.heap) for q in queue._classes.values()) == 0
