@@ -160,5 +160,37 @@ def _print_table(document: dict[str, Any]) -> None:
             f"{row['wall_s']:.1f}",
         )
     Console(width=160).print(table)
+    _print_class_table(document)
 
 
+def _print_class_table(document: dict[str, Any]) -> None:
+    """Per SLO class, for the scenarios that have classes (docs/benchmark.md "Classes")."""
+    rows = [row for row in result_rows(document) if row.get("classes")]
+    if not rows:
+        return
+    table = Table(title="per SLO class (TTFT/TPOT in ms; Jain: served-token fairness)")
+    for column in (
+        "scenario", "controller", "class", "arrived", "good", "goodput/s", "SLO att.",
+        "TTFT p99", "TPOT p99", "shed", "served tok", "Jain",
+    ):  # fmt: skip
+        table.add_column(
+            column, justify="left" if column in ("scenario", "controller", "class") else "right"
+        )
+    for row in rows:
+        jain = row.get("jain_index")
+        for name, outcome in row["classes"].items():
+            table.add_row(
+                row["scenario"],
+                row["controller"],
+                name,
+                str(outcome["arrived"]),
+                str(outcome["good"]),
+                f"{outcome['goodput_rps']:.2f}",
+                f"{outcome['slo_attainment']:.1%}",
+                ms_text(outcome["ttft_p99_ms"]),
+                ms_text(outcome["tpot_p99_ms"]),
+                str(outcome["shed"]),
+                str(outcome["served_tokens"]),
+                "-" if jain is None else f"{jain:.3f}",
+            )
+    Console(width=160).print(table)

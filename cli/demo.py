@@ -64,17 +64,20 @@ from batchpilot.controller.bench_adapter import ControllerContext, policy_for
 from batchpilot.controller.explain import Decision
 from batchpilot.controller.loop import PolicyController
 from batchpilot.controller.observe import Observation, observe
-from batchpilot.controller.policy import MetricOverride, Policy
+from batchpilot.controller.policy import ClassSpec, MetricOverride, Policy
 from batchpilot.controller.signals import ENGINE_PRESETS, Signal
 from batchpilot.controller.sources import SnapshotSource
 from batchpilot.operator.gates import GateClient, GateError
 from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS
+from batchpilot.sim.bench import class_spec
 from batchpilot.sim.calibration import write_builtin_calibration
 from batchpilot.sim.load import RequestRecord, replay
-from batchpilot.sim.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
+from batchpilot.sim.scenario import Phase, Scenario, ScenarioError, load_scenario, parse_scenario
 from batchpilot.sim.workload import Workload, build_workload
 
 BUILTIN_SCENARIO_NAME = "demo-shift.yaml"
+# `--classes`: an interactive class beside a batch class that floods mid-run.
+BUILTIN_CLASSES_SCENARIO_NAME = "demo-classes.yaml"
 DEFAULT_TIME_SCALE = 0.25
 DEFAULT_DURATION_S = 90.0
 # Below 2 s of wall time per control interval a window holds too few
@@ -111,6 +114,8 @@ class DemoPlan:
     duration_wall_s: float
     interval_wall_s: float
     phase_starts_s: tuple[float, ...]  # scenario seconds
+    # The phases the timeline marks (see `timeline_phases`), scaled.
+    phases: tuple[Phase, ...]
 
     @property
     def interval_s(self) -> float:
@@ -127,8 +132,16 @@ class DemoPlan:
         return max(1, math.ceil(self.scenario.duration_s / self.interval_s - 1e-9))
 
 
-def builtin_scenario_path() -> Path:
-    return Path(batchpilot.sim.__file__).resolve().parent / BUILTIN_SCENARIO_NAME
+def builtin_scenario_path(name: str = BUILTIN_SCENARIO_NAME) -> Path:
+    return Path(batchpilot.sim.__file__).resolve().parent / name
+
+
+def timeline_phases(scenario: Scenario) -> tuple[Phase, ...]:
+    """The phases whose changes the demo marks: the default class's traffic,
+    or, when SLO classes carry it all, the class whose traffic changes most often."""
+    if scenario.workload:
+        return scenario.workload
+    return max((c.workload for c in scenario.classes), key=len)
 
 
 def plan_demo(scenario: Scenario, *, time_scale: float, duration_s: float) -> DemoPlan:
@@ -140,11 +153,18 @@ def plan_demo(scenario: Scenario, *, time_scale: float, duration_s: float) -> De
             f"--duration: must be at least {10 * MIN_INTERVAL_S:g} s (ten control intervals), got {duration_s:g}"
         )
     stretch = duration_s * time_scale / scenario.duration_s
-    phases = tuple(
-        replace(phase, duration_s=phase.duration_s * stretch) for phase in scenario.workload
-    )
+
+    def stretched(phases: tuple[Phase, ...]) -> tuple[Phase, ...]:
+        return tuple(replace(phase, duration_s=phase.duration_s * stretch) for phase in phases)
+
     interval_wall = max(MIN_INTERVAL_S, scenario.control_interval_s * stretch / time_scale)
-    scaled = replace(scenario, workload=phases, control_interval_s=interval_wall * time_scale)
+    scaled = replace(
+        scenario,
+        workload=stretched(scenario.workload),
+        classes=tuple(replace(c, workload=stretched(c.workload)) for c in scenario.classes),
+        control_interval_s=interval_wall * time_scale,
+    )
+    phases = timeline_phases(scaled)
     starts = [0.0]
     for phase in phases[:-1]:
         starts.append(starts[-1] + phase.duration_s)
@@ -155,6 +175,7 @@ def plan_demo(scenario: Scenario, *, time_scale: float, duration_s: float) -> De
         duration_wall_s=duration_s,
         interval_wall_s=interval_wall,
         phase_starts_s=tuple(starts),
+        phases=phases,
     )
 
 
@@ -173,6 +194,9 @@ def demo_policy(plan: DemoPlan) -> Policy:
             # The demo's gates have no engine-native adapter: the prefill
             # budget stays at the engine's startup value.
             runtime_tunable=False,
+            classes=tuple(
+                _wall_clock_class(class_spec(c, scenario), scale) for c in scenario.classes
+            ),
         )
     )
     preset = ENGINE_PRESETS[policy.engine.kind]
@@ -185,6 +209,13 @@ def demo_policy(plan: DemoPlan) -> Policy:
         for signal in (Signal.TTFT, Signal.ITL, Signal.TPOT, Signal.E2E)
     }
     return replace(policy, name="demo", metrics=replace(policy.metrics, overrides=overrides))
+
+
+def _wall_clock_class(spec: ClassSpec, scale: float) -> ClassSpec:
+    if spec.slo is None:
+        return spec
+    ttft_ms, tpot_ms = (max(1, round(ms / scale)) for ms in (spec.slo.ttft_ms, spec.slo.tpot_ms))
+    return replace(spec, slo=replace(spec.slo, ttft_ms=ttft_ms, tpot_ms=tpot_ms))
 
 
 def snapshot_from_text(text: str) -> dict[str, float]:
@@ -320,6 +351,8 @@ def _window_workload(workload: Workload, start_s: float, end_s: float) -> Worklo
         output_tokens=workload.output_tokens[first:last],
         phase=workload.phase[first:last],
         duration_s=end_s - start_s,
+        service_class=workload.class_of()[first:last],
+        class_names=workload.class_names,
     )
 
 
@@ -379,6 +412,14 @@ def demo(
             help="Scenario YAML to play (default: the built-in demo-shift, chat traffic then long-prompt code traffic).",
         ),
     ] = None,
+    classes: Annotated[
+        bool,
+        typer.Option(
+            "--classes",
+            help="Play the built-in SLO-classes scenario instead: an interactive class with a tight "
+            "TTFT beside a batch class that floods mid-run (docs/slo-classes.md).",
+        ),
+    ] = False,
     time_scale: Annotated[
         float,
         typer.Option(
@@ -410,10 +451,16 @@ def demo(
       batchpilot demo --headless --out docs/img --duration 90
 
       batchpilot demo --scenario ../shared/scenarios/conv-to-code-shift.yaml --duration 120
+
+      batchpilot demo --classes --headless
     """
     # Here, not at the top: demo_view imports this module.
     from batchpilot.cli import demo_view
 
+    if classes and scenario_path is not None:
+        fail("--classes: plays a built-in scenario; give either --classes or --scenario, not both")
+    if classes:
+        scenario_path = builtin_scenario_path(BUILTIN_CLASSES_SCENARIO_NAME)
     try:
         plan = plan_demo(
             load_demo_scenario(scenario_path), time_scale=time_scale, duration_s=duration
@@ -447,12 +494,13 @@ def demo(
 
 
 def load_demo_scenario(path: Path | None) -> Scenario:
-    """The scenario file, or the built-in one (with the built-in calibration when ../shared is absent)."""
+    """The scenario file, or the built-in one (a built-in one with the built-in calibration when ../shared is absent)."""
     chosen = path or builtin_scenario_path()
+    builtin = chosen.parent == builtin_scenario_path().parent
     try:
         return load_scenario(chosen)
     except ScenarioError as err:
-        if path is None and err.field == "engine.calibration":
+        if builtin and err.field == "engine.calibration":
             return _builtin_without_shared(chosen)
         raise DemoError(f"--scenario {chosen}: {err}") from err
 
@@ -539,4 +587,3 @@ def records_between(
     records: Sequence[RequestRecord], start_s: float, end_s: float
 ) -> list[RequestRecord]:
     return [record for record in records if start_s <= record.arrival_s < end_s]
-

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -65,8 +66,11 @@ def knobs_text(knobs: Knobs | None, time_scale: float) -> str:
 def record_stats(
     records: Sequence[RequestRecord], duration_s: float, plan: DemoPlan
 ) -> dict[str, Any]:
-    """The load generator's summary (the benchmark's definitions) over `records`."""
-    return summarize_records(records, max(duration_s, 1e-9), plan.scenario.slo)
+    """The load generator's summary (the benchmark's definitions) over `records`,
+    each request judged against its SLO class's objectives."""
+    scenario = plan.scenario
+    class_slos = {c.name: c.slo for c in scenario.classes} if scenario.classes else None
+    return summarize_records(records, max(duration_s, 1e-9), scenario.slo, class_slos)
 
 
 def phase_index(plan: DemoPlan, t_s: float) -> int:
@@ -81,10 +85,14 @@ def intro(plan: DemoPlan) -> Any:
         f"time scale {plan.time_scale:g}: {plan.duration_wall_s:.4g} wall s = {scenario.duration_s:.4g} scenario s; "
         f"control every {plan.interval_s:.3g} scenario s ({plan.interval_wall_s:.3g} wall s); all numbers in scenario time",
     ]
-    for index, (start, phase) in enumerate(
-        zip(plan.phase_starts_s, scenario.workload, strict=True)
-    ):
+    for index, (start, phase) in enumerate(zip(plan.phase_starts_s, plan.phases, strict=True)):
         lines.append(f"  phase {index + 1} from {start:.1f} s: {describe_phase(phase)}")
+    for service_class in scenario.classes:
+        lines.append(
+            f"  class {service_class.name} (priority {service_class.priority}): TTFT <= "
+            f"{service_class.slo.ttft_ms:g} ms, TPOT <= {service_class.slo.tpot_ms:g} ms; "
+            + "; ".join(describe_phase(phase) for phase in service_class.workload)
+        )
     return Panel(
         "\n".join(lines), title="batchpilot demo: adaptive vs static batching", expand=False
     )
@@ -185,7 +193,17 @@ class HeadlessLog:
             applied = _fleet_setting(fleet, plan.time_scale)
             attainment = f"{stats['slo_attainment']:.0%}" if stats else "-"
             goodput = f"{stats['goodput_rps']:.1f}/s" if stats else "-"
-            parts.append(f"{name}: {applied} good {goodput} ({attainment})")
+            by_class = ""
+            if stats and "classes" in stats:
+                # Escaped: the console reads "[...]" as markup and would drop it.
+                by_class = escape(
+                    " ["
+                    + ", ".join(
+                        f"{c} {o['slo_attainment']:.0%}" for c, o in stats["classes"].items()
+                    )
+                    + "]"
+                )
+            parts.append(f"{name}: {applied} good {goodput} ({attainment}){by_class}")
         if state.finished:
             parts.append("load finished")
         self._console.print(" | ".join(parts), highlight=False)
@@ -210,8 +228,9 @@ def summarize(state: DemoState) -> dict[str, Any]:
             phases.append(
                 _brief(record_stats(records_between(records, start, stop), stop - start, plan))
             )
+        overall = record_stats(records, end, plan)
         fleets[name] = {
-            "overall": _brief(record_stats(records, end, plan)),
+            "overall": _brief(overall),
             "before_shift": _brief(record_stats(records_between(records, 0.0, shift), shift, plan)),
             "after_shift": _brief(
                 record_stats(records_between(records, shift, end), end - shift, plan)
@@ -219,6 +238,8 @@ def summarize(state: DemoState) -> dict[str, Any]:
             "phases": phases,
             "scrape_failures": fleet.scrape_failures,
         }
+        if "classes" in overall:
+            fleets[name]["classes"] = overall["classes"]
     return {
         "scenario": scenario.name,
         "replicas": len(scenario.replica_names),
@@ -231,7 +252,7 @@ def summarize(state: DemoState) -> dict[str, Any]:
         "slo": {"ttft_ms": scenario.slo.ttft_ms, "tpot_ms": scenario.slo.tpot_ms},
         "phases": [
             {"start_s": start, "duration_s": phase.duration_s, "traffic": describe_phase(phase)}
-            for start, phase in zip(plan.phase_starts_s, scenario.workload, strict=True)
+            for start, phase in zip(plan.phase_starts_s, plan.phases, strict=True)
         ],
         "fleets": fleets,
         "decisions": [
@@ -274,6 +295,9 @@ def write_outputs(
 ) -> list[Path]:
     table = summary_table(summary)
     console.print(table)
+    per_class = class_table(summary)
+    if per_class is not None:
+        console.print(per_class)
     plot_path = out / PLOT_FILE
     plot_demo(summary, plot_path)
     summary_path = out / SUMMARY_FILE
@@ -285,6 +309,8 @@ def write_outputs(
     capture.print(intro(state.plan))
     capture.print(render(state))
     capture.print(table)
+    if per_class is not None:
+        capture.print(per_class)
     terminal_path = out / TERMINAL_FILE
     capture.save_text(str(terminal_path))
     return [plot_path, summary_path, terminal_path]
@@ -313,6 +339,27 @@ def summary_table(summary: Mapping[str, Any]) -> Any:
             str(overall["shed"]),
             str(overall["errors"]),
         )
+    return table
+
+
+def class_table(summary: Mapping[str, Any]) -> Any:
+    """Per SLO class and fleet, over the whole run; None for a scenario without classes."""
+    if "classes" not in summary["fleets"][FLEETS[0]]:
+        return None
+    table = Table(title=f"{summary['scenario']}: each SLO class against its own objectives")
+    for column in ("fleet", "class", "arrived", "goodput/s", "SLO att.", "TTFT p99 ms", "shed"):
+        table.add_column(column, justify="left" if column in ("fleet", "class") else "right")
+    for name in FLEETS:
+        for service_class, outcome in summary["fleets"][name]["classes"].items():
+            table.add_row(
+                f"[{FLEET_STYLE[name]}]{name}[/]",
+                service_class,
+                str(outcome["arrived"]),
+                f"{outcome['goodput_rps']:.2f}",
+                f"{outcome['slo_attainment']:.1%}",
+                ms_text(outcome["ttft_p99_ms"]),
+                str(outcome["shed"]),
+            )
     return table
 
 
@@ -427,4 +474,3 @@ def _nan(value: float | None) -> float:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
-

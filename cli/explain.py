@@ -7,6 +7,9 @@ for the status shape, operator/gates.py for the pod annotation):
   reasons (split into the decision's own and the guards' that changed it),
   the model's quality, the last-known-good setting, the conditions, and the
   signals / predictions when the status carries them;
+- for a policy with SLO classes (spec.classes), each class: its objectives
+  and how it fared over the last window (status.classes), what the gate gives
+  it (the recommended knobs' classes) and which requests it takes (spec);
 - the selected pods' `batchpilot.dev/applied` annotations: what each pod's
   gate was given, and which pods lag behind the target.
 
@@ -22,7 +25,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import typer
 from kubernetes import client, config
@@ -33,7 +36,7 @@ from rich.table import Table
 from urllib3.exceptions import HTTPError
 
 from batchpilot.cli.app import fail
-from batchpilot.contract.knobs import knobs_document
+from batchpilot.contract.knobs import CLASS_HEADER, DEFAULT_CLASS, knobs_document
 from batchpilot.controller.explain import is_guard_step, parse_reason_text
 from batchpilot.controller.policy import PolicyError
 from batchpilot.operator.kube import GROUP, PLURAL, VERSION, KubeError, read_workload_selector
@@ -183,7 +186,8 @@ def print_explanation(explanation: Explanation, console: Any) -> None:
     for column in ("knob", "recommended", "applied", "last known good"):
         settings.add_column(column)
     knobs = recommendation.get("knobs") or {}
-    for knob in sorted({*knobs, *(applied.get("knobs") or {}), *(good or {})}):
+    # The classes' settings have a table of their own, below.
+    for knob in sorted({*knobs, *(applied.get("knobs") or {}), *(good or {})} - {"classes"}):
         settings.add_row(
             knob,
             _value(knobs.get(knob)),
@@ -195,6 +199,15 @@ def print_explanation(explanation: Explanation, console: Any) -> None:
         f"recommended since {recommendation.get('time', '-')}; applied: {applied.get('summary', '-')}; "
         f"model: {_model_text(status.get('model') or {})}"
     )
+
+    per_class = class_rows(spec, status)
+    if per_class:
+        classes = Table(title=f"SLO classes (last window; worst: {status.get('worstClass', '-')})")
+        for column, justify in CLASS_COLUMNS:
+            classes.add_column(column, justify=justify)
+        for cells in per_class:
+            classes.add_row(*cells)
+        console.print(classes)
 
     # A guard's reason ends "(knob: wanted A, allowed B)"; arrows are only in
     # Events, for what a pod ran -> what it runs now.
@@ -258,6 +271,57 @@ def print_explanation(explanation: Explanation, console: Any) -> None:
     console.print(pods)
 
 
+# (header, justify) of the class table, in the order of `class_rows`' cells.
+CLASS_COLUMNS: tuple[tuple[str, Literal["left", "right"]], ...] = (
+    ("class", "left"), ("priority", "right"), ("weight", "right"), ("met", "left"),
+    ("attainment", "right"), ("TTFT ms (seen/objective)", "right"),
+    ("TPOT ms (seen/objective)", "right"), ("arrivals/s", "right"), ("shed/s", "right"),
+    ("deadline ms", "right"), ("cap", "right"), ("requests", "left"),
+)  # fmt: skip
+
+
+def class_rows(spec: Mapping[str, Any], status: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """One row per SLO class in status.classes (highest priority first); none without classes.
+
+    The observed latencies are at each class's own percentile (its slo's, or
+    spec.slo's); the weight is what the recommendation gives the gate.
+    """
+    declared = {c.get("name"): c for c in spec.get("classes") or () if isinstance(c, Mapping)}
+    recommended = {
+        c.get("name"): c
+        for c in ((status.get("recommendation") or {}).get("knobs") or {}).get("classes") or ()
+        if isinstance(c, Mapping)
+    }
+    default_percentile = (spec.get("slo") or {}).get("percentile", 99)
+    rows: list[tuple[str, ...]] = []
+    for entry in status.get("classes") or ():
+        if not isinstance(entry, Mapping):
+            continue
+        name = str(entry.get("name", "-"))
+        own = declared.get(name) or {}
+        percentile = (own.get("slo") or {}).get("percentile", default_percentile)
+        objective, observed = entry.get("objective") or {}, entry.get("observed") or {}
+        met = entry.get("sloMet")
+        attainment = entry.get("attainment")
+        rows.append(
+            (
+                name,
+                _value(entry.get("priority")),
+                f"{float((recommended.get(name) or own).get('weight', 1)):g}",
+                "-" if met is None else "yes" if met else "[bold]no[/bold]",
+                "-" if attainment is None else f"{float(attainment) * 100:.1f}%",
+                f"p{percentile:g} {_value(observed.get('ttftMs'))}/{_value(objective.get('ttftMs'))}",
+                f"p{percentile:g} {_value(observed.get('tpotMs'))}/{_value(objective.get('tpotMs'))}",
+                _value(entry.get("arrivalRps")),
+                _value(entry.get("shedRps")),
+                _value(entry.get("queueDeadlineMs")),
+                _value(entry.get("maxConcurrency")),
+                _match_text(name, own.get("match") or {}),
+            )
+        )
+    return rows
+
+
 def explain(
     target: Annotated[
         str, typer.Argument(metavar="NAMESPACE/NAME", help="The InferencePolicy to explain.")
@@ -314,7 +378,22 @@ def _model_text(model: Mapping[str, Any]) -> str:
 def _knobs_text(knobs: Mapping[str, Any] | None) -> str:
     if knobs is None:
         return "-"
-    return ", ".join(f"{key}={value}" for key, value in sorted(knobs.items()))
+    text = ", ".join(f"{key}={value}" for key, value in sorted(knobs.items()) if key != "classes")
+    # The classes' own settings are in the class table: here, which ones the gate runs.
+    names = [str(c.get("name")) for c in knobs.get("classes") or () if isinstance(c, Mapping)]
+    return text + (f", classes={'/'.join(names)}" if names else "")
+
+
+def _match_text(name: str, match: Mapping[str, Any]) -> str:
+    """Which requests a class takes, besides those naming it (gate/estimate.py's classify)."""
+    parts = [f"{CLASS_HEADER}: {name}"]
+    if match.get("header"):
+        parts.append(f"{match['header']}: {', '.join(map(str, match.get('values') or ()))}")
+    if match.get("models"):
+        parts.append(f"model: {', '.join(map(str, match['models']))}")
+    if name == DEFAULT_CLASS:
+        parts.append("any other")
+    return "; ".join(parts)
 
 
 def _value(value: Any) -> str:
@@ -331,4 +410,3 @@ def _api_message(err: Any) -> str:
         return str(json.loads(err.body).get("message", ""))
     except (TypeError, ValueError, AttributeError):
         return str(err.body or "")[:200]
-

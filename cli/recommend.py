@@ -17,6 +17,13 @@ The single static setting best overall is found the way the benchmark's
 static-best baseline finds it: each grid setting over the whole workload, phases
 back to back (so one phase's backlog weighs on the next).
 
+A scenario with SLO classes (docs/slo-classes.md) overlaps its classes'
+phases, so it gets that overall recommendation only, from the benchmark's
+per-class grid (sim/baselines.py `class_grid`: batch cap x a queue deadline
+per class), each request judged against its own class's objectives and the
+setting chosen as static-best chooses it on classes (`class_score`: the top
+classes' attainment up to 99% first, then good requests), with a row per class.
+
 One module, over 400 lines: one offline search read in order (workload ->
 phases -> grid -> choice -> table); the simulation it runs lives in sim/.
 """
@@ -24,7 +31,7 @@ phases -> grid -> choice -> table); the simulation it runs lives in sim/.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,10 +45,11 @@ from rich.table import Table
 
 from batchpilot.cli.app import fail, ms_text
 from batchpilot.contract.knobs import Knobs
-from batchpilot.sim.baselines import knob_grid
-from batchpilot.sim.bench import RequestTable, Simulation
+from batchpilot.sim.baselines import class_grid, class_score, knob_grid
+from batchpilot.sim.bench import RequestTable, Simulation, class_outcomes, scenario_good_mask
 from batchpilot.sim.scenario import (
     Scenario,
+    ScenarioClass,
     ScenarioError,
     ScenarioSlo,
     TracePhase,
@@ -73,6 +81,10 @@ class Outcome:
     ttft_p99_ms: float | None
     tpot_p99_ms: float | None
     shed: int
+    # Per SLO class (a scenario with classes): arrived, good, slo_attainment, ttft_p99_ms, shed.
+    classes: Mapping[str, Mapping[str, Any]] | None = None
+    # What static-best on classes ranks by (sim/baselines.py `class_score`).
+    class_rank: tuple[float, int] | None = None
 
     @property
     def goodput_rps(self) -> float:
@@ -106,10 +118,18 @@ class Recommendations:
     phases: tuple[PhaseRecommendation, ...]
     overall: Outcome
     overall_candidates: tuple[Outcome, ...]
+    # The scenario's SLO classes with traffic (the default class alone without classes).
+    classes: tuple[ScenarioClass, ...] = ()
 
 
 def pick_best(outcomes: Sequence[Outcome]) -> Outcome:
-    """Most good requests; among near-ties (TIE_TOLERANCE) the lowest p99 TTFT, then grid order."""
+    """Most good requests; among near-ties (TIE_TOLERANCE) the lowest p99 TTFT, then grid order.
+
+    With SLO classes: the best `class_rank` (the first in grid order on a tie).
+    """
+    ranked = [o for o in outcomes if o.class_rank is not None]
+    if ranked:
+        return max(reversed(ranked), key=lambda o: o.class_rank or (0.0, 0))
     top = max(outcome.good for outcome in outcomes)
     floor = top - max(1.0, TIE_TOLERANCE * top)
     tied = [(index, o) for index, o in enumerate(outcomes) if o.good >= floor]
@@ -119,14 +139,15 @@ def pick_best(outcomes: Sequence[Outcome]) -> Outcome:
 def recommend_for(scenario: Scenario, *, progress: Progress | None = None) -> Recommendations:
     """Simulate the grid per phase and over the whole workload (CPU: about 1 s per 15k requests)."""
     workload = build_workload(scenario)
-    grid = knob_grid(scenario)
+    grid = _grid(scenario)
     overall_candidates = tuple(
         _simulate(scenario, workload, knobs, progress, "whole workload") for knobs in grid
     )
     overall = pick_best(overall_candidates)
     phases = []
     start = 0.0
-    for index, phase in enumerate(scenario.workload):
+    # A class scenario's classes overlap in time: no phase is the whole traffic.
+    for index, phase in enumerate(() if scenario.classes else scenario.workload):
         part = _phase_slice(workload, index, start, phase.duration_s)
         label = f"phase {index + 1}/{len(scenario.workload)}"
         candidates = tuple(_simulate(scenario, part, knobs, progress, label) for knobs in grid)
@@ -155,6 +176,7 @@ def recommend_for(scenario: Scenario, *, progress: Progress | None = None) -> Re
         phases=tuple(phases),
         overall=overall,
         overall_candidates=overall_candidates,
+        classes=scenario.traffic_classes,
     )
 
 
@@ -376,13 +398,42 @@ def print_recommendations(result: Recommendations) -> None:
         )
     # A pipe gets 160 columns, not rich's 80: the table has eleven.
     console = Console(width=None if Console().is_terminal else 160)
-    console.print(table)
+    if result.phases:
+        console.print(table)
     overall = result.overall
+    if overall.classes is not None:
+        console.print(class_table(result))
     console.print(
         f"best single static setting: [bold]{knobs_text(overall.knobs)}[/bold] -> "
         f"{overall.goodput_rps:.2f} good req/s, SLO attainment {overall.slo_attainment:.1%}, "
         f"TTFT p99 {ms_text(overall.ttft_p99_ms)} ms, TPOT p99 {ms_text(overall.tpot_p99_ms)} ms"
     )
+
+
+def class_table(result: Recommendations) -> Table:
+    """The best single setting's outcome per SLO class, and the deadline it gives each."""
+    overall = result.overall
+    table = Table(title=f"{result.scenario}: the best single setting, per SLO class")
+    for column in ("class", "priority", "SLO TTFT/TPOT ms", "deadline", "req", "goodput/s",
+                   "SLO att.", "TTFT p99", "shed"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for service_class in result.classes:
+        outcome = (overall.classes or {}).get(service_class.name)
+        if outcome is None:
+            continue
+        deadline = overall.knobs.service_class(service_class.name).queue_deadline_ms
+        table.add_row(
+            service_class.name,
+            str(service_class.priority),
+            f"{service_class.slo.ttft_ms:g}/{service_class.slo.tpot_ms:g}",
+            "none" if deadline is None else f"{deadline} ms",
+            str(outcome["arrived"]),
+            f"{outcome['good'] / overall.duration_s:.2f}",
+            f"{outcome['slo_attainment']:.1%}",
+            ms_text(outcome["ttft_p99_ms"]),
+            str(outcome["shed"]),
+        )
+    return table
 
 
 def plot_recommendations(result: Recommendations, path: Path) -> None:
@@ -426,9 +477,12 @@ def plot_recommendations(result: Recommendations, path: Path) -> None:
 
 def knobs_text(knobs: Knobs) -> str:
     parts = [f"cap {knobs.max_concurrency if knobs.max_concurrency is not None else 'none'}"]
-    parts.append(
-        f"deadline {knobs.queue_deadline_ms} ms" if knobs.queue_deadline_ms else "no deadline"
-    )
+    if any(c.queue_deadline_ms is not None for c in knobs.classes):
+        parts.append("a deadline per class (below)")
+    else:
+        parts.append(
+            f"deadline {knobs.queue_deadline_ms} ms" if knobs.queue_deadline_ms else "no deadline"
+        )
     if knobs.max_num_batched_tokens is not None:
         parts.append(f"prefill {knobs.max_num_batched_tokens}")
     return ", ".join(parts)
@@ -442,8 +496,8 @@ def _simulate(
 ) -> Outcome:
     sim = Simulation(scenario, workload, knobs=knobs)
     sim.run_to_completion()
-    table = RequestTable.of(sim.requests)
-    good = table.good(scenario.slo.ttft_ms, scenario.slo.tpot_ms)
+    table = RequestTable.of(sim.requests, classes=bool(scenario.classes))
+    good = scenario_good_mask(table, scenario)
     finished = table.finished
     multi = finished & (table.output_tokens > 1)
     if progress is not None:
@@ -456,7 +510,15 @@ def _simulate(
         ttft_p99_ms=_p99_ms(table.ttft_s[finished], np),
         tpot_p99_ms=_p99_ms(table.tpot_s[multi], np),
         shed=int(table.shed.sum()),
+        classes=(
+            class_outcomes(table, good, scenario, workload.duration_s) if scenario.classes else None
+        ),
+        class_rank=class_score(sim, scenario) if scenario.classes else None,
     )
+
+
+def _grid(scenario: Scenario) -> list[Knobs]:
+    return class_grid(scenario) if scenario.classes else knob_grid(scenario)
 
 
 def _phase_slice(workload: Workload, index: int, start_s: float, duration_s: float) -> Workload:
@@ -475,7 +537,8 @@ def _run_with_progress(scenario: Scenario) -> Recommendations:
     console = Console(stderr=True)
     if not console.is_terminal:
         return recommend_for(scenario)
-    total = len(knob_grid(scenario)) * (len(scenario.workload) + 1)
+    phases = 0 if scenario.classes else len(scenario.workload)
+    total = len(_grid(scenario)) * (phases + 1)
     with ProgressDisplay(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
         TimeElapsedColumn(), console=console,
@@ -533,5 +596,3 @@ def _p99_ms(values: Any, np: Any) -> float | None:
 
 def _or_inf(value: float | None) -> float:
     return math.inf if value is None else round(value)
-
-

@@ -80,6 +80,8 @@ request TTL defaults to none. In front of vLLM at its default 256 sequences.
 capped at TTFT objective x prefill throughput, 503 on overflow; vLLM at its default 256 \
 sequences, no gate.
 - `adaptive`: the project's controller, seeing only what the Prometheus path would show it.
+- `strict-priority`: static-default plus the scenario's SLO classes, strict priority between \
+them (class scenarios only; see Classes).
 - `static-best` (hindsight): the single setting that maximises goodput over the whole \
 scenario, found by grid search with hindsight (what a careful load test would pick).
 - `oracle` (hindsight): per window of `control_interval_s` x 10, the best *grid* setting \
@@ -91,6 +93,30 @@ other controller should have more good requests.
 
 "Best baseline" is the non-hindsight baseline (static-default, aimd, gradient2, vegas, \
 envoy-gradient, epp-flow-control, vllm-queue-caps) with the most good requests in a scenario.
+
+## Classes
+
+Our extension of the benchmark contract (../shared/contracts/bench.md) for SLO classes (issue #20); a scenario without `classes` is read and run exactly as before. A scenario may declare an optional top-level `classes` list; each class has a `name` (1-32 lower-case letters, digits and dashes, unique, not `default`), a `priority` (default 0; higher is served first), a `weight` (default 1; the share among classes of equal priority, counted in tokens), an optional `slo: {ttft_ms, tpot_ms}` (each no looser than the top-level `slo`; a key left out keeps the top-level value), an optional `max_concurrency` (the class's requests in flight per replica) and its own `workload`: a list of phases in the usual format, played back to back from t = 0 beside the other classes'. With classes the top-level `workload` is optional: it is the traffic of the implicit `default` class (priority 0, weight 1, the top-level `slo`). Unknown keys are errors with their field path, e.g. `classes[0].slo.ttft_ms: must be <= the top-level slo.ttft_ms (2000), ...`.
+
+```yaml
+slo: {ttft_ms: 20000, tpot_ms: 100}   # the default class's, and the loosest
+classes:
+  - name: interactive
+    priority: 1
+    slo: {ttft_ms: 800, tpot_ms: 60}
+    workload:
+      - duration_s: 300
+        synthetic: {arrival: {process: poisson, rate_rps: 4}, prompt_tokens: {...}, output_tokens: {...}}
+  - name: batch
+    max_concurrency: 96
+    workload: [...]
+```
+
+The classes' requests merge in time order (ties: the default class, then the declared order); a declared class's synthetic phase i draws from a generator seeded by (seed, i, CRC-32 of the class name), the default class's by (seed, i) as without classes, so editing, adding or removing one class never changes another's requests. Each request is sent in its class (the gate's class header) and is good when it meets its own class's SLO; the scenario's duration is its longest class's. Each result row keeps the contract's fields over all requests and adds `classes: {name: {arrived, good, goodput_rps, slo_attainment, ttft_p99_ms, tpot_p99_ms, shed, served_tokens}}` (served tokens: prompt + output tokens of the class's finished requests) and `jain_index`.
+
+`jain_index` is Jain's fairness index between the classes of equal priority, over the contention period of each priority band with two or more classes that had traffic: from the latest of their first arrivals to the earliest of their last arrivals. With tokens = prompt + output tokens (what the gate's token counter charges): a class's *served* tokens are those of its requests whose first token came in the period; its *demand* those of its requests that arrived by the period's end and had no first token before its start; the *fair shares* split the total served over the demands weighted max-min (water-filling: a class asking less than its weight's share gets what it asks, the rest is split by weight); x = served / fair share per class, J = (sum x)^2 / (n sum x^2): 1 when every class got its fair share, 1/n when one got everything. The row reports the lowest band's J, or null when no band has two classes with traffic.
+
+Controllers on class scenarios: `static-default`, `aimd` and the request-path limiters set no classes (one FCFS queue: every request is served in the default class); `strict-priority` is static-default's knobs plus the scenario's classes (priority, weight, class cap) with aging at its maximum (a higher class always goes first); `epp-flow-control` gets llm-d's priority bands from the class priorities, fairness inside a band and FCFS within a flow (the gate's classes with equal weights, aging off); the adaptive controller gets the classes as `spec.classes`. `static-best` sweeps the grid's batch caps x a queue deadline per class in {none, the class's TTFT SLO} (every combination), the scenario's classes with aging off, and picks the setting with the highest attainment of the top-priority classes counted up to 0.99, then the most good requests: the best static per-class setting, and the yardstick for a lower class's goodput. `oracle` searches its one-class FCFS grid as before (each request judged by its class's SLO). `oracle-full` is not run on class scenarios (the document's `skipped` says so): its search covers one class's knobs, not the class priorities, weights and per-class deadlines, so there it would bound nothing (strict-priority can beat it). The analytic upper bound holds every request to the top-level, loosest SLO and uses the whole run's capacity only, so it stays a bound.
 
 ## How the upper bound is derived
 
@@ -146,6 +172,14 @@ def check_document(document: Any) -> None:
                 if not isinstance(result.get(field), int | float):
                     raise ReportError(f"{where}.results[{j}].{field}: must be a number")
         _check_optional(scenario, "phases", int | list, f"{where}.", "must be a phase count")
+        _check_optional(scenario, "classes", list, f"{where}.", "must be a list of classes")
+        _check_optional(
+            scenario, "skipped", Mapping, f"{where}.", "must map controllers to reasons"
+        )
+        for j, result in enumerate(results):
+            _check_optional(
+                result, "classes", Mapping, f"{where}.results[{j}].", "must map classes to results"
+            )
         warnings = scenario.get("warnings")
         if warnings is not None and not (
             isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)
@@ -419,11 +453,74 @@ def _scenario_section(scenario: Mapping[str, Any], controllers: Sequence[str]) -
         notes += [
             f"upper bound: {upper['good']} good (capacity {upper['capacity_good']}, "
             f"arrived {upper['arrived']})",
-            f"{BOUND} / upper bound: {_fmt_ratio(_ratio(bound, upper))}",
         ]
+        if bound is not None:
+            notes.append(f"{BOUND} / upper bound: {_fmt_ratio(_ratio(bound, upper))}")
     notes += [f"warning: {warning}" for warning in scenario.get("warnings", ())]
+    skipped = scenario.get("skipped")
+    if isinstance(skipped, Mapping):
+        notes += [f"not run: {name}: {reason}" for name, reason in skipped.items()]
     lines += ["", *(f"- {note}" for note in notes)]
+    classes = _class_section(scenario, controllers)
+    if classes:
+        lines += ["", classes]
     return "\n".join(lines) + "\n"
+
+
+def _class_section(scenario: Mapping[str, Any], controllers: Sequence[str]) -> str:
+    """Per SLO class, each controller's attainment, goodput and latency (class scenarios only)."""
+    declared = scenario.get("classes")
+    if not isinstance(declared, list) or not declared:
+        return ""
+    lines = [
+        "Per SLO class (each request judged against its class's SLO; Jain's index: fairness "
+        "of served tokens between classes of equal priority, docs/benchmark.md):",
+        "",
+        _row(
+            "controller",
+            "class",
+            "priority",
+            "SLO (TTFT/TPOT ms)",
+            "arrived",
+            "good",
+            "goodput/s",
+            "SLO att. (%)",
+            "TTFT p99 (ms)",
+            "TPOT p99 (ms)",
+            "shed",
+            "served tokens",
+            "Jain",
+        ),
+        _row("---", "---", *["---:"] * 11),
+    ]
+    for name in controllers:
+        result = _result(scenario, name)
+        if result is None or not isinstance(result.get("classes"), Mapping):
+            continue
+        jain = _fmt_number(result.get("jain_index"), ".3f")
+        for info in declared:
+            outcome = result["classes"].get(info.get("name"))
+            if not isinstance(outcome, Mapping):
+                continue
+            slo = info.get("slo") or {}
+            lines.append(
+                _row(
+                    name,
+                    str(info.get("name")),
+                    str(info.get("priority")),
+                    f"{_fmt_number(slo.get('ttft_ms'), '.0f')}/{_fmt_number(slo.get('tpot_ms'), '.0f')}",
+                    str(outcome["arrived"]),
+                    str(outcome["good"]),
+                    f"{outcome['goodput_rps']:.2f}",
+                    f"{outcome['slo_attainment'] * 100:.2f}",
+                    _fmt_number(outcome.get("ttft_p99_ms"), ".0f"),
+                    _fmt_number(outcome.get("tpot_p99_ms"), ".1f"),
+                    _fmt_number(outcome.get("shed"), "d"),
+                    _fmt_number(outcome.get("served_tokens"), "d"),
+                    jain,
+                )
+            )
+    return "\n".join(lines)
 
 
 def _scenario_facts(scenario: Mapping[str, Any]) -> str:
@@ -553,4 +650,3 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-

@@ -18,6 +18,17 @@ Order matters, and is `CHAIN`:
 5. clamp to the policy's bounds — after 4, so a value held by the minimum
    change can never stay outside bounds the user just tightened,
 6. canary (one pod first, then roll out or roll back).
+
+SLO classes: each class's queue deadline (where the policy steers the
+deadline) and max_concurrency are numeric knobs of their own, keyed by
+class name, and the step guards treat them as the shared ones: the
+stabilization window, the max step and the minimum change apply per class,
+so a deadline that wobbles a few percent with the window's prefill estimate
+is not rewritten every interval. A class that appears or goes (a reserve
+cap on the implicit default class, a spec edit) is not a step from
+anything and passes; its name, priority, weight and match are the policy's
+and pass as they are. Clamp keeps class deadlines inside the deadline's
+bounds and class caps at the user's per-class max_concurrency.
 """
 
 from __future__ import annotations
@@ -28,7 +39,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from batchpilot.contract.knobs import NUMERIC_KNOBS, STEERABLE_KNOBS, Knobs
+from batchpilot.contract.knobs import (
+    NUMERIC_KNOBS,
+    STEERABLE_KNOBS,
+    WIRE_NAMES,
+    Knobs,
+    ServiceClass,
+)
 from batchpilot.controller.explain import CanaryState, Reason, Recommendation
 from batchpilot.controller.policy import Policy
 
@@ -63,7 +80,9 @@ class GuardState:
 Guard = Callable[[Policy, GuardState, Recommendation], Recommendation]
 
 
-def hold_on_missing_metrics(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendation:
+def hold_on_missing_metrics(
+    policy: Policy, state: GuardState, rec: Recommendation
+) -> Recommendation:
     if state.metrics_available:
         return rec
     held = replace(rec, target=state.last_known_good, urgent=False)
@@ -96,15 +115,19 @@ def stabilize(policy: Policy, state: GuardState, rec: Recommendation) -> Recomme
         )
     changes: dict[str, Any] = {}
     for knob, current, wanted in _steered(policy, state.current, rec.target):
-        values = [policy.effective(knob, getattr(k, knob)) for k in recent]
-        if wanted > current:
-            agreed = max(current, min(values))
-        elif wanted < current:
-            agreed = min(current, max(values))
-        else:
-            continue
+        agreed = _agreed(
+            current, wanted, [policy.effective(knob, getattr(k, knob)) for k in recent]
+        )
         if agreed != wanted:
             changes[knob] = _from_effective(agreed)
+    class_changes: dict[tuple[str, str], int | None] = {}
+    for key, current, wanted in _class_steered(policy, state.current, rec.target):
+        agreed = _agreed(current, wanted, [_class_value(k, *key) for k in recent])
+        if agreed != wanted:
+            class_changes[key] = _from_effective(agreed)
+    rec = _retarget_classes(
+        rec, class_changes, _class_reasons("guard:stabilize", disagree, rec, class_changes)
+    )
     reasons = _knob_reasons("guard:stabilize", disagree, rec, changes)
     discipline_disputed = any(k.discipline != rec.target.discipline for k in recent)
     if (
@@ -141,7 +164,17 @@ def limit_step(policy: Policy, state: GuardState, rec: Recommendation) -> Recomm
         else:
             continue
         changes[knob] = _from_effective(stepped)
+    class_changes: dict[tuple[str, str], int | None] = {}
+    for key, current, wanted in _class_steered(policy, state.current, rec.target):
+        if math.isinf(current) or current == wanted:
+            continue
+        if wanted > current * factor:
+            class_changes[key] = _from_effective(math.floor(current * factor))
+        elif wanted < current / factor:
+            class_changes[key] = _from_effective(math.ceil(current / factor))
     why = f"limited to x{factor:g} per interval"
+    reasons = _class_reasons("guard:max-step", why, rec, class_changes)
+    rec = _retarget_classes(rec, class_changes, reasons)
     return _retarget(rec, changes, _knob_reasons("guard:max-step", why, rec, changes))
 
 
@@ -154,18 +187,48 @@ def skip_small_changes(policy: Policy, state: GuardState, rec: Recommendation) -
             continue
         if abs(wanted - current) < threshold * current:
             changes[knob] = getattr(state.current, knob)
+    class_changes: dict[tuple[str, str], int | None] = {}
+    for key, current, wanted in _class_steered(policy, state.current, rec.target):
+        if current == wanted or math.isinf(current) or math.isinf(wanted):
+            continue
+        if abs(wanted - current) < threshold * current:
+            class_changes[key] = _from_effective(current)
     why = f"change below {threshold:.0%} is not worth a reconfiguration"
+    reasons = _class_reasons("guard:min-change", why, rec, class_changes)
+    rec = _retarget_classes(rec, class_changes, reasons)
     return _retarget(rec, changes, _knob_reasons("guard:min-change", why, rec, changes))
 
 
 def clamp(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendation:
     clamped = policy.clamp(rec.target)
     reasons = tuple(
-        Reason("guard:clamp", "outside the policy's bounds", name, getattr(rec.target, name), getattr(clamped, name))
+        Reason(
+            "guard:clamp",
+            "outside the policy's bounds",
+            name,
+            getattr(rec.target, name),
+            getattr(clamped, name),
+        )
         for name in STEERABLE_KNOBS
         if getattr(clamped, name) != getattr(rec.target, name)
     )
-    return rec.retarget(clamped, reasons) if reasons else rec
+    rec = rec.retarget(clamped, reasons) if reasons else rec
+    class_changes: dict[tuple[str, str], int | None] = {}
+    user_caps = {c.name: c.max_concurrency for c in policy.classes}
+    deadline_bound = policy.bounds.get("queue_deadline_ms")
+    for service_class in rec.target.classes:
+        deadline = service_class.queue_deadline_ms
+        if deadline_bound is not None and deadline is not None:
+            bounded = deadline_bound.clamp(deadline)
+            if bounded != deadline:
+                class_changes[(service_class.name, "queue_deadline_ms")] = bounded
+        cap, user_cap = service_class.max_concurrency, user_caps.get(service_class.name)
+        if user_cap is not None and (cap is None or cap > user_cap):
+            class_changes[(service_class.name, "max_concurrency")] = user_cap
+    why = "outside the policy's bounds"
+    return _retarget_classes(
+        rec, class_changes, _class_reasons("guard:clamp", why, rec, class_changes)
+    )
 
 
 def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommendation:
@@ -174,7 +237,9 @@ def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommenda
         return rec
     if len(state.pods) < 2:
         if rec.target != state.current:
-            return rec.because(Reason("guard:canary", "one pod only: no other pod to compare a canary with"))
+            return rec.because(
+                Reason("guard:canary", "one pod only: no other pod to compare a canary with")
+            )
         return rec
     running = state.canary
     if running is None or running.pod not in state.pods:
@@ -199,7 +264,9 @@ def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommenda
     gaps = running.score_gaps if gap is None else (*running.score_gaps, gap)
     progressed = replace(running, intervals_done=running.intervals_done + 1, score_gaps=gaps)
     if gap is not None and gap < CANARY_ABORT_GAP:
-        return _canary_end(rec, state, progressed, roll_out=False, why="the canary pod scores clearly worse")
+        return _canary_end(
+            rec, state, progressed, roll_out=False, why="the canary pod scores clearly worse"
+        )
     if progressed.intervals_done < policy.behavior.canary.intervals:
         return replace(
             rec,
@@ -217,7 +284,9 @@ def canary(policy: Policy, state: GuardState, rec: Recommendation) -> Recommenda
         )
     mean_gap = statistics.fmean(gaps) if gaps else None
     if mean_gap is None:
-        return _canary_end(rec, state, progressed, roll_out=False, why="no scores to compare the canary by")
+        return _canary_end(
+            rec, state, progressed, roll_out=False, why="no scores to compare the canary by"
+        )
     if mean_gap >= CANARY_TOLERANCE:
         return _canary_end(rec, state, progressed, roll_out=True, why="the canary pod did no worse")
     return _canary_end(rec, state, progressed, roll_out=False, why="the canary pod scored worse")
@@ -239,7 +308,11 @@ def _canary_end(
             Reason(
                 "guard:canary",
                 f"{why}: {'rolling out to every pod' if roll_out else 'rolling back'}",
-                data={"pod": finished.pod, "meanGap": mean_gap, "intervals": finished.intervals_done},
+                data={
+                    "pod": finished.pod,
+                    "meanGap": mean_gap,
+                    "intervals": finished.intervals_done,
+                },
             ),
         ),
     )
@@ -259,11 +332,84 @@ def _steered(policy: Policy, current: Knobs, target: Knobs) -> Iterator[tuple[st
     effective numbers (no limit is +inf), the form every step guard compares."""
     for knob in NUMERIC_KNOBS:
         if policy.steers(knob):
-            yield knob, policy.effective(knob, getattr(current, knob)), policy.effective(knob, getattr(target, knob))
+            yield (
+                knob,
+                policy.effective(knob, getattr(current, knob)),
+                policy.effective(knob, getattr(target, knob)),
+            )
 
 
-def _assign(pods: Sequence[str], default: Knobs, overrides: Mapping[str, Knobs]) -> dict[str, Knobs]:
+# The per-class settings the step guards treat as numeric knobs.
+CLASS_KNOBS = ("queue_deadline_ms", "max_concurrency")
+
+
+def _class_steered(
+    policy: Policy, current: Knobs, target: Knobs
+) -> Iterator[tuple[tuple[str, str], float, float]]:
+    """((class, knob), current, wanted) for each class in both settings, as
+    effective numbers (unset is +inf); deadlines only where the policy steers
+    the deadline, caps always (the controller's reserve)."""
+    before = {c.name for c in current.classes}
+    for service_class in target.classes:
+        if service_class.name not in before:
+            continue
+        for knob in CLASS_KNOBS:
+            if knob == "queue_deadline_ms" and not policy.steers(knob):
+                continue
+            key = (service_class.name, knob)
+            yield key, _class_value(current, *key), _class_value(target, *key)
+
+
+def _class_value(knobs: Knobs, name: str, knob: str) -> float:
+    value = getattr(knobs.service_class(name), knob)
+    return math.inf if value is None else float(value)
+
+
+def _class_reasons(
+    step: str, message: str, rec: Recommendation, changes: Mapping[tuple[str, str], Any]
+) -> list[Reason]:
+    """As _knob_reasons, the knob named `classes.<class>.<wire name>`."""
+    return [
+        Reason(
+            step,
+            message,
+            f"classes.{name}.{WIRE_NAMES[knob]}",
+            getattr(rec.target.service_class(name), knob),
+            value,
+        )
+        for (name, knob), value in changes.items()
+    ]
+
+
+def _retarget_classes(
+    rec: Recommendation, changes: Mapping[tuple[str, str], int | None], reasons: list[Reason]
+) -> Recommendation:
+    if not changes:
+        return rec
+
+    def changed(service_class: ServiceClass) -> ServiceClass:
+        fields: dict[str, Any] = {
+            knob: value for (name, knob), value in changes.items() if name == service_class.name
+        }
+        return replace(service_class, **fields)
+
+    classes = tuple(changed(c) for c in rec.target.classes)
+    return rec.retarget(rec.target.with_changes(classes=classes), tuple(reasons))
+
+
+def _assign(
+    pods: Sequence[str], default: Knobs, overrides: Mapping[str, Knobs]
+) -> dict[str, Knobs]:
     return {pod: overrides.get(pod, default) for pod in pods}
+
+
+def _agreed(current: float, wanted: float, values: list[float]) -> float:
+    """How far toward `wanted` every recommendation in the window agrees to move from `current`."""
+    if wanted > current:
+        return max(current, min(values))
+    if wanted < current:
+        return min(current, max(values))
+    return wanted
 
 
 def _from_effective(value: float) -> int | None:
@@ -273,12 +419,19 @@ def _from_effective(value: float) -> int | None:
     return int(value)
 
 
-def _knob_reasons(step: str, message: str, rec: Recommendation, changes: Mapping[str, Any]) -> list[Reason]:
+def _knob_reasons(
+    step: str, message: str, rec: Recommendation, changes: Mapping[str, Any]
+) -> list[Reason]:
     """One reason per changed knob: what the steps before wanted, what `step` let through."""
-    return [Reason(step, message, knob, getattr(rec.target, knob), value) for knob, value in changes.items()]
+    return [
+        Reason(step, message, knob, getattr(rec.target, knob), value)
+        for knob, value in changes.items()
+    ]
 
 
-def _retarget(rec: Recommendation, changes: Mapping[str, Any], reasons: list[Reason]) -> Recommendation:
+def _retarget(
+    rec: Recommendation, changes: Mapping[str, Any], reasons: list[Reason]
+) -> Recommendation:
     if not changes:
         return rec
     return rec.retarget(rec.target.with_changes(**changes), tuple(reasons))
@@ -311,7 +464,10 @@ def run_chain(
             rec = guard(policy, state, rec)
         except _GUARD_BUG_ERRORS as err:
             rec = rec.because(
-                Reason(f"guard:{name}", f"guard failed ({type(err).__name__}: {err}); its input passed through unchanged")
+                Reason(
+                    f"guard:{name}",
+                    f"guard failed ({type(err).__name__}: {err}); its input passed through unchanged",
+                )
             )
     if set(rec.per_pod) != set(state.pods):
         rec = replace(rec, per_pod=_assign(state.pods, rec.target, rec.per_pod))

@@ -9,7 +9,15 @@ It is CPU work (scikit-learn fits): callers on an asyncio loop run it with
 State kept between iterations (all bounded): the model's ring buffer, the
 recent raw recommendations for the stabilization window, the setting the
 pods run, the last-known-good setting, a canary in progress, and the
-decision's memory (reference length mix, KV capacity).
+decision's memory (reference length mix, KV capacity, reserve caps).
+
+With SLO classes the Decision carries one ClassReport per class (`_class
+reports`): its attainment is the share of the class's requests within both
+objectives, estimated as (share admitted) x (TTFT histogram's share below
+the TTFT objective) x (TPOT histogram's share below the TPOT objective).
+The gate's histograms are separate, so the product treats the two as
+independent; a request late on both counts once in each, so the product
+errs low (at most by the smaller miss share), never high.
 """
 
 from __future__ import annotations
@@ -18,11 +26,19 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from batchpilot.contract.knobs import Knobs
-from batchpilot.controller.decide import DecideMemory, initial_knobs, recommend
+from batchpilot.controller.decide import (
+    ClassInfo,
+    DecideMemory,
+    initial_knobs,
+    policy_classes,
+    recommend,
+)
 from batchpilot.controller.explain import (
+    ClassReport,
     Conditions,
     Decision,
     Reason,
@@ -31,10 +47,12 @@ from batchpilot.controller.explain import (
 from batchpilot.controller.guards import GuardState, run_chain
 from batchpilot.controller.model import WorkloadModel
 from batchpilot.controller.observe import (
+    ClassObservation,
     MetricsSource,
     MetricsUnavailable,
     Observation,
     PodObservation,
+    WindowHistogram,
     observe,
 )
 from batchpilot.controller.policy import Mode, Policy
@@ -105,7 +123,9 @@ class PolicyController:
         metrics_available = self._metrics_available(observation, pods)
         if observation is not None and metrics_available:
             self.current = _applied_setting(observation, self.current)
-            raw = recommend(self.policy, observation, self.model, self.current, self.memory, tpot_q_s)
+            raw = recommend(
+                self.policy, observation, self.model, self.current, self.memory, tpot_q_s
+            )
         else:
             why = unavailable or (
                 "metrics missing: fewer than half the pods report, or no arrival rate "
@@ -133,7 +153,9 @@ class PolicyController:
 
     # -- steps ---------------------------------------------------------------
 
-    def _observe(self, now_s: float, pods: tuple[str, ...]) -> tuple[Observation | None, str | None]:
+    def _observe(
+        self, now_s: float, pods: tuple[str, ...]
+    ) -> tuple[Observation | None, str | None]:
         try:
             return observe(self.source, self.policy, now_s, pods), None
         except MetricsUnavailable as err:
@@ -165,13 +187,19 @@ class PolicyController:
             return False
         return observation.pooled.arrival_rps is not None
 
-    def _pod_scores(self, observation: Observation | None, pooled_tpot: float | None) -> dict[str, float]:
+    def _pod_scores(
+        self, observation: Observation | None, pooled_tpot: float | None
+    ) -> dict[str, float]:
         """Estimated share of requests served within the SLOs, per pod (for the canary)."""
         if observation is None or not self.policy.behavior.canary.enabled:
             return {}
         scores = {}
         for name, pod in observation.pods.items():
-            score = _attainment(self.policy, pod, _pod_tpot(pod, observation.pooled, pooled_tpot, self.policy.slo.quantile))
+            score = _attainment(
+                self.policy,
+                pod,
+                _pod_tpot(pod, observation.pooled, pooled_tpot, self.policy.slo.quantile),
+            )
             if score is not None:
                 scores[name] = score
         return scores
@@ -226,6 +254,7 @@ class PolicyController:
             signals=signals,
             predictions=predictions,
             canary_pod=None if guarded.canary is None else guarded.canary.pod,
+            classes=_class_reports(policy, observation, guarded.target),
         )
         self._last_decision = decision
         return decision
@@ -238,13 +267,16 @@ class PolicyController:
         prediction = self.model.predict([target], pooled.arrival_rps, mix)
         if prediction is None:
             return {}
+
         def seconds(log_value: float) -> float | None:
             return math.exp(log_value) if math.isfinite(log_value) else None
 
         return {
             "tpot_q_s": seconds(float(prediction.log_tpot[0])),
             "ttft_q_s": seconds(float(prediction.log_ttft[0])),
-            "throughput_rps": float(prediction.throughput[0]) if math.isfinite(prediction.throughput[0]) else None,
+            "throughput_rps": float(prediction.throughput[0])
+            if math.isfinite(prediction.throughput[0])
+            else None,
             "physics_step_s": prediction.physics[0].step_s,
             **self.model.heldout_errors,
         }
@@ -257,7 +289,15 @@ def _applied_setting(observation: Observation, fallback: Knobs) -> Knobs:
     when it is among the most common: with two pods mid-canary, the canary's
     candidate must not pass for the fleet's setting.
     """
-    counted = Counter(pod.applied for pod in observation.pods.values() if pod.applied is not None)
+    # The gates' gauges carry the scalar knobs only: the classes are what
+    # this controller put on the fleet.
+    counted = Counter(
+        pod.applied
+        if pod.applied.classes or not fallback.classes
+        else pod.applied.with_changes(classes=fallback.classes)
+        for pod in observation.pods.values()
+        if pod.applied is not None
+    )
     if not counted:
         return fallback
     if counted.get(fallback) == max(counted.values()):
@@ -273,7 +313,9 @@ def _tpot_quantile(pod: PodObservation, quantile: float) -> float | None:
     return None
 
 
-def _pod_tpot(pod: PodObservation, pooled: PodObservation, pooled_tpot: float | None, quantile: float) -> float | None:
+def _pod_tpot(
+    pod: PodObservation, pooled: PodObservation, pooled_tpot: float | None, quantile: float
+) -> float | None:
     """A pod's own TPOT quantile where it has the histogram; else the pooled one,
     scaled by the pod's mean step over the pool's (the ITL-based estimate is
     too costly to repeat for every pod of a large policy)."""
@@ -303,7 +345,73 @@ def _attainment(policy: Policy, pod: PodObservation, tpot_q_s: float | None) -> 
     return within_ttft * min(admitted_share, 1.0) * tpot_share
 
 
+def _class_reports(
+    policy: Policy, observation: Observation | None, target: Knobs
+) -> tuple[ClassReport, ...]:
+    """One report per class, highest priority first; empty without classes."""
+    if not policy.classes:
+        return ()
+    pooled = {} if observation is None else observation.pooled.classes
+    return tuple(
+        _class_report(info, pooled.get(info.name), target) for info in policy_classes(policy)
+    )
+
+
+def _class_report(info: ClassInfo, obs: ClassObservation | None, target: Knobs) -> ClassReport:
+    gate_class = target.service_class(info.name)
+    deadline = gate_class.queue_deadline_ms
+    report = ClassReport(
+        name=info.name,
+        priority=info.priority,
+        slo_ttft_ms=info.slo.ttft_ms,
+        slo_tpot_ms=info.slo.tpot_ms,
+        queue_deadline_ms=target.queue_deadline_ms if deadline is None else deadline,
+        max_concurrency=gate_class.max_concurrency,
+    )
+    if obs is None:
+        return report
+
+    def q_ms(hist: WindowHistogram | None) -> float | None:
+        value = None if hist is None else hist.quantile(info.slo.quantile)
+        return None if value is None else value * 1e3
+
+    return replace(
+        report,
+        attainment=_class_attainment(info, obs),
+        ttft_q_ms=q_ms(obs.ttft),
+        tpot_q_ms=q_ms(obs.tpot),
+        arrival_rps=obs.arrival_rps,
+        shed_rps=obs.shed_rps,
+    )
+
+
+def _class_attainment(info: ClassInfo, obs: ClassObservation) -> float | None:
+    """(share admitted) x (share within the TTFT objective) x (share within the
+    TPOT objective); the TPOT factor is 1 without a TPOT histogram (no
+    streamed responses in the window)."""
+    if not obs.arrival_rps or obs.ttft is None:
+        return None
+    within_ttft = obs.ttft.fraction_below(info.slo.ttft_ms / 1000.0)
+    if within_ttft is None:
+        return None
+    admitted = min((obs.admitted_rps or 0.0) / obs.arrival_rps, 1.0)
+    within_tpot = 1.0
+    if obs.tpot is not None:
+        within_tpot = obs.tpot.fraction_below(info.slo.tpot_ms / 1000.0) or 0.0
+    return admitted * within_ttft * within_tpot
+
+
 def _slo_met(policy: Policy, pooled: PodObservation, tpot_q_s: float | None) -> bool | None:
+    if policy.classes and pooled.classes:
+        # Every class with traffic: its attainment at least its percentile.
+        met = [
+            attained >= info.slo.quantile
+            for info in policy_classes(policy)
+            if (obs := pooled.classes.get(info.name)) is not None
+            and (attained := _class_attainment(info, obs)) is not None
+        ]
+        if met:
+            return all(met)
     if pooled.ttft is None:
         return None
     within = pooled.ttft.fraction_below(policy.slo.ttft_ms / 1000.0)

@@ -9,13 +9,18 @@ of code (quantiles, means, unit scales, the gate's applied knobs), so the two
 sources cannot drift apart. NaN, +-Inf, absent and stale values come out as
 `None` (missing), never as zero; a counter that is really zero (the gate
 pre-creates its shed reasons at 0) comes out as 0.0.
+
+A policy with SLO classes also reads the gate's per-class series; a source
+returns those as `ByLabel` readings (class -> value), and `observe()` makes
+one `ClassObservation` per class of each pod, and of the pooled replica, with
+the same rules.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,7 +75,14 @@ class WindowHistogram:
         )
 
 
-Reading = float | WindowHistogram | dict[str, float]
+@dataclass(frozen=True, slots=True)
+class ByLabel:
+    """A per-class signal's reading for one pod: one value per class."""
+
+    values: Mapping[str, float | WindowHistogram]
+
+
+Reading = float | WindowHistogram | dict[str, float] | ByLabel
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +100,18 @@ class MetricsSource(Protocol):
         Raises MetricsUnavailable when the backend cannot be reached at all.
         """
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClassObservation:
+    """One SLO class of one pod (or of the pooled replica), from the gate's per-class series."""
+
+    arrival_rps: float | None = None  # admitted + shed
+    admitted_rps: float | None = None
+    shed_rps: float | None = None
+    inflight: float | None = None  # requests admitted and not finished, window average
+    ttft: WindowHistogram | None = None  # arrival at the gate -> first token
+    tpot: WindowHistogram | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +142,13 @@ class PodObservation:
     e2e: WindowHistogram | None = None
     queue_wait: WindowHistogram | None = None
     applied: Knobs | None = None
+    # Per SLO class, for a policy with classes (empty otherwise).
+    classes: Mapping[str, ClassObservation] = field(default_factory=dict)
     missing: tuple[str, ...] = ()
 
     def summary(self, quantile: float) -> dict[str, float | None]:
         """Flat numbers for a status or an explain table."""
+
         def q(hist: WindowHistogram | None, p: float) -> float | None:
             return None if hist is None else hist.quantile(p)
 
@@ -162,24 +189,30 @@ class Observation:
         return len(self.pods)
 
 
-def observe(source: MetricsSource, policy: Policy, now_s: float, pods: Sequence[str]) -> Observation:
+def observe(
+    source: MetricsSource, policy: Policy, now_s: float, pods: Sequence[str]
+) -> Observation:
     """Read the window ending at `now_s` and build typed observations."""
     raw = source.read(now_s, pods)
-    specs = signal_specs(policy.engine.kind, policy.metrics.overrides)
+    specs = signal_specs(policy.engine.kind, policy.metrics.overrides, classes=bool(policy.classes))
     scales = {signal: spec.metric.scale for signal, spec in specs.items()}
     per_pod: dict[str, PodObservation] = {}
     for pod in pods:
         readings = {signal: by_pod[pod] for signal, by_pod in raw.readings.items() if pod in by_pod}
         if readings:
             per_pod[pod] = _pod_observation(readings, scales)
-    pooled = _pod_observation(_pool(raw.readings, list(per_pod)), scales) if per_pod else PodObservation(
-        missing=tuple(s.value for s in Signal)
+    pooled = (
+        _pod_observation(_pool(raw.readings, list(per_pod)), scales)
+        if per_pod
+        else PodObservation(missing=tuple(s.value for s in Signal if s not in _CLASS_SIGNALS))
     )
     silent = tuple(pod for pod in pods if pod not in per_pod)
     return Observation(now_s, policy.metrics.window_s, per_pod, pooled, silent)
 
 
-def _pool(readings: Mapping[Signal, Mapping[str, Reading]], pods: list[str]) -> dict[Signal, Reading]:
+def _pool(
+    readings: Mapping[Signal, Mapping[str, Reading]], pods: list[str]
+) -> dict[Signal, Reading]:
     pooled: dict[Signal, Reading] = {}
     replicas = len(pods)
     for signal, by_pod in readings.items():
@@ -187,7 +220,10 @@ def _pool(readings: Mapping[Signal, Mapping[str, Reading]], pods: list[str]) -> 
         if not values:
             continue
         first = values[0]
-        if isinstance(first, WindowHistogram):
+        if isinstance(first, ByLabel):
+            by_label = [v for v in values if isinstance(v, ByLabel)]
+            pooled[signal] = _pool_by_label(by_label)
+        elif isinstance(first, WindowHistogram):
             hists = [v for v in values if isinstance(v, WindowHistogram)]
             pooled[signal] = _merge(hists).divided(len(hists))
         elif isinstance(first, dict):
@@ -207,17 +243,43 @@ def _pool(readings: Mapping[Signal, Mapping[str, Reading]], pods: list[str]) -> 
     return pooled
 
 
+def _pool_by_label(readings: Sequence[ByLabel]) -> ByLabel:
+    """Per class, per average replica of the pods that reported the signal:
+    a pod without a class's series had none of its traffic (rates add 0)."""
+    replicas = len(readings)
+    grouped: dict[str, list[float | WindowHistogram]] = {}
+    for reading in readings:
+        for label, value in reading.values.items():
+            grouped.setdefault(label, []).append(value)
+    pooled: dict[str, float | WindowHistogram] = {}
+    for label, values in grouped.items():
+        hists = [v for v in values if isinstance(v, WindowHistogram)]
+        if hists:
+            pooled[label] = _merge(hists).divided(replicas)
+            continue
+        floats = [float(v) for v in values if isinstance(v, float | int)]
+        if floats and all(math.isfinite(v) for v in floats):
+            pooled[label] = math.fsum(v / replicas for v in floats)
+    return ByLabel(pooled)
+
+
 def _merge(hists: Sequence[WindowHistogram]) -> WindowHistogram:
     sums = [h.sum_rate for h in hists]
-    total_sum = None if any(s is None for s in sums) else math.fsum(s for s in sums if s is not None)
+    total_sum = (
+        None if any(s is None for s in sums) else math.fsum(s for s in sums if s is not None)
+    )
     try:
         stacked = np.array([h.buckets for h in hists], dtype=float)  # (pods, buckets, 2)
     except ValueError:  # bucket counts differ between pods
         stacked = None
-    if stacked is not None and np.array_equal(stacked[:, :, 0], np.broadcast_to(stacked[0, :, 0], stacked.shape[:2])):
+    if stacked is not None and np.array_equal(
+        stacked[:, :, 0], np.broadcast_to(stacked[0, :, 0], stacked.shape[:2])
+    ):
         # The usual case, every pod with the same buckets: one vector sum.
         rates = stacked[:, :, 1].sum(axis=0)
-        return WindowHistogram(tuple(zip(stacked[0, :, 0].tolist(), rates.tolist(), strict=True)), total_sum)
+        return WindowHistogram(
+            tuple(zip(stacked[0, :, 0].tolist(), rates.tolist(), strict=True)), total_sum
+        )
     by_bound: dict[float, float] = {}
     for hist in hists:
         for le, rate in hist.buckets:
@@ -249,7 +311,9 @@ _HISTOGRAM_FIELDS: Mapping[Signal, str] = {
 }
 
 
-def _pod_observation(readings: Mapping[Signal, Reading], scales: Mapping[Signal, float]) -> PodObservation:
+def _pod_observation(
+    readings: Mapping[Signal, Reading], scales: Mapping[Signal, float]
+) -> PodObservation:
     values: dict[str, Any] = {}
     missing: list[str] = []
     for signal, name in _FLOAT_FIELDS.items():
@@ -282,10 +346,60 @@ def _pod_observation(readings: Mapping[Signal, Reading], scales: Mapping[Signal,
         # Two finite rates near 1e308 add up to inf: missing, not infinite.
         if math.isfinite(arrival_rps):
             values["arrival_rps"] = arrival_rps
-    values["applied"] = _applied_knobs(readings.get(Signal.GATE_KNOB), readings.get(Signal.GATE_DISCIPLINE))
+    values["applied"] = _applied_knobs(
+        readings.get(Signal.GATE_KNOB), readings.get(Signal.GATE_DISCIPLINE)
+    )
     if values["applied"] is None:
         missing.append(Signal.GATE_KNOB.value)
+    values["classes"] = _class_observations(readings, scales)
     return PodObservation(**values, missing=tuple(missing))
+
+
+def _class_observations(
+    readings: Mapping[Signal, Reading], scales: Mapping[Signal, float]
+) -> dict[str, ClassObservation]:
+    """One ClassObservation per class any per-class signal names."""
+    by_signal = {
+        signal: reading.values
+        for signal in _CLASS_SIGNALS
+        if isinstance(reading := readings.get(signal), ByLabel)
+    }
+    names = sorted({name for values in by_signal.values() for name in values})
+    classes: dict[str, ClassObservation] = {}
+    for name in names:
+
+        def number(signal: Signal, name: str = name) -> float | None:
+            value = by_signal.get(signal, {}).get(name)
+            if isinstance(value, float | int) and math.isfinite(value):
+                return float(value) * scales.get(signal, 1.0)
+            return None
+
+        def histogram(signal: Signal, name: str = name) -> WindowHistogram | None:
+            value = by_signal.get(signal, {}).get(name)
+            return _valid_histogram(value, scales.get(signal, 1.0)) if value is not None else None
+
+        admitted, shed = number(Signal.CLASS_ADMITTED), number(Signal.CLASS_SHED)
+        # As for the pooled counters: with the admitted series present, an
+        # absent shed series has shed nothing yet.
+        arrival = None if admitted is None else admitted + (shed or 0.0)
+        classes[name] = ClassObservation(
+            arrival_rps=arrival if arrival is not None and math.isfinite(arrival) else None,
+            admitted_rps=admitted,
+            shed_rps=shed,
+            inflight=number(Signal.CLASS_INFLIGHT),
+            ttft=histogram(Signal.CLASS_TTFT),
+            tpot=histogram(Signal.CLASS_TPOT),
+        )
+    return classes
+
+
+_CLASS_SIGNALS = (
+    Signal.CLASS_ADMITTED,
+    Signal.CLASS_SHED,
+    Signal.CLASS_INFLIGHT,
+    Signal.CLASS_TTFT,
+    Signal.CLASS_TPOT,
+)
 
 
 def _valid_histogram(reading: Reading | None, scale: float) -> WindowHistogram | None:
@@ -298,10 +412,12 @@ def _valid_histogram(reading: Reading | None, scale: float) -> WindowHistogram |
         return None
     if reading.count_rate <= 0:
         return None
-    sum_rate = reading.sum_rate if reading.sum_rate is not None and math.isfinite(reading.sum_rate) else None
+    sum_rate = (
+        reading.sum_rate
+        if reading.sum_rate is not None and math.isfinite(reading.sum_rate)
+        else None
+    )
     return WindowHistogram(reading.buckets, sum_rate).scaled(scale)
-
-
 
 
 def _applied_knobs(knob_values: Reading | None, discipline_flags: Reading | None) -> Knobs | None:
@@ -314,7 +430,9 @@ def _applied_knobs(knob_values: Reading | None, discipline_flags: Reading | None
         if value is None or math.isnan(value) or value == -math.inf:
             return None
         settings[name] = None if value == math.inf else round(value)
-    active = [name for name, flag in discipline_flags.items() if flag == 1.0 and name in DISCIPLINES]
+    active = [
+        name for name, flag in discipline_flags.items() if flag == 1.0 and name in DISCIPLINES
+    ]
     if len(active) != 1:
         return None
     settings["discipline"] = active[0]

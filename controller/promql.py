@@ -16,6 +16,11 @@ can end the literal and change the query.
 Histograms need their `_sum` rate (for the mean) as well as their buckets;
 both come back from ONE query by appending the sum as a pseudo-bucket
 `le="sum"` with `or label_replace(...)`.
+
+A per-class signal (a policy with SLO classes) is grouped by the gate's
+`class` label as well, still one query for every pod and class:
+
+    sum by (pod, class, le) (rate(batchpilot_gate_class_time_to_first_token_seconds_bucket{...}[60s]))
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from batchpilot.controller.policy import LABEL_NAME_RE, METRIC_NAME_RE, MetricsS
 from batchpilot.controller.signals import Kind, Signal, SignalSpec
 
 SUM_PSEUDO_BUCKET = "sum"
-
 
 
 def escape_string(value: str) -> str:
@@ -76,13 +80,17 @@ def escape_regex(value: str) -> str:
 
 def check_label_name(name: str) -> str:
     if not isinstance(name, str) or not LABEL_NAME_RE.fullmatch(name):
-        raise PolicyError("label", f"{name!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+        raise PolicyError(
+            "label", f"{name!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+        )
     return name
 
 
 def check_metric_name(name: str) -> str:
     if not isinstance(name, str) or not METRIC_NAME_RE.fullmatch(name):
-        raise PolicyError("metric", f"{name!r} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)")
+        raise PolicyError(
+            "metric", f"{name!r} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)"
+        )
     return name
 
 
@@ -121,7 +129,11 @@ class QueryBuilder:
             ((self._namespace_label, self._namespace), *metric.labels),
             ((self._pod_label, pods_regex(pods)),),
         )
-        pod, window = self._pod_label, self._window
+        window = self._window
+        # A per-class signal is grouped by its label too: `pod, class`.
+        pod = self._pod_label
+        if spec.grouped:
+            pod = f"{pod}, {check_label_name(spec.by_label or '')}"
         if spec.kind is Kind.COUNTER:
             return f"sum by ({pod}) (rate({name}{sel}[{window}]))"
         if spec.kind is Kind.GAUGE_SUM:
@@ -133,7 +145,7 @@ class QueryBuilder:
             return f"max by ({pod}, {label}) (last_over_time({name}{sel}[{window}]))"
         return (
             f"sum by ({pod}, le) (rate({name}_bucket{sel}[{window}]))"
-            f' or label_replace(sum by ({pod}) (rate({name}_sum{sel}[{window}])),'
+            f" or label_replace(sum by ({pod}) (rate({name}_sum{sel}[{window}])),"
             f' "le", "{SUM_PSEUDO_BUCKET}", "", "")'
         )
 

@@ -23,6 +23,12 @@ every engine anyway (it includes the gate's queue). Only the llama.cpp preset
 names the gate's TPOT histogram: in GATE_METRICS it would also replace the
 ITL-based TPOT estimate of engines without a per-request TPOT histogram
 (SGLang, Triton), a change of its own.
+
+SLO classes: a policy with `spec.classes` also reads the gate's per-class
+series (CLASS_METRICS) split by their `class` label, `sum by (pod, class)`
+(and `le` for a histogram): one reading per class per pod. A policy without
+classes reads none of them, so it issues exactly the queries it did before
+classes existed (22 for vLLM).
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
-from batchpilot.contract.gate_metrics import DISCIPLINE_LABEL, KNOB_LABEL, GateMetric
+from batchpilot.contract.gate_metrics import CLASS_LABEL, DISCIPLINE_LABEL, KNOB_LABEL, GateMetric
 from batchpilot.controller.policy import EngineKind, MetricOverride
 
 
 class Kind(Enum):
+    # A signal with a `by_label` other than LABELLED is also grouped by that
+    # label: sum by (pod, class) (...), one reading per label value.
     # sum by (pod) (rate(m[w])): events per second.
     COUNTER = "counter"
     # sum by (pod) (avg_over_time(m[w])): a count averaged over the window.
@@ -73,6 +81,12 @@ class Signal(StrEnum):
     GATE_INFLIGHT_TOKENS = "gateInflightTokens"
     GATE_KNOB = "gateKnob"
     GATE_DISCIPLINE = "gateDiscipline"
+    # Per SLO class (read only for a policy with classes).
+    CLASS_ADMITTED = "classAdmitted"
+    CLASS_SHED = "classShed"
+    CLASS_TTFT = "classTtft"
+    CLASS_TPOT = "classTpot"
+    CLASS_INFLIGHT = "classInflight"
 
 
 SIGNAL_NAMES = frozenset(s.value for s in Signal)
@@ -85,8 +99,14 @@ class SignalSpec:
     # Every series of this metric that carries the matchers is summed (e.g.
     # all `reason`s of the shed counter).
     metric: MetricOverride
-    # The label that splits a LABELLED signal (knob, discipline).
+    # The label that splits a LABELLED signal (knob, discipline), or groups
+    # a per-class signal (class).
     by_label: str | None = None
+
+    @property
+    def grouped(self) -> bool:
+        """Read one value per `by_label` value (a per-class signal)."""
+        return self.by_label is not None and self.kind is not Kind.LABELLED
 
 
 KINDS: Mapping[Signal, Kind] = {
@@ -112,11 +132,26 @@ KINDS: Mapping[Signal, Kind] = {
     Signal.GATE_INFLIGHT_TOKENS: Kind.GAUGE_SUM,
     Signal.GATE_KNOB: Kind.LABELLED,
     Signal.GATE_DISCIPLINE: Kind.LABELLED,
+    Signal.CLASS_ADMITTED: Kind.COUNTER,
+    Signal.CLASS_SHED: Kind.COUNTER,
+    Signal.CLASS_TTFT: Kind.HISTOGRAM,
+    Signal.CLASS_TPOT: Kind.HISTOGRAM,
+    Signal.CLASS_INFLIGHT: Kind.GAUGE_SUM,
+}
+
+# The gate's per-class series (contract/gate_metrics.py), each read by class.
+CLASS_METRICS: Mapping[Signal, str] = {
+    Signal.CLASS_ADMITTED: GateMetric.CLASS_ADMITTED_TOTAL,
+    Signal.CLASS_SHED: GateMetric.CLASS_SHED_TOTAL,
+    Signal.CLASS_TTFT: GateMetric.CLASS_TIME_TO_FIRST_TOKEN_SECONDS,
+    Signal.CLASS_TPOT: GateMetric.CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS,
+    Signal.CLASS_INFLIGHT: GateMetric.CLASS_INFLIGHT_REQUESTS,
 }
 
 BY_LABEL: Mapping[Signal, str] = {
     Signal.GATE_KNOB: KNOB_LABEL,
     Signal.GATE_DISCIPLINE: DISCIPLINE_LABEL,
+    **{signal: CLASS_LABEL for signal in CLASS_METRICS},
 }
 
 # The series the controller reads from the gate (contract/gate_metrics.py).
@@ -183,8 +218,12 @@ ENGINE_PRESETS: Mapping[EngineKind, Mapping[Signal, MetricOverride]] = {
     },
     EngineKind.TRITON: {
         Signal.COMPLETED: _m("nv_inference_request_success"),
-        Signal.PROMPT_TOKENS: _m("nv_llm_input_token_len", response_metric_type="total_input_tokens"),
-        Signal.OUTPUT_TOKENS: _m("nv_llm_output_token_len", response_metric_type="total_output_tokens"),
+        Signal.PROMPT_TOKENS: _m(
+            "nv_llm_input_token_len", response_metric_type="total_input_tokens"
+        ),
+        Signal.OUTPUT_TOKENS: _m(
+            "nv_llm_output_token_len", response_metric_type="total_output_tokens"
+        ),
         Signal.RUNNING: _m("nv_trt_llm_request_metrics", request_type="scheduled"),
         Signal.WAITING: _m("nv_trt_llm_request_metrics", request_type="waiting"),
         Signal.KV_USAGE: _m("nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="fraction"),
@@ -207,11 +246,24 @@ ENGINE_PRESETS: Mapping[EngineKind, Mapping[Signal, MetricOverride]] = {
 }
 
 
-def signal_specs(engine: EngineKind, overrides: Mapping[str, MetricOverride]) -> dict[Signal, SignalSpec]:
-    """Every signal this engine (plus the gate, plus overrides) provides."""
-    sources: dict[Signal, MetricOverride] = {signal: _m(name) for signal, name in GATE_METRICS.items()}
+def signal_specs(
+    engine: EngineKind, overrides: Mapping[str, MetricOverride], *, classes: bool = False
+) -> dict[Signal, SignalSpec]:
+    """Every signal this engine (plus the gate, plus overrides) provides;
+    the per-class ones only with `classes` (a policy with spec.classes)."""
+    sources: dict[Signal, MetricOverride] = {
+        signal: _m(name) for signal, name in GATE_METRICS.items()
+    }
     sources.update(ENGINE_PRESETS[engine])
-    sources.update({Signal(name): metric for name, metric in overrides.items()})
+    if classes:
+        sources.update({signal: _m(name) for signal, name in CLASS_METRICS.items()})
+    sources.update(
+        {
+            Signal(name): metric
+            for name, metric in overrides.items()
+            if classes or Signal(name) not in CLASS_METRICS
+        }
+    )
     return {
         signal: SignalSpec(signal, KINDS[signal], metric, BY_LABEL.get(signal))
         for signal, metric in sources.items()

@@ -11,6 +11,10 @@ the same window and return the same raw readings, one per signal per pod:
   applying Prometheus' own rate / avg_over_time / last_over_time (promstats).
 
 observe.py's `observe()` turns either's readings into observations.
+
+A per-class signal (signals.SignalSpec.grouped, a policy with SLO classes)
+comes back from either as one `ByLabel` reading per pod: the class label's
+value -> that class's rate, gauge or histogram.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
-from batchpilot.controller.observe import MetricsUnavailable, RawWindow, Reading, WindowHistogram
+from batchpilot.controller.observe import (
+    ByLabel,
+    MetricsUnavailable,
+    RawWindow,
+    Reading,
+    WindowHistogram,
+)
 from batchpilot.controller.policy import Policy
 from batchpilot.controller.promql import SUM_PSEUDO_BUCKET, QueryBuilder
 from batchpilot.controller.promstats import (
@@ -65,7 +75,9 @@ class PrometheusSource:
     ) -> None:
         self._client = client
         self._executor = executor
-        self._specs = signal_specs(policy.engine.kind, policy.metrics.overrides)
+        self._specs = signal_specs(
+            policy.engine.kind, policy.metrics.overrides, classes=bool(policy.classes)
+        )
         self._builder = QueryBuilder(policy.metrics, policy.namespace)
         self._pod_label = policy.metrics.pod_label
         self._timeout_s = policy.metrics.timeout_s
@@ -112,6 +124,8 @@ class PrometheusSource:
             raise MetricsUnavailable(
                 f"Prometheus answered {type(result).__name__} for {spec.signal.value}, not a vector"
             )
+        if spec.grouped:
+            return self._parse_grouped(spec, result, now_s)
         by_pod: dict[str, Reading] = {}
         histograms: dict[str, tuple[list[Bucket], list[float]]] = {}
         for item in result:
@@ -145,6 +159,25 @@ class PrometheusSource:
             if buckets:
                 by_pod[pod] = WindowHistogram(tuple(sorted(buckets)), sums[0] if sums else None)
         return by_pod
+
+    def _parse_grouped(
+        self, spec: SignalSpec, result: list[Any], now_s: float
+    ) -> dict[str, Reading]:
+        """A per-class answer: each (pod, class) group parsed as an ungrouped answer."""
+        label = spec.by_label or ""
+        groups: dict[str, list[Any]] = {}
+        for item in result:
+            labels = item.get("metric") if isinstance(item, dict) else None
+            if not isinstance(labels, dict) or not isinstance(labels.get(label), str):
+                continue
+            groups.setdefault(labels[label], []).append(item)
+        plain = replace(spec, by_label=None)
+        by_pod: dict[str, dict[str, float | WindowHistogram]] = {}
+        for value, items in groups.items():
+            for pod, reading in self._parse(plain, items, now_s).items():
+                if isinstance(reading, float | WindowHistogram):
+                    by_pod.setdefault(pod, {})[value] = reading
+        return {pod: ByLabel(values) for pod, values in by_pod.items()}
 
 
 def _sample_value(value: Any, now_s: float, staleness_s: float) -> float | None:
@@ -208,6 +241,8 @@ class _SeriesIndex:
     members: dict[Signal, dict[str, str]] = field(default_factory=dict)
     # histogram signal -> keys of its _sum series
     sums: dict[Signal, set[str]] = field(default_factory=dict)
+    # per-class signal -> key -> its class (the spec's by_label value)
+    grouped_by: dict[Signal, dict[str, str]] = field(default_factory=dict)
     # keys that feed some signal; only these are kept
     relevant: set[str] = field(default_factory=set)
     seen: set[str] = field(default_factory=set)
@@ -221,7 +256,9 @@ class SnapshotSource:
     """
 
     def __init__(self, policy: Policy) -> None:
-        self._specs = signal_specs(policy.engine.kind, policy.metrics.overrides)
+        self._specs = signal_specs(
+            policy.engine.kind, policy.metrics.overrides, classes=bool(policy.classes)
+        )
         self._window_s = policy.metrics.window_s
         self._staleness_s = policy.metrics.staleness_s
         self._index = _SeriesIndex()
@@ -270,6 +307,11 @@ class SnapshotSource:
                 group = _membership(spec, name, labels)
                 if group is None:
                     continue
+                if spec.grouped:
+                    label = labels.get(spec.by_label or "")
+                    if label is None:
+                        continue
+                    index.grouped_by.setdefault(signal, {})[key] = label
                 index.relevant.add(key)
                 if group == SUM_PSEUDO_BUCKET and spec.kind is Kind.HISTOGRAM:
                     index.sums.setdefault(signal, set()).add(key)
@@ -280,6 +322,35 @@ class SnapshotSource:
         self, spec: SignalSpec, history: deque[tuple[float, dict[str, float]]], now_s: float
     ) -> Reading | None:
         keys = self._index.members.get(spec.signal, {})
+        if not keys:
+            return None
+        sums = self._index.sums.get(spec.signal, set())
+        if not spec.grouped:
+            return self._read_keys(spec, keys, sums, history, now_s)
+        # Per class: the class's own series, read as an ungrouped signal.
+        label_of = self._index.grouped_by.get(spec.signal, {})
+        plain = replace(spec, by_label=None)
+        values: dict[str, float | WindowHistogram] = {}
+        for label in sorted(set(label_of.values())):
+            reading = self._read_keys(
+                plain,
+                {k: g for k, g in keys.items() if label_of.get(k) == label},
+                {k for k in sums if label_of.get(k) == label},
+                history,
+                now_s,
+            )
+            if isinstance(reading, float | WindowHistogram):
+                values[label] = reading
+        return ByLabel(values) if values else None
+
+    def _read_keys(
+        self,
+        spec: SignalSpec,
+        keys: Mapping[str, str],
+        sums: Iterable[str],
+        history: deque[tuple[float, dict[str, float]]],
+        now_s: float,
+    ) -> Reading | None:
         if not keys:
             return None
 
@@ -308,10 +379,7 @@ class SnapshotSource:
                 by_bound.setdefault(bound, []).append(rate)
         if not by_bound:
             return None
-        sum_rate = _sum_present(
-            extrapolated_rate(samples(k), now_s, window)
-            for k in self._index.sums.get(spec.signal, ())
-        )
+        sum_rate = _sum_present(extrapolated_rate(samples(k), now_s, window) for k in sums)
         return WindowHistogram(
             tuple(sorted((bound, math.fsum(rates)) for bound, rates in by_bound.items())), sum_rate
         )

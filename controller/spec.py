@@ -42,13 +42,15 @@ front (`spec.slo.ttftMs`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
 from batchpilot.contract.knobs import (
+    CLASS_HEADER,
     CLASS_PRIORITY_LIMIT,
+    DEFAULT_CLASS,
     MAX_CLASS_WEIGHT,
     MAX_CLASSES,
     MAX_CONCURRENCY_LIMIT,
@@ -372,6 +374,13 @@ class MetricsSpec:
 _MATCH_VALUES_RULE = (
     "values must be listed exactly when header is set: the header's values that select the class"
 )
+# The gate reads x-batchpilot-class as a class name before any match rule
+# (gate/estimate.py's classify), so a rule on it could never match.
+_CLASS_HEADER_RULE = (
+    f"header {CLASS_HEADER} already names the class itself and is read before any match rule; "
+    "match on another header (a tenant or API-key header), or drop match and let requests send "
+    "the class's name"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +392,9 @@ class ClassMatchSpec:
             "has(self.header) == (has(self.values) && size(self.values) > 0)",
             _MATCH_VALUES_RULE,
         ),
+        Rule(
+            f"!has(self.header) || self.header != '{CLASS_HEADER}'", _CLASS_HEADER_RULE, ".header"
+        ),
     )
 
     header: str | None = wired(
@@ -390,6 +402,7 @@ class ClassMatchSpec:
         "authenticating gateway sets (lower-case name).",
         default=None,
         pattern="^[a-z0-9!#$%&'*+.^_`|~-]{1,64}$",
+        max_length=64,
         invalid="{value!r} is not a lower-case HTTP header name such as x-tenant",
     )
     values: tuple[str, ...] = wired(
@@ -408,14 +421,28 @@ class ClassMatchSpec:
     def check_spec(self) -> None:
         if (self.header is not None) != bool(self.values):
             raise PolicyError("values", _MATCH_VALUES_RULE.removeprefix("values "))
+        if self.header == CLASS_HEADER:
+            raise PolicyError("header", _CLASS_HEADER_RULE.removeprefix("header "))
 
     def gate_match(self) -> ClassMatch:
         return ClassMatch(header=self.header, values=self.values, models=self.models)
 
 
+# The default class's objectives are spec.slo: a second statement of them
+# in spec.classes could only disagree.
+_DEFAULT_SLO_RULE = (
+    f"the {DEFAULT_CLASS} class's objectives are spec.slo; change spec.slo instead, or drop this "
+    f"slo (the {DEFAULT_CLASS} class may still set its priority, weight and maxConcurrency here)"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ClassSpec:
     """One SLO class: which requests, their objectives, their priority and share."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(f"self.name != '{DEFAULT_CLASS}' || !has(self.slo)", _DEFAULT_SLO_RULE, ".slo"),
+    )
 
     name: str = wired(
         "The class's name: what a request sends in x-batchpilot-class, and the `class` label of "
@@ -423,6 +450,8 @@ class ClassSpec:
         "no other (declared or not).",
         required="a class name such as interactive",
         pattern="^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$",
+        # The pattern's own bound, stated for the API server's CEL cost estimate.
+        max_length=32,
         invalid="{value!r} is not a class name: 1-32 lower-case letters, digits and dashes, "
         "starting and ending with a letter or digit",
     )
@@ -457,14 +486,167 @@ class ClassSpec:
         "Requests that belong to the class without naming it.", default_factory=ClassMatchSpec
     )
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def check_spec(self) -> None:
+        if self.name == DEFAULT_CLASS and self.slo is not None:
+            raise PolicyError("slo", _DEFAULT_SLO_RULE)
+
+
+_UNIQUE_NAMES = "class names must be unique; rename or merge the duplicates"
+# The gate takes the first class whose rule a request matches (gate/estimate.py's
+# classify): a value or model listed by two classes is dead in the second.
+_FIRST_ONLY = "the gate serves its requests in the first of them only: list each {} in one class"
+_UNIQUE_VALUES = "two classes match the same value of the same header; " + _FIRST_ONLY.format(
+    "value"
+)
+_UNIQUE_MODELS = "two classes match the same model; " + _FIRST_ONLY.format("model")
+
 
 def _class_rules() -> tuple[Rule, ...]:
     return (
-        Rule(
+        MessageRule(
             "self.all(c, self.exists_one(d, d.name == c.name))",
-            "class names must be unique; rename or merge the duplicates",
+            _UNIQUE_NAMES,
+            message_expression='"class name " + '
+            + _first_item(
+                "self",
+                lambda c: f"!self.exists_one(d, d.name == {c}.name)",
+                lambda c, _: f"{c}.name",
+            )
+            + f' + " is used twice; {_UNIQUE_NAMES}"',
+        ),
+        Rule(
+            "self.all(c, !has(c.match) || !has(c.match.header) || !has(c.match.values) || "
+            "c.match.values.all(v, self.filter(d, has(d.match) && has(d.match.header) && "
+            "has(d.match.values) && d.match.header == c.match.header && v in d.match.values)"
+            ".size() == 1))",
+            _UNIQUE_VALUES,
+        ),
+        Rule(
+            "self.all(c, !has(c.match) || !has(c.match.models) || c.match.models.all(m, "
+            "self.filter(d, has(d.match) && has(d.match.models) && m in d.match.models)"
+            ".size() == 1))",
+            _UNIQUE_MODELS,
         ),
     )
+
+
+_DEFAULT_PERCENTILE = 99.0
+_LOOSER_SLO = (
+    "is looser than spec.slo, the default class's objectives, which bound every class's: a "
+    "class's ttftMs and tpotMs must be at most spec.slo's and its percentile at least spec.slo's; "
+    "tighten the class's slo, or loosen spec.slo"
+)
+
+
+def _percentile(slo: str) -> str:
+    return f"(has({slo}.percentile) ? {slo}.percentile : {_DEFAULT_PERCENTILE})"
+
+
+def _looser(slo: str) -> str:
+    """CEL: the class objectives `slo` are looser than the policy's (`self.slo`)."""
+    return (
+        f"({slo}.ttftMs > self.slo.ttftMs || {slo}.tpotMs > self.slo.tpotMs || "
+        f"{_percentile(slo)} < {_percentile('self.slo')})"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRule(Rule):
+    """A rule whose answer the API server computes (`messageExpression`), e.g. to
+    name the list item at fault; `message` stays the fallback and the docs' text."""
+
+    message_expression: str = ""
+
+    def schema(self) -> dict[str, str]:
+        node = Rule.schema(self)
+        node["messageExpression"] = self.message_expression
+        return node
+
+
+def _first_item(items: str, fault: Callable[[str], str], text: Callable[[str, int], str]) -> str:
+    """CEL: `text` of the first of the list `items` (at most MAX_CLASSES) where `fault` holds.
+
+    Spelt out item by item, because the API server's cost estimate takes any
+    string it cannot bound (string(int), a field of a filter()'s result) for
+    megabytes long, and refuses the CRD: a literal or a field with maxLength
+    it can bound.
+    """
+    chain = '"?"'
+    for index in reversed(range(MAX_CLASSES)):
+        item = f"{items}[{index}]"
+        chain = f"(size({items}) > {index} && {fault(item)} ? {text(item, index)} : {chain})"
+    return chain
+
+
+# The rules of spec.classes that read spec.slo too: they live on the spec's
+# root (InferencePolicySpec.RULES), the only node that sees both. The answer
+# names the first class at fault by its index, as the Python twin does.
+CLASS_SLO_RULES: tuple[Rule, ...] = (
+    MessageRule(
+        f"!has(self.classes) || self.classes.all(c, !has(c.slo) || !{_looser('c.slo')})",
+        f"spec.classes[].slo: a class {_LOOSER_SLO}",
+        ".classes",
+        message_expression='"spec.classes[" + '
+        + _first_item(
+            "self.classes",
+            lambda c: f"has({c}.slo) && {_looser(f'{c}.slo')}",
+            lambda c, index: f'"{index}].slo: class " + {c}.name',
+        )
+        + f' + " {_LOOSER_SLO}"',
+    ),
+)
+
+
+def check_classes(slo: Slo, classes: tuple[ClassSpec, ...]) -> None:
+    """The Python twin of spec.classes' rules that span classes or read spec.slo.
+
+    Errors name the field relative to the spec (`classes[1].slo`).
+    """
+    names: dict[str, int] = {}
+    header_values: dict[tuple[str, str], int] = {}
+    models: dict[str, int] = {}
+    for index, service_class in enumerate(classes):
+        where = f"classes[{index}]"
+        if service_class.name in names:
+            raise PolicyError(
+                f"{where}.name",
+                f"{service_class.name!r} is also classes[{names[service_class.name]}].name; "
+                f"{_UNIQUE_NAMES}",
+            )
+        names[service_class.name] = index
+        match = service_class.match
+        for value in match.values:
+            key = (match.header or "", value)
+            first = header_values.setdefault(key, index)
+            if first != index:
+                raise PolicyError(
+                    f"{where}.match.values",
+                    f"{match.header}: {value!r} is also matched by classes[{first}]; "
+                    + _FIRST_ONLY.format("value"),
+                )
+        for model in match.models:
+            first = models.setdefault(model, index)
+            if first != index:
+                raise PolicyError(
+                    f"{where}.match.models",
+                    f"{model!r} is also matched by classes[{first}]; "
+                    + _FIRST_ONLY.format("model"),
+                )
+        own = service_class.slo
+        if own is not None and (
+            own.ttft_ms > slo.ttft_ms
+            or own.tpot_ms > slo.tpot_ms
+            or own.percentile < slo.percentile
+        ):
+            raise PolicyError(
+                f"{where}.slo",
+                f"class {service_class.name} {_LOOSER_SLO} (the class: ttftMs {own.ttft_ms}, "
+                f"tpotMs {own.tpot_ms}, percentile {own.percentile:g}; spec.slo: ttftMs "
+                f"{slo.ttft_ms}, tpotMs {slo.tpot_ms}, percentile {slo.percentile:g})",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,8 +678,14 @@ class ControllerSpec:
         publish_default=True,
     )
     classes: tuple[ClassSpec, ...] = wired(
-        "SLO classes sharing the pods (docs/slo-classes.md); absent: one class, spec.slo.",
+        "SLO classes sharing the pods (docs/slo-classes.md), each with its own queue at the gate; "
+        "absent: one class, spec.slo. A request is in the class it names in x-batchpilot-class, "
+        "else in the first class whose match it meets, else in `default`.",
         default=(),
         max_items=MAX_CLASSES,
         rules=_class_rules,
     )
+
+    def check_spec(self) -> None:
+        """The Python twins of the CEL rules on spec.classes that span classes."""
+        check_classes(self.slo, self.classes)

@@ -20,6 +20,18 @@ prompt) when given, since every choice occupies the KV cache.
 
 Priority (for the `priority` discipline): the `x-priority` header, an
 integer, default 0; higher goes first.
+
+SLO class (`classify`), first rule that applies:
+1. the `x-batchpilot-class` header: a class the gate serves is that class;
+   any other value is served in the default class and the reason counted
+   (`unknown_class`: a well-formed name the gate does not serve;
+   `malformed_class`: not a class name at all), never refused: a client
+   cannot know which classes a replica serves at this moment, and a label
+   value per header sent would let any client grow the metrics without end;
+2. the first class whose `match.header` the request carries with one of
+   `match.values` (a tenant or API-key header an authenticating gateway sets);
+3. the first class whose `match.models` lists the body's `model`;
+4. the default class.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchpilot.contract.errors import FieldError
+from batchpilot.contract.gate_metrics import ClassDefaultReason
+from batchpilot.contract.knobs import CLASS_HEADER, CLASS_NAME, DEFAULT_CLASS, Knobs
 
 CHARS_PER_TOKEN = 4
 PROMPT_TOKENS_HEADER = "x-prompt-tokens"
@@ -52,11 +66,15 @@ def estimate_request(
     body: bytes, headers: Mapping[str, str], default_max_tokens: int
 ) -> RequestSize:
     """Size a completions / chat-completions request body (JSON bytes)."""
+    return estimate_payload(parse_body(body), headers, default_max_tokens)
+
+
+def parse_body(body: bytes) -> Any:
+    """The request body's JSON value; `RequestError` when it is not JSON."""
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RequestError("body", f"request body is not valid JSON ({err})") from err
-    return estimate_payload(payload, headers, default_max_tokens)
 
 
 def estimate_payload(
@@ -71,6 +89,37 @@ def estimate_payload(
         priority=_header_int(headers, PRIORITY_HEADER, default=0, minimum=None),
         stream=payload.get("stream") is True,
     )
+
+
+def classify(
+    payload: Any, headers: Mapping[str, str], knobs: Knobs
+) -> tuple[str, ClassDefaultReason | None]:
+    """The SLO class a request is served in (module docstring), and why it was
+    defaulted when its class header named no class the gate serves.
+
+    Never raises: whatever a client sends, the request is served in some class.
+    """
+    named = headers.get(CLASS_HEADER)
+    if named is not None:
+        name = named.strip()
+        if name in knobs.class_names:
+            return name, None
+        if CLASS_NAME.fullmatch(name):
+            return DEFAULT_CLASS, ClassDefaultReason.UNKNOWN_CLASS
+        return DEFAULT_CLASS, ClassDefaultReason.MALFORMED_CLASS
+    classes = knobs.classes
+    if not classes:
+        return DEFAULT_CLASS, None
+    for service_class in classes:
+        match = service_class.match
+        if match.header is not None and headers.get(match.header) in match.values:
+            return service_class.name, None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if isinstance(model, str):
+        for service_class in classes:
+            if model in service_class.match.models:
+                return service_class.name, None
+    return DEFAULT_CLASS, None
 
 
 def _prompt_tokens(payload: dict[str, Any], headers: Mapping[str, str]) -> int:

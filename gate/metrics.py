@@ -3,6 +3,13 @@
 State gauges (queue length, in-flight, knobs, version) are read from the
 gate at scrape time instead of being set on every request, so the request
 path pays only for a few integer increments.
+
+Per SLO class: one `ClassMetrics` per class name the gate has served under
+some applied configuration (`serve_classes`, called on every apply), never
+one per class header a client sent, so the `class` label's values are
+bounded by configuration. A class's counters start at zero when it is first
+configured, so rate() works from the first scrape, and stay after it is
+configured away: a counter that vanished and came back would read as a reset.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
 from prometheus_client import CollectorRegistry
@@ -24,12 +31,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from batchpilot.contract.gate_metrics import (
+    CLASS_LABEL,
     DISCIPLINE_LABEL,
     HELP,
     KNOB_LABEL,
     TOKEN_BUCKETS,
     TPOT_BUCKETS_S,
     TTFT_BUCKETS_S,
+    ClassDefaultReason,
     ConfigRejectReason,
     FailedReason,
     GateMetric,
@@ -54,12 +63,37 @@ class Histogram:
         self.sum += value
 
     def family(self, name: GateMetric) -> HistogramMetricFamily:
-        cumulative = list(itertools.accumulate(self.counts))
-        buckets = [
+        return HistogramMetricFamily(name, HELP[name], buckets=self.buckets(), sum_value=self.sum)
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """(`le`, cumulative count) pairs, +Inf last."""
+        cumulative = itertools.accumulate(self.counts)
+        return [
             (floatToGoString(bound), count)  # type: ignore[no-untyped-call]
             for bound, count in zip((*self.bounds, math.inf), cumulative, strict=True)
         ]
-        return HistogramMetricFamily(name, HELP[name], buckets=buckets, sum_value=self.sum)
+
+
+class ClassMetrics:
+    """One SLO class's counters and histograms (its gauges come from the queue)."""
+
+    __slots__ = (
+        "admitted",
+        "admitted_tokens",
+        "queue_wait",
+        "shed",
+        "time_per_output_token",
+        "time_to_first_token",
+    )
+
+    def __init__(self) -> None:
+        self.admitted = 0
+        # Prompt + requested output tokens: what the class was charged.
+        self.admitted_tokens = 0
+        self.shed = 0
+        self.queue_wait = Histogram(TTFT_BUCKETS_S)
+        self.time_to_first_token = Histogram(TTFT_BUCKETS_S)
+        self.time_per_output_token = Histogram(TPOT_BUCKETS_S)
 
 
 class GateMetrics(Collector):
@@ -88,8 +122,20 @@ class GateMetrics(Collector):
         self.upstream_retries: dict[StrEnum, int] = dict.fromkeys(RetryReason, 0)
         self.retried_requests: dict[StrEnum, int] = dict.fromkeys(RetriedOutcome, 0)
         self.config_writes_rejected: dict[StrEnum, int] = dict.fromkeys(ConfigRejectReason, 0)
+        # Requests served in the default class because of their class header.
+        self.class_defaulted: dict[StrEnum, int] = dict.fromkeys(ClassDefaultReason, 0)
+        # Every class served under some applied configuration (bounded by the
+        # writes of whoever holds the admin token, never by client headers).
+        self.classes: dict[str, ClassMetrics] = {}
+        self.serve_classes(queue().knobs.class_names)
         self.registry = CollectorRegistry()
         self.registry.register(self)
+
+    def serve_classes(self, names: Iterable[str]) -> None:
+        """Start series for classes configured now; those of earlier ones stay."""
+        for name in names:
+            if name not in self.classes:
+                self.classes[name] = ClassMetrics()
 
     def collect(self) -> Iterator[Metric]:
         queue = self._queue()
@@ -124,6 +170,46 @@ class GateMetrics(Collector):
         yield discipline_family
         yield _gauge(GateMetric.CONFIG_VERSION, self._config_version())
         yield _by_label(GateMetric.CONFIG_WRITES_REJECTED_TOTAL, self.config_writes_rejected)
+        yield from self._collect_classes(queue)
+
+    def _collect_classes(self, queue: AdmissionQueue) -> Iterator[Metric]:
+        labels = [CLASS_LABEL]
+        queued = GaugeMetricFamily(*_named(GateMetric.CLASS_QUEUE_LENGTH), labels=labels)
+        in_flight = GaugeMetricFamily(*_named(GateMetric.CLASS_INFLIGHT_REQUESTS), labels=labels)
+        for load in queue.class_loads():
+            queued.add_metric([load.name], load.queued)
+            in_flight.add_metric([load.name], load.in_flight)
+        admitted = CounterMetricFamily(*_named(GateMetric.CLASS_ADMITTED_TOTAL), labels=labels)
+        tokens = CounterMetricFamily(*_named(GateMetric.CLASS_ADMITTED_TOKENS_TOTAL), labels=labels)
+        shed = CounterMetricFamily(*_named(GateMetric.CLASS_SHED_TOTAL), labels=labels)
+        waits, ttfts, tpots = (
+            HistogramMetricFamily(*_named(name), labels=labels)
+            for name in (
+                GateMetric.CLASS_QUEUE_WAIT_SECONDS,
+                GateMetric.CLASS_TIME_TO_FIRST_TOKEN_SECONDS,
+                GateMetric.CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS,
+            )
+        )
+        # The classes configured now, in their order, then those of earlier configurations.
+        configured = queue.knobs.class_names
+        names = (*configured, *(name for name in self.classes if name not in configured))
+        for name in names:
+            metrics = self.classes[name]
+            admitted.add_metric([name], metrics.admitted)
+            tokens.add_metric([name], metrics.admitted_tokens)
+            shed.add_metric([name], metrics.shed)
+            for family, histogram in (
+                (waits, metrics.queue_wait),
+                (ttfts, metrics.time_to_first_token),
+                (tpots, metrics.time_per_output_token),
+            ):
+                family.add_metric([name], histogram.buckets(), histogram.sum)
+        yield from (queued, in_flight, admitted, tokens, shed, waits, ttfts, tpots)
+        yield _by_label(GateMetric.CLASS_DEFAULTED_TOTAL, self.class_defaulted)
+
+
+def _named(name: GateMetric) -> tuple[str, str]:
+    return name, HELP[name]
 
 
 def _gauge(name: GateMetric, value: float) -> GaugeMetricFamily:

@@ -20,8 +20,13 @@ alone, and the route contract below stays beside the code that keeps it.
   endpoint, which the gate's native adapter steers behind the admin token; a
   client calling it through the data port would silently undo what the
   gate applied.
-- A request shed at the queue deadline gets 429 with `Retry-After` and an
-  OpenAI-style error object; the engine never sees it. A request that a
+- Each admitted request is served in one SLO class (`estimate.classify`):
+  classified once, on arrival, and counted per class once at admission or
+  shed (runtime.py) and once at its first and last streamed byte here; the
+  per-chunk loop does no per-class work.
+- A request shed at its class's queue deadline gets 429 with `Retry-After`
+  and an OpenAI-style error object naming the class and the deadline; the
+  engine never sees it. A request that a
   client SDK marks as a retry (`x-stainless-retry-count` of 1 or more: the
   openai and anthropic SDKs resend a 429 twice by default, after
   `Retry-After`) is counted in retried_requests_total as well (metrics.py).
@@ -51,8 +56,9 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from batchpilot.contract.gate_metrics import FailedReason, RetriedOutcome, RetryReason
-from batchpilot.gate.estimate import RequestError, estimate_request
-from batchpilot.gate.metrics import Histogram
+from batchpilot.contract.knobs import DEFAULT_CLASS
+from batchpilot.gate.estimate import RequestError, classify, estimate_payload, parse_body
+from batchpilot.gate.metrics import ClassMetrics, Histogram
 from batchpilot.gate.runtime import Gate
 
 log = logging.getLogger("batchpilot.gate")
@@ -221,9 +227,14 @@ class TokenEvents:
         """Token events: every data event but the final `data: [DONE]`."""
         return self.events - (1 if self._tail.rstrip().endswith(b"[DONE]") else 0)
 
-    def observe(self, per_token: Histogram, output_tokens: Histogram) -> None:
+    def observe(
+        self,
+        per_token: Histogram,
+        output_tokens: Histogram,
+        class_per_token: Histogram | None = None,
+    ) -> None:
         """Observe a finished stream's output length and, with at least two
-        token events, its mean time per token.
+        token events, its mean time per token (in `class_per_token` too).
 
         The time `data: [DONE]` arrived counts as the last event's, which it
         follows at once.
@@ -232,7 +243,10 @@ class TokenEvents:
         if tokens >= 1:
             output_tokens.observe(tokens)
         if tokens >= 2:
-            per_token.observe((self.last_s - self.first_s) / (tokens - 1))
+            mean_s = (self.last_s - self.first_s) / (tokens - 1)
+            per_token.observe(mean_s)
+            if class_per_token is not None:
+                class_per_token.observe(mean_s)
 
 
 class Proxy:
@@ -264,20 +278,30 @@ class Proxy:
     async def handle_generate(self, request: web.Request) -> web.StreamResponse:
         arrival_s = asyncio.get_running_loop().time()
         body = await request.read()
+        headers = request.headers
         try:
-            size = estimate_request(body, request.headers, self._default_max_tokens)
+            payload = parse_body(body)
+            size = estimate_payload(payload, headers, self._default_max_tokens)
         except RequestError as err:
             return error_response(400, err.message, "invalid_request_error", param=err.field)
-        ticket = await self._gate.acquire(size, arrival_s)
-        if is_client_retry(request.headers):
+        metrics = self._gate.metrics
+        service_class, defaulted = classify(payload, headers, self._gate.queue.knobs)
+        if defaulted is not None:
+            metrics.class_defaulted[defaulted] += 1
+        ticket = await self._gate.acquire(size, arrival_s, service_class)
+        if is_client_retry(headers):
             outcome = RetriedOutcome.SHED if ticket is None else RetriedOutcome.ADMITTED
-            self._gate.metrics.retried_requests[outcome] += 1
+            metrics.retried_requests[outcome] += 1
         if ticket is None:
-            return self._shed_response(arrival_s)
-        self._gate.metrics.prompt_tokens.observe(size.prompt_tokens)
+            return self._shed_response(arrival_s, service_class)
+        metrics.prompt_tokens.observe(size.prompt_tokens)
         try:
             return await self._forward(
-                request, body, arrival_s if size.stream else None, count=True
+                request,
+                body,
+                arrival_s if size.stream else None,
+                count=True,
+                served=metrics.classes[ticket.service_class],
             )
         finally:
             self._gate.release(ticket)
@@ -296,15 +320,20 @@ class Proxy:
             code="engine_admin_route",
         )
 
-    def _shed_response(self, arrival_s: float) -> web.Response:
-        deadline_ms = self._gate.queue.knobs.queue_deadline_ms or 0
+    def _shed_response(self, arrival_s: float, service_class: str) -> web.Response:
+        knobs = self._gate.queue.knobs
+        if service_class not in knobs.class_names:
+            # Configured away while the request waited: it was shed in the default class.
+            service_class = DEFAULT_CLASS
+        own_ms = knobs.service_class(service_class).queue_deadline_ms
+        deadline_ms = (own_ms if own_ms is not None else knobs.queue_deadline_ms) or 0
         waited_ms = (asyncio.get_running_loop().time() - arrival_s) * 1000.0
         retry_after_s = max(1, math.ceil(deadline_ms / 1000.0))
         return error_response(
             429,
-            f"request waited {waited_ms:.0f} ms in the batchpilot gate queue, past its queue "
-            f"deadline of {deadline_ms} ms: the engine is saturated; retry after {retry_after_s} s "
-            "or send it to another replica",
+            f"request waited {waited_ms:.0f} ms in the batchpilot gate queue, past the queue "
+            f"deadline of {deadline_ms} ms of its SLO class {service_class}: the engine is "
+            f"saturated; retry after {retry_after_s} s or send it to another replica",
             "rate_limit_exceeded",
             code="queue_deadline_exceeded",
             headers={"Retry-After": str(retry_after_s)},
@@ -316,6 +345,7 @@ class Proxy:
         body: bytes | aiohttp.StreamReader | None,
         ttft_from_s: float | None,
         count: bool,
+        served: ClassMetrics | None = None,
     ) -> web.StreamResponse:
         """Relay one request to the engine and its answer back, chunk by chunk.
 
@@ -323,7 +353,8 @@ class Proxy:
         `ttft_from_s`: observe time-to-first-token from this arrival time, and
         time per output token (streaming requests only: for a non-streaming
         one the first byte comes at the end). `count`: count engine errors as
-        failed requests.
+        failed requests. `served`: the metrics of the request's SLO class,
+        which observe its time-to-first-token and per-token time too.
         """
         metrics = self._gate.metrics
         url = self._upstream_url + request.rel_url.path_qs
@@ -372,7 +403,9 @@ class Proxy:
                 response.content_length = upstream.content_length
             if count and upstream.status >= 400:
                 failure = (
-                    FailedReason.UPSTREAM_5XX if upstream.status >= 500 else FailedReason.UPSTREAM_4XX
+                    FailedReason.UPSTREAM_5XX
+                    if upstream.status >= 500
+                    else FailedReason.UPSTREAM_4XX
                 )
                 metrics.failed[failure] += 1
             ttft_from_s = ttft_from_s if upstream.status < 300 else None
@@ -393,12 +426,20 @@ class Proxy:
                 if tokens is not None:
                     now_s = asyncio.get_running_loop().time()
                     if ttft_from_s is not None:
-                        metrics.time_to_first_token.observe(now_s - ttft_from_s)
+                        # Once per request, at its first chunk.
+                        ttft_s = now_s - ttft_from_s
+                        metrics.time_to_first_token.observe(ttft_s)
+                        if served is not None:
+                            served.time_to_first_token.observe(ttft_s)
                         ttft_from_s = None
                     tokens.feed(chunk, now_s)
                 await response.write(chunk)
             if tokens is not None:
-                tokens.observe(metrics.time_per_output_token, metrics.output_tokens)
+                tokens.observe(
+                    metrics.time_per_output_token,
+                    metrics.output_tokens,
+                    None if served is None else served.time_per_output_token,
+                )
             await response.write_eof()
             return response
         except ConnectionResetError:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from batchpilot.contract.gate_api import FENCE_HEADER, ConfigSource, GateConfig
 from batchpilot.contract.gate_metrics import ConfigRejectReason, FailedReason, ShedReason
-from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.knobs import DEFAULT_CLASS, Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
 from batchpilot.gate.estimate import RequestSize
 from batchpilot.gate.metrics import GateMetrics
@@ -91,17 +91,27 @@ class Gate:
         self._apply_lock = asyncio.Lock()
         self._deadline_timer: asyncio.TimerHandle | None = None
 
-    async def acquire(self, size: RequestSize, arrival_s: float) -> Ticket | None:
+    async def acquire(
+        self, size: RequestSize, arrival_s: float, service_class: str = DEFAULT_CLASS
+    ) -> Ticket | None:
         """Wait for a place in the engine: the admitted ticket, or None when shed.
 
-        `arrival_s` is on the event loop's clock. If the caller is cancelled
+        `arrival_s` is on the event loop's clock; `service_class` is the SLO
+        class to queue in (`estimate.classify`). The ticket's `service_class`
+        is where it was admitted or shed: the default class when its own was
+        configured away while it waited. If the caller is cancelled
         (its client went away) the request leaves the queue, or gives its
         place back if it was admitted in the meantime.
         """
         loop = asyncio.get_running_loop()
         decision: asyncio.Future[bool] = loop.create_future()
         ticket = Ticket(
-            size.prompt_tokens, size.max_output_tokens, arrival_s, size.priority, payload=decision
+            size.prompt_tokens,
+            size.max_output_tokens,
+            arrival_s,
+            size.priority,
+            payload=decision,
+            service_class=service_class,
         )
         self.queue.push(ticket)
         self._pump()
@@ -125,6 +135,7 @@ class Gate:
         if knobs == self.queue.knobs:
             return False
         self.queue.reconfigure(knobs)
+        self.metrics.serve_classes(knobs.class_names)
         self.config = AppliedConfig(knobs, self.config.version + 1, source, time.time())
         log.info("applied knobs version %d from %s: %s", self.config.version, source, knobs)
         self._pump()
@@ -210,12 +221,21 @@ class Gate:
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
+        metrics = self.metrics
+        # A ticket's class is one the gate serves (the queue puts any other in
+        # the default class), and every such class has its metrics.
         for ticket in self.queue.expire(now):
-            self.metrics.shed[ShedReason.QUEUE_DEADLINE] += 1
+            metrics.shed[ShedReason.QUEUE_DEADLINE] += 1
+            metrics.classes[ticket.service_class].shed += 1
             _resolve(ticket, False)
         for ticket in self.queue.admit(now):
-            self.metrics.admitted += 1
-            self.metrics.queue_wait.observe(now - ticket.arrival_s)
+            waited_s = now - ticket.arrival_s
+            metrics.admitted += 1
+            metrics.queue_wait.observe(waited_s)
+            served = metrics.classes[ticket.service_class]
+            served.admitted += 1
+            served.admitted_tokens += ticket.tokens
+            served.queue_wait.observe(waited_s)
             _resolve(ticket, True)
         self._arm_deadline_timer(loop, now)
 

@@ -132,6 +132,16 @@ def _slo_met(report: CycleReport) -> _Wanted:
             "no completed requests in the window to judge by",
         )
     message = f"latency objectives {'met' if slo_met else 'missed'} over the last window"
+    missed = [
+        c.name
+        for c in decision.classes
+        if c.ttft_q_ms is not None
+        and c.tpot_q_ms is not None
+        and (c.ttft_q_ms > c.slo_ttft_ms or c.tpot_q_ms > c.slo_tpot_ms)
+    ]
+    if missed:
+        # Which classes, not by how much: the message changes only when the set does.
+        message += f"; classes missing their own: {', '.join(missed)}"
     if slo_met:
         return TRUE, ConditionReason.WITHIN_OBJECTIVES, message
     return FALSE, ConditionReason.OBJECTIVES_MISSED, message

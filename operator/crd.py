@@ -69,6 +69,13 @@ spec:
           type: string
           description: Whether the pods met the latency objectives over the last window.
           jsonPath: .status.conditions[?(@.type=="SLOMet")].status
+        - name: Worst Class
+          type: string
+          priority: 1
+          description: >-
+            The SLO class with the lowest share of requests meeting its objectives
+            over the last window, and that share (empty without spec.classes).
+          jsonPath: .status.worstClass
         - name: Age
           type: date
           jsonPath: .metadata.creationTimestamp
@@ -153,6 +160,29 @@ spec:
                         maxNumBatchedTokens:
                           type: integer
                           description: Engine prefill budget per step (absent, startup value).
+                        classes:
+                          type: array
+                          description: >-
+                            Per SLO class, its admission settings at the gate (absent
+                            without spec.classes).
+                          items:
+                            type: object
+                            properties:
+                              name:
+                                type: string
+                                description: The class.
+                              priority:
+                                type: integer
+                                description: Higher is served first.
+                              weight:
+                                type: number
+                                description: Share among classes of equal priority.
+                              queueDeadlineMs:
+                                type: integer
+                                description: The class's queue deadline in ms (absent, the knobs' own).
+                              maxConcurrency:
+                                type: integer
+                                description: The class's cap on requests in flight (absent, none).
                     reasons:
                       type: array
                       description: Why, in order of importance.
@@ -214,6 +244,67 @@ spec:
                   type: string
                   format: date-time
                   description: When the operator last changed a pod's settings.
+                classes:
+                  type: array
+                  description: >-
+                    Per SLO class (spec.classes and the default class), highest priority
+                    first, over the last window: how it fared against its objectives and
+                    what the gate gives it. Absent without spec.classes. Numbers move
+                    only past a dead band (10%; 0.002 for attainment).
+                  items:
+                    type: object
+                    properties:
+                      name:
+                        type: string
+                        description: The class.
+                      priority:
+                        type: integer
+                        description: Its priority.
+                      objective:
+                        type: object
+                        description: Its objectives (its slo, or spec.slo).
+                        properties:
+                          ttftMs:
+                            type: integer
+                            description: Time to first token, ms.
+                          tpotMs:
+                            type: integer
+                            description: Time per output token, ms.
+                      observed:
+                        type: object
+                        description: >-
+                          TTFT and TPOT at the objectives' percentile (absent while the class
+                          has no completed requests).
+                        properties:
+                          ttftMs:
+                            type: number
+                            description: Time to first token, ms.
+                          tpotMs:
+                            type: number
+                            description: Time per output token, ms.
+                      sloMet:
+                        type: boolean
+                        description: Whether both observed values are within the objectives.
+                      attainment:
+                        type: number
+                        description: Share of the class's requests that met both objectives.
+                      arrivalRps:
+                        type: number
+                        description: Requests per second arriving at the gates (admitted and shed).
+                      shedRps:
+                        type: number
+                        description: Requests per second shed (deadline or queue full).
+                      queueDeadlineMs:
+                        type: integer
+                        description: The queue deadline the gates run for the class, ms.
+                      maxConcurrency:
+                        type: integer
+                        description: The cap on the class's requests in flight per pod.
+                worstClass:
+                  type: string
+                  description: >-
+                    The class with the lowest attainment and that attainment, e.g.
+                    "batch 97.1%" (kubectl get's Worst Class column).
                 conditions:
                   type: array
                   description: >-

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from batchpilot.contract.schema import PolicyError, Rule, Wire, parse, wired
 from batchpilot.controller.policy import Mode, Policy
-from batchpilot.controller.spec import ControllerSpec, EngineSpec
+from batchpilot.controller.spec import CLASS_SLO_RULES, ControllerSpec, EngineSpec
 
 if TYPE_CHECKING:
     # Type-only: config.py reads label selectors through shard.py, which imports this module.
@@ -181,7 +181,8 @@ class InferencePolicySpec(ControllerSpec):
 
     # The CRD (and docs/api.md) list what to steer first, then how.
     WIRE_ORDER: ClassVar[tuple[str, ...]] = (
-        "selector", "targetRef", "engine", "actuation", "metrics", "slo", "knobs", "behavior", "mode",
+        "selector", "targetRef", "engine", "actuation", "metrics", "slo", "classes", "knobs",
+        "behavior", "mode",
     )  # fmt: skip
     RULES: ClassVar[tuple[Rule, ...]] = (
         Rule(
@@ -217,6 +218,8 @@ class InferencePolicySpec(ControllerSpec):
             f"spec.actuation.tokenSecretRef is {_AUTO_NEEDS_TOKEN}",
             ".mode",
         ),
+        # spec.classes' rules that read spec.slo (controller/spec.py).
+        *CLASS_SLO_RULES,
     )
 
     selector: LabelSelector | None = wired(
@@ -236,6 +239,8 @@ class InferencePolicySpec(ControllerSpec):
 
     def check_spec(self) -> None:
         """The Python twins of the CEL rules above that read the spec alone."""
+        # Dataclasses with slots take no zero-argument super().
+        ControllerSpec.check_spec(self)
         if (self.selector is None) == (self.target_ref is None):
             raise PolicyError("", "set exactly one of spec.selector or spec.targetRef")
         if self.mode is Mode.AUTO and self.actuation.token_secret is None:

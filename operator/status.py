@@ -17,7 +17,12 @@ rules are unit-tested directly:
 
 Numbers that wobble from window to window are rounded before they reach the
 document (the model's held-out error to two significant digits), and reasons
-are rendered without their per-window measurements, for the same reason.
+are rendered without their per-window measurements, for the same reason. The
+per-class numbers of a policy with SLO classes (`status.classes`) move more
+than those, so each also keeps its published value while the new one is
+within a dead band of it (`_steady`): 10% for rates and latencies, 0.002 for
+an attainment, and never across the class's objective, so the published
+numbers and `sloMet` always agree.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 from batchpilot.contract.knobs import Knobs, knobs_document, knobs_summary
 from batchpilot.contract.reasons import ConditionReason
-from batchpilot.controller.explain import Decision, reason_text
+from batchpilot.controller.explain import ClassReport, Decision, reason_text
 from batchpilot.controller.policy import Mode
 from batchpilot.operator.conditions import conditions
 
@@ -37,6 +42,11 @@ from batchpilot.operator.conditions import conditions
 # not turn the status into a log.
 MAX_REASONS = 12
 MAX_LAGGARDS = 10
+# Dead bands of the per-class numbers (module docstring): a rate or latency
+# within 10% of its published value is noise at a 60 s window, and so is an
+# attainment within 0.002 (two requests in a thousand).
+RELATIVE_BAND = 0.10
+ATTAINMENT_BAND = 0.002
 # Between a laggard's pod and why, in its status line; no pod name has it.
 _LAGGARD_SEPARATOR = ": "
 
@@ -133,10 +143,15 @@ def build_status(
                 else {}
             ),
         }
+        if decision.classes:
+            status["classes"] = class_statuses(decision.classes, previous.get("classes"))
+            worst = worst_class(status["classes"])
+            if worst is not None:
+                status["worstClass"] = worst
     else:
         # A skipped cycle keeps what the last step found: the recommendation is
         # still the best known, and the conditions below say it is not fresh.
-        for key in ("recommendation", "model"):
+        for key in ("recommendation", "model", "classes", "worstClass"):
             if key in previous:
                 status[key] = previous[key]
 
@@ -202,6 +217,28 @@ def merge_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[
     return patch or None
 
 
+def class_statuses(reports: Sequence[ClassReport], previous: Any) -> list[dict[str, Any]]:
+    """`status.classes`: each class as the decision reports it (highest priority
+    first), its noisy numbers kept at their published values while they stay
+    within their dead band."""
+    published = {
+        old.get("name"): old
+        for old in (previous if isinstance(previous, list) else [])
+        if isinstance(old, Mapping)
+    }
+    return [_class_status(report, published.get(report.name) or {}) for report in reports]
+
+
+def worst_class(classes: Sequence[Mapping[str, Any]]) -> str | None:
+    """`interactive 97.1%`: the class with the lowest published attainment (the
+    first of equals), for the printer column; None while no class has one."""
+    judged = [c for c in classes if c.get("attainment") is not None]
+    if not judged:
+        return None
+    worst = min(judged, key=lambda c: float(c["attainment"]))
+    return f"{worst['name']} {float(worst['attainment']) * 100:.1f}%"
+
+
 def timestamp(now: datetime) -> str:
     """RFC 3339 in UTC to the second, as Kubernetes writes metav1.Time."""
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -248,3 +285,64 @@ def _capped(lines: Sequence[str], limit: int) -> list[str]:
     if len(lines) > limit:
         kept.append(f"... and {len(lines) - limit} more")
     return kept
+
+
+def _class_status(report: ClassReport, old: Mapping[str, Any]) -> dict[str, Any]:
+    old_observed = old.get("observed") or {}
+    objective = {"ttftMs": report.slo_ttft_ms, "tpotMs": report.slo_tpot_ms}
+    observed = {
+        "ttftMs": _steady(report.ttft_q_ms, old_observed.get("ttftMs"), report.slo_ttft_ms),
+        "tpotMs": _steady(report.tpot_q_ms, old_observed.get("tpotMs"), report.slo_tpot_ms),
+    }
+    document: dict[str, Any] = {
+        "name": report.name,
+        "priority": report.priority,
+        "objective": objective,
+        "observed": {key: value for key, value in observed.items() if value is not None},
+    }
+    if report.ttft_q_ms is not None and report.tpot_q_ms is not None:
+        document["sloMet"] = (
+            report.ttft_q_ms <= report.slo_ttft_ms and report.tpot_q_ms <= report.slo_tpot_ms
+        )
+    attainment = _steady_attainment(report.attainment, old.get("attainment"))
+    optional = {
+        "attainment": attainment,
+        "arrivalRps": _steady(report.arrival_rps, old.get("arrivalRps")),
+        "shedRps": _steady(report.shed_rps, old.get("shedRps")),
+        # What the gate runs for the class: set values, never noisy.
+        "queueDeadlineMs": report.queue_deadline_ms,
+        "maxConcurrency": report.max_concurrency,
+    }
+    document.update({key: value for key, value in optional.items() if value is not None})
+    return document
+
+
+def _steady(value: float | None, old: Any, objective: float | None = None) -> float | None:
+    """`value` to two significant digits, or the published `old` while `value`
+    is within RELATIVE_BAND of it and on the same side of `objective`."""
+    if value is None:
+        return None
+    if isinstance(old, int | float) and not isinstance(old, bool):
+        same_side = objective is None or (value <= objective) == (old <= objective)
+        if same_side and abs(value - old) <= RELATIVE_BAND * abs(old):
+            return old
+    rounded = _significant(value)
+    if objective is not None and (rounded <= objective) != (value <= objective):
+        # 801 ms against 800 would read 800, within the objective: keep the digits.
+        return _significant(value, 6)
+    return rounded
+
+
+def _steady_attainment(value: float | None, old: Any) -> float | None:
+    if value is None:
+        return None
+    numeric = isinstance(old, int | float) and not isinstance(old, bool)
+    if numeric and abs(value - old) <= ATTAINMENT_BAND:
+        return float(old)
+    return round(value, 3)
+
+
+def _significant(value: float, digits: int = 2) -> float:
+    """`digits` significant digits, as a whole number when it is one (1200, not 1200.0)."""
+    rounded = float(f"{value:.{digits}g}")
+    return int(rounded) if rounded.is_integer() else rounded

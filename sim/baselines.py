@@ -1,4 +1,4 @@
-"""The four reference baselines of the benchmark contract.
+"""The four reference baselines of the benchmark contract, and strict priority for SLO classes.
 
 - ``static-default``: what an engine runs with when nobody tunes it: vLLM's
   default ``max_num_seqs`` of 256 as the batch cap (never above the scenario's
@@ -11,6 +11,23 @@
   batch cap, per replica, from the snapshots alone.
 - ``oracle``: for each window of ``control_interval_s x 10``, the grid setting
   that is best with hindsight, switched for free at the window start.
+
+SLO classes (scenarios with ``classes``):
+
+- ``static-default`` stays FCFS in one class (knobs without classes): what
+  a server without classes does.
+- ``strict-priority``: static-default's knobs plus the scenario's classes
+  (priority, weight, class cap) with aging at its maximum, so a higher class
+  always goes first (a lower one waits behind it up to an hour's aging).
+- ``static-best`` on a class scenario sweeps the grid's batch caps x a queue
+  deadline per class in {none, the class's own TTFT SLO} (every
+  combination), with the scenario's classes at aging off, and picks by
+  (attainment of the top-priority classes capped at `TOP_CLASS_TARGET`,
+  then good requests): the best static per-class setting that keeps the
+  top class at its target where any can, and otherwise the one that comes
+  closest. Capping the attainment keeps a setting that buys the last 0.01%
+  of it by starving every other class from winning.
+- Every good count here judges a request against its own class's SLO.
 
 ``oracle-full`` (sim/oracle_full.py), the benchmark's yardstick, searches the
 adaptive controller's whole action space every control interval instead.
@@ -36,9 +53,10 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
-from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.knobs import MAX_AGING_MS, Knobs, ServiceClass
 from batchpilot.controller.bench_adapter import ControllerContext
-from batchpilot.sim.bench import Progress, Simulation, count_good
+from batchpilot.controller.spec import ClassSpec
+from batchpilot.sim.bench import Progress, Simulation, count_good_by_class, scenario_good
 from batchpilot.sim.controllers import Snapshot
 from batchpilot.sim.metrics import histogram_buckets, histogram_quantile
 from batchpilot.sim.scenario import Scenario
@@ -71,6 +89,10 @@ AIMD_SIGNALS: Mapping[str, tuple[str, str | None, str]] = {
 AIMD_INCREASE = 16
 AIMD_DECREASE = 0.9
 
+# static-best on class scenarios: the top-priority classes' attainment counts
+# up to this (the issue's interactive target); past it, good requests decide.
+TOP_CLASS_TARGET = 0.99
+
 
 class FixedController:
     """Applies one setting at t = 0 and never changes it."""
@@ -88,8 +110,34 @@ class FixedController:
 
 
 def make_static_default(context: ControllerContext) -> FixedController:
-    cap = min(VLLM_DEFAULT_MAX_NUM_SEQS, context.max_num_seqs)
-    return FixedController(context, Knobs(max_concurrency=cap))
+    return FixedController(context, static_default_knobs(context))
+
+
+def static_default_knobs(context: ControllerContext) -> Knobs:
+    return Knobs(max_concurrency=min(VLLM_DEFAULT_MAX_NUM_SEQS, context.max_num_seqs))
+
+
+def make_strict_priority(context: ControllerContext) -> FixedController:
+    """static-default plus the scenario's classes, aging off: a higher class always goes first."""
+    knobs = static_default_knobs(context).with_changes(
+        classes=gate_classes(context.classes), aging_ms=MAX_AGING_MS
+    )
+    return FixedController(context, knobs)
+
+
+def gate_classes(
+    classes: Sequence[ClassSpec], *, equal_weights: bool = False
+) -> tuple[ServiceClass, ...]:
+    """The gate's classes for spec classes (priority, weight, class cap; no deadline)."""
+    return tuple(
+        ServiceClass(
+            name=c.name,
+            priority=c.priority,
+            weight=1.0 if equal_weights else c.weight,
+            max_concurrency=c.max_concurrency,
+        )
+        for c in classes
+    )
 
 
 class AimdController:
@@ -180,7 +228,7 @@ def run_static_best(
     executor: Executor | None = None,
     progress: Progress | None = None,
 ) -> Simulation:
-    grid = knob_grid(scenario)
+    grid = class_grid(scenario) if scenario.classes else knob_grid(scenario)
     jobs = [(scenario, workload, knobs) for knobs in grid]
     # Workers return scores, not runs: shipping 12-48 finished runs of ~30k
     # requests back costs more memory than replaying the winner once.
@@ -221,6 +269,33 @@ def run_oracle(
     return sim
 
 
+def class_grid(scenario: Scenario) -> list[Knobs]:
+    """static-best's sweep on a class scenario: grid caps x a deadline per class in {none, TTFT}."""
+    caps = sorted({k.max_concurrency for k in knob_grid(scenario) if k.max_concurrency})
+    classes = scenario.traffic_classes
+    options = [(None, max(1, round(c.slo.ttft_ms))) for c in classes]
+    grid = []
+    for cap in caps:
+        for deadlines in itertools.product(*options):
+            grid.append(
+                Knobs(
+                    max_concurrency=cap,
+                    aging_ms=MAX_AGING_MS,
+                    classes=tuple(
+                        ServiceClass(
+                            name=c.name,
+                            priority=c.priority,
+                            weight=c.weight,
+                            max_concurrency=c.max_concurrency,
+                            queue_deadline_ms=deadline,
+                        )
+                        for c, deadline in zip(classes, deadlines, strict=True)
+                    ),
+                )
+            )
+    return grid
+
+
 def _run_fixed(job: tuple[Scenario, Workload, Knobs]) -> Simulation:
     scenario, workload, knobs = job
     sim = Simulation(scenario, workload, knobs=knobs)
@@ -228,10 +303,23 @@ def _run_fixed(job: tuple[Scenario, Workload, Knobs]) -> Simulation:
     return sim
 
 
-def _score_fixed(job: tuple[Scenario, Workload, Knobs]) -> int:
+def _score_fixed(job: tuple[Scenario, Workload, Knobs]) -> int | tuple[float, int]:
     sim = _run_fixed(job)
-    slo = sim.scenario.slo
-    return count_good(sim.requests, slo.ttft_ms, slo.tpot_ms)
+    scenario = sim.scenario
+    if not scenario.classes:
+        return scenario_good(sim.requests, scenario)
+    return class_score(sim, scenario)
+
+
+def class_score(sim: Simulation, scenario: Scenario) -> tuple[float, int]:
+    """(top-priority classes' attainment capped at TOP_CLASS_TARGET, good requests)."""
+    good = count_good_by_class(sim.requests, scenario)
+    top = max(c.priority for c in scenario.traffic_classes)
+    names = {c.name for c in scenario.traffic_classes if c.priority == top}
+    arrived = sum(1 for r in sim.requests if r.service_class in names)
+    top_good = sum(good[name] for name in names)
+    attainment = top_good / arrived if arrived else 1.0
+    return (min(attainment, TOP_CLASS_TARGET), sum(good.values()))
 
 
 def score_window(job: tuple[Simulation, Knobs, float, float, float]) -> int:
@@ -245,8 +333,7 @@ def score_window(job: tuple[Simulation, Knobs, float, float, float]) -> int:
     interval = trial.scenario.control_interval_s
     while trial.now < give_up and not all(r.done for r in mine):
         trial.run_until(min(trial.now + interval, give_up))
-    slo = trial.scenario.slo
-    return count_good(mine, slo.ttft_ms, slo.tpot_ms)
+    return scenario_good(mine, trial.scenario)
 
 
 def map_jobs(
@@ -264,6 +351,6 @@ def map_jobs(
     return results
 
 
-def _best_index(scores: Sequence[int]) -> int:
+def _best_index(scores: Sequence[Any]) -> int:
     best = max(scores)
     return scores.index(best)

@@ -19,6 +19,16 @@ duration. Latency percentiles are over finished requests (TPOT over those
 with two or more tokens). Each result also carries a per-control-interval
 timeline (by arrival time: arrived, good, goodput, p99 TTFT/TPOT, shed, and
 the knobs in effect at the interval start).
+
+SLO classes (a scenario with `classes`, docs/benchmark.md "Classes"): each
+request is submitted in its class and judged against its own class's SLO;
+the row's contract fields cover every request, and `classes` gives them per
+class (arrived, good, goodput_rps, slo_attainment, ttft_p99_ms, tpot_p99_ms,
+shed, served_tokens: prompt + output tokens of the finished requests), with
+`jain_index`, Jain's fairness index between classes of equal priority
+(`jain_index`). `oracle-full` is not run on class scenarios: its search does
+not cover the class knobs, so it would bound nothing there (the scenario's
+`skipped` says so).
 """
 
 from __future__ import annotations
@@ -34,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.knobs import DEFAULT_CLASS, Knobs
 from batchpilot.controller.bench_adapter import ControllerContext
+from batchpilot.controller.spec import ClassSpec, Slo
 from batchpilot.sim.bound import upper_bound
 from batchpilot.sim.controllers import (
     BOUND,
@@ -45,7 +56,7 @@ from batchpilot.sim.controllers import (
     is_hindsight,
 )
 from batchpilot.sim.engine import Replica, SimRequest
-from batchpilot.sim.scenario import Scenario
+from batchpilot.sim.scenario import Scenario, ScenarioClass
 from batchpilot.sim.workload import Workload, build_workload
 
 Progress = Callable[[float], None]
@@ -66,6 +77,22 @@ def controller_context(scenario: Scenario) -> ControllerContext:
         max_num_batched_tokens=engine.max_num_batched_tokens,
         runtime_tunable=engine.runtime_tunable,
         prefill_tokens_per_s=budget / prefill_s,
+        classes=tuple(class_spec(c, scenario) for c in scenario.classes),
+    )
+
+
+def class_spec(service_class: ScenarioClass, scenario: Scenario) -> ClassSpec:
+    """A scenario class as a policy's spec.classes declares it (its own slo only when tighter)."""
+    slo = service_class.slo
+    own = None
+    if slo != scenario.slo:
+        own = Slo(max(1, round(slo.ttft_ms)), max(1, round(slo.tpot_ms)))
+    return ClassSpec(
+        name=service_class.name,
+        slo=own,
+        priority=service_class.priority,
+        weight=service_class.weight,
+        max_concurrency=service_class.max_concurrency,
     )
 
 
@@ -95,6 +122,10 @@ class Simulation:
         self._arrival = workload.arrival_s.tolist()
         self._prompt = workload.prompt_tokens.tolist()
         self._output = workload.output_tokens.tolist()
+        names = workload.class_names
+        self._class: list[str] | None = (
+            [names[i] for i in workload.class_of().tolist()] if scenario.classes else None
+        )
         # Requests submitted by this run, from arrival index `first_index` on.
         self.requests: list[SimRequest] = []
         self.first_index = 0
@@ -147,7 +178,12 @@ class Simulation:
                 break
             replica = replicas[index % count]
             self.requests.append(
-                replica.submit(next_arrival, self._prompt[index], self._output[index])
+                replica.submit(
+                    next_arrival,
+                    self._prompt[index],
+                    self._output[index],
+                    service_class=DEFAULT_CLASS if self._class is None else self._class[index],
+                )
             )
             index += 1
             self._index = index
@@ -197,9 +233,12 @@ class RequestTable:
     output_tokens: np.ndarray
     finished: np.ndarray
     shed: np.ndarray
+    # The class each request names (None: all in the default class).
+    service_class: np.ndarray | None = None
+    prompt_tokens: np.ndarray | None = None
 
     @classmethod
-    def of(cls, requests: Sequence[SimRequest]) -> RequestTable:
+    def of(cls, requests: Sequence[SimRequest], *, classes: bool = False) -> RequestTable:
         nan = math.nan
         return cls(
             arrival_s=np.array([r.arrival_s for r in requests]),
@@ -208,6 +247,10 @@ class RequestTable:
             output_tokens=np.array([r.output_tokens for r in requests]),
             finished=np.array([r.status == "finished" for r in requests], dtype=bool),
             shed=np.array([r.status == "shed" for r in requests], dtype=bool),
+            service_class=(
+                np.array([r.service_class for r in requests], dtype=object) if classes else None
+            ),
+            prompt_tokens=np.array([r.prompt_tokens for r in requests]) if classes else None,
         )
 
     def good(self, ttft_ms: float, tpot_ms: float) -> np.ndarray:
@@ -235,6 +278,23 @@ class RequestTable:
         }
 
 
+def count_good_by_class(requests: Sequence[SimRequest], scenario: Scenario) -> dict[str, int]:
+    """Good requests per class, each judged against its own class's SLO."""
+    good: dict[str, int] = {}
+    for service_class in scenario.traffic_classes:
+        mine = [r for r in requests if r.service_class == service_class.name]
+        slo = service_class.slo
+        good[service_class.name] = count_good(mine, slo.ttft_ms, slo.tpot_ms)
+    return good
+
+
+def scenario_good(requests: Sequence[SimRequest], scenario: Scenario) -> int:
+    """Good requests, each against its class's SLO (the scenario's slo without classes)."""
+    if not scenario.classes:
+        return count_good(requests, scenario.slo.ttft_ms, scenario.slo.tpot_ms)
+    return sum(count_good_by_class(requests, scenario).values())
+
+
 def count_good(requests: Sequence[SimRequest], ttft_ms: float, tpot_ms: float) -> int:
     """Good requests among `requests` (cheap; used to score hindsight candidates)."""
     ttft_s, tpot_s = ttft_ms / 1000.0, tpot_ms / 1000.0
@@ -249,10 +309,10 @@ def count_good(requests: Sequence[SimRequest], ttft_ms: float, tpot_ms: float) -
 
 def summarize(sim: Simulation, controller: str, wall_s: float) -> dict[str, Any]:
     """The contract's result fields plus the timeline."""
-    slo = sim.scenario.slo
-    table = RequestTable.of(sim.requests)
-    good = table.good(slo.ttft_ms, slo.tpot_ms)
-    return {
+    scenario = sim.scenario
+    table = RequestTable.of(sim.requests, classes=bool(scenario.classes))
+    good = scenario_good_mask(table, scenario)
+    result = {
         "controller": controller,
         **table.outcome(good, sim.duration_s),
         "preemptions": int(sum(replica.preemptions for replica in sim.replicas)),
@@ -260,8 +320,100 @@ def summarize(sim: Simulation, controller: str, wall_s: float) -> dict[str, Any]
         "wall_s": round(wall_s, 3),
         "finished": int(table.finished.sum()),
         "makespan_s": round(sim.now, 3),
-        "timeline": timeline(sim, table, good),
     }
+    if scenario.classes:
+        result["classes"] = class_outcomes(table, good, scenario, sim.duration_s)
+        result["jain_index"] = jain_index(table, scenario)
+    result["timeline"] = timeline(sim, table, good)
+    return result
+
+
+def scenario_good_mask(table: RequestTable, scenario: Scenario) -> np.ndarray:
+    """Per request: good against its own class's SLO."""
+    if table.service_class is None:
+        return table.good(scenario.slo.ttft_ms, scenario.slo.tpot_ms)
+    good = np.zeros(len(table.finished), dtype=bool)
+    for service_class in scenario.traffic_classes:
+        mine = table.service_class == service_class.name
+        slo = service_class.slo
+        good |= mine & table.good(slo.ttft_ms, slo.tpot_ms)
+    return good
+
+
+def class_outcomes(
+    table: RequestTable, good: np.ndarray, scenario: Scenario, duration_s: float
+) -> dict[str, dict[str, Any]]:
+    """The per-class fields of a class scenario's result, in the scenario's class order."""
+    assert table.service_class is not None and table.prompt_tokens is not None
+    served = (table.prompt_tokens + table.output_tokens) * table.finished
+    outcomes = {}
+    for service_class in scenario.traffic_classes:
+        mine = table.service_class == service_class.name
+        arrived = int(mine.sum())
+        good_count = int(good[mine].sum())
+        finished = mine & table.finished
+        outcomes[service_class.name] = {
+            "arrived": arrived,
+            "good": good_count,
+            "goodput_rps": good_count / duration_s,
+            "slo_attainment": good_count / arrived if arrived else 0.0,
+            "ttft_p99_ms": percentile_ms(table.ttft_s[finished], 99),
+            "tpot_p99_ms": percentile_ms(table.tpot_s[finished & (table.output_tokens > 1)], 99),
+            "shed": int(table.shed[mine].sum()),
+            "served_tokens": int(served[mine].sum()),
+        }
+    return outcomes
+
+
+def jain_index(table: RequestTable, scenario: Scenario) -> float | None:
+    """Jain's fairness index between classes of equal priority; None where no two share one.
+
+    Per priority band with two or more classes that had traffic, over its
+    contention period [t0, t1], from the latest of their first arrivals to
+    the earliest of their last arrivals (every class of the band sending).
+    Tokens are prompt + output tokens, what the gate's token counter charges.
+
+    - served a_c: tokens of class c's requests whose first token came in
+      [t0, t1] (their prompt was served then: queueing in the engine counts
+      as much as at the gate);
+    - demand d_c: tokens of class c's requests that arrived by t1 and had
+      no first token before t0 (waiting at t0 or arriving in the period);
+    - fair share f_c: the weighted max-min fair split of sum(a) over the
+      demands (water-filling: a class that asks for less than its
+      weight's share gets what it asks, the rest is split by weight);
+    - x_c = a_c / f_c, J = (sum x)^2 / (n sum x^2) (Jain, Chiu and Hawe's
+      index of throughputs normalised by their fair allocation).
+
+    J is 1 when every class got its fair share, down to 1/n when one got
+    everything. The result is the lowest band's J.
+    """
+    assert table.service_class is not None and table.prompt_tokens is not None
+    bands: dict[int, list[ScenarioClass]] = {}
+    for service_class in scenario.traffic_classes:
+        bands.setdefault(service_class.priority, []).append(service_class)
+    tokens = table.prompt_tokens + table.output_tokens
+    worst: float | None = None
+    for members in bands.values():
+        masks = [table.service_class == c.name for c in members]
+        active = [(c, m) for c, m in zip(members, masks, strict=True) if m.any()]
+        if len(active) < 2:
+            continue
+        start = max(float(table.arrival_s[m].min()) for _, m in active)
+        end = min(float(table.arrival_s[m].max()) for _, m in active)
+        first_token = table.arrival_s + table.ttft_s
+        with np.errstate(invalid="ignore"):
+            served_now = (first_token >= start) & (first_token <= end)
+            waiting = (table.arrival_s <= end) & ~(first_token < start)
+        served = [float(tokens[m & served_now].sum()) for _, m in active]
+        demand = [float(tokens[m & waiting].sum()) for _, m in active]
+        fair = fair_shares(sum(served), demand, [c.weight for c, _ in active])
+        shares = np.array([a / f for a, f in zip(served, fair, strict=True) if f > 0], dtype=float)
+        if len(shares) < 2:
+            continue
+        total = float((shares**2).sum())
+        index = 1.0 if total == 0 else float(shares.sum() ** 2 / (len(shares) * total))
+        worst = index if worst is None else min(worst, index)
+    return None if worst is None else round(worst, 4)
 
 
 def timeline(sim: Simulation, table: RequestTable, good: np.ndarray) -> list[dict[str, Any]]:
@@ -360,12 +512,19 @@ def run_benchmark(
     for scenario in scenarios:
         workload = build_workload(scenario)
         results = []
+        skipped = {}
         for name in controllers:
             progress = (
                 None
                 if on_progress is None
                 else functools.partial(on_progress, f"{scenario.name} / {name}")
             )
+            reason = not_run_reason(scenario, name)
+            if reason is not None:
+                skipped[name] = reason
+                if progress is not None:
+                    progress(1.0)
+                continue
             results.append(
                 run_controller(scenario, workload, name, executor=executor, progress=progress)
             )
@@ -374,11 +533,43 @@ def run_benchmark(
             "upper_bound": upper_bound(scenario, workload),
             "results": results,
         }
+        if skipped:
+            document["skipped"] = skipped
         warnings = bound_violations(results)
         if warnings:
             document["warnings"] = warnings
         documents.append(document)
     return {"scenarios": documents}
+
+
+def fair_shares(capacity: float, demands: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """Weighted max-min fair split of `capacity` over `demands` (water-filling)."""
+    shares = [0.0] * len(demands)
+    left = capacity
+    pending = sorted(range(len(demands)), key=lambda i: demands[i] / weights[i])
+    while pending:
+        weight = sum(weights[i] for i in pending)
+        first = pending[0]
+        if demands[first] <= left * weights[first] / weight:
+            shares[first] = demands[first]
+            left -= demands[first]
+            pending.pop(0)
+            continue
+        for i in pending:
+            shares[i] = left * weights[i] / weight
+        break
+    return shares
+
+
+def not_run_reason(scenario: Scenario, name: str) -> str | None:
+    """Why `name` is left out on `scenario` (None: it runs)."""
+    if name == BOUND and scenario.classes:
+        return (
+            f"{BOUND} searches one class's knobs (cap, budget, deadline, order), not the class "
+            "priorities, weights and per-class deadlines, so on a class scenario it is no upper "
+            "bound (strict-priority can beat it); static-best's per-class sweep is the yardstick"
+        )
+    return None
 
 
 def beats_bound(results: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -406,16 +597,29 @@ def _bound_result(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | N
 
 def scenario_header(scenario: Scenario, arrived: int) -> dict[str, Any]:
     """The fields of a scenario's entry in the benchmark document, before its results."""
-    return {
+    header: dict[str, Any] = {
         "name": scenario.name,
         "duration_s": scenario.duration_s,
         "arrived": arrived,
         "seed": scenario.seed,
-        # More than one phase makes a shift scenario (the report's targets differ).
-        "phases": len(scenario.workload),
+        # More than one phase makes a shift scenario (the report's targets differ);
+        # with classes, the most phases of one class.
+        "phases": max(len(c.workload) for c in scenario.traffic_classes),
         "slo": {"ttft_ms": scenario.slo.ttft_ms, "tpot_ms": scenario.slo.tpot_ms},
         "control_interval_s": scenario.control_interval_s,
     }
+    if scenario.classes:
+        header["classes"] = [
+            {
+                "name": c.name,
+                "priority": c.priority,
+                "weight": c.weight,
+                "slo": {"ttft_ms": c.slo.ttft_ms, "tpot_ms": c.slo.tpot_ms},
+                "max_concurrency": c.max_concurrency,
+            }
+            for c in scenario.traffic_classes
+        ]
+    return header
 
 
 def result_rows(document: Mapping[str, Any]) -> list[dict[str, Any]]:

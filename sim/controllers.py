@@ -58,6 +58,7 @@ class ControllerError(ValueError):
 
 _ONLINE: dict[str, str] = {
     "static-default": "batchpilot.sim.baselines:make_static_default",
+    "strict-priority": "batchpilot.sim.baselines:make_strict_priority",
     "aimd": "batchpilot.sim.baselines:make_aimd",
     "gradient2": "batchpilot.sim.peers:make_gradient2",
     "vegas": "batchpilot.sim.peers:make_vegas",

@@ -10,7 +10,8 @@ and that the benchmark harness drives in virtual time. One `Replica` object is
 one pod:
 
     replica = Replica(config, Knobs(), name="replica-0", record_tokens=True)
-    handle = replica.submit(t, prompt_tokens=812, max_output_tokens=120, priority=0)
+    handle = replica.submit(t, prompt_tokens=812, max_output_tokens=120, priority=0,
+                            service_class="interactive")  # default: "default"
     events = replica.advance(t2)        # every engine step that ended by t2
     replica.set_knobs(t3, Knobs(max_concurrency=64))
     replica.cancel(t3, handle.request_id)  # its client left: drop it, free its KV blocks
@@ -33,7 +34,10 @@ is what makes the closed-form decode jumps below cheap.
 The model, iteration by iteration:
 
 - Gate: an `AdmissionQueue` (gate/admission.py) with the `Knobs`;
-  `max_concurrency` is clamped to the engine's `max_num_seqs` ceiling.
+  `max_concurrency` is clamped to the engine's `max_num_seqs` ceiling. A
+  request is queued in the SLO class `submit` names (one the knobs do not
+  configure means the default class, as at the real gate); the per-class
+  series are sim/metrics.py's.
   Admitted requests enter the engine's waiting queue; a finished request
   releases its ticket, which may admit the next ones at that instant.
 - Engine (vLLM V1 scheduler): each step first gives every running decode one
@@ -84,10 +88,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 from batchpilot.contract.gate_metrics import FailedReason, ShedReason
-from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.knobs import DEFAULT_CLASS, Knobs
 from batchpilot.gate.admission import AdmissionQueue, Ticket
 from batchpilot.sim.calibration import StepCostModel
-from batchpilot.sim.metrics import ReplicaGauges, ReplicaMetrics
+from batchpilot.sim.metrics import ClassSeries, ReplicaGauges, ReplicaMetrics
 
 # Shed reason of a request the engine refused because its queue was full
 # (vLLM's --max-num-queued-tokens; see PeerAdmission).
@@ -169,6 +173,7 @@ class SimRequest:
     __slots__ = (
         "_base",
         "_blocks",
+        "_class_series",
         "_flushed_step",
         "_last_token_s",
         "_phase",
@@ -187,6 +192,7 @@ class SimRequest:
         "priority",
         "prompt_tokens",
         "request_id",
+        "service_class",
         "shed_s",
         "token_times",
     )
@@ -198,8 +204,13 @@ class SimRequest:
         output_tokens: int,
         arrival_s: float,
         priority: int,
+        service_class: str = DEFAULT_CLASS,
     ) -> None:
         self.request_id = request_id
+        # The class the request names (the gate serves an unknown one as default).
+        self.service_class = service_class
+        # The gate's series of the class it was admitted in.
+        self._class_series: ClassSeries | None = None
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.arrival_s = arrival_s
@@ -293,6 +304,7 @@ class Replica:
         self._budget = self._knobs.max_num_batched_tokens or config.max_num_batched_tokens
         self.config_version = 1
         self._gate = AdmissionQueue(self._knobs)
+        self.metrics.serve_classes(self._knobs.class_names)
         self._clock = start_s  # engine time: start of the step in progress, else `now`
         self._now = start_s
         self._step = 0
@@ -347,14 +359,17 @@ class Replica:
         prompt_tokens: int,
         max_output_tokens: int,
         priority: int = 0,
+        service_class: str = DEFAULT_CLASS,
     ) -> SimRequest:
-        """A request arrives at the gate at time t; returns its handle."""
+        """A request of SLO class `service_class` arrives at the gate at time t; returns its handle."""
         if prompt_tokens < 1 or max_output_tokens < 1:
             raise ValueError(
                 f"prompt_tokens and max_output_tokens must be >= 1, got {prompt_tokens}, {max_output_tokens}"
             )
         self._run_until(t)
-        request = SimRequest(self._next_id, prompt_tokens, max_output_tokens, t, priority)
+        request = SimRequest(
+            self._next_id, prompt_tokens, max_output_tokens, t, priority, service_class
+        )
         self._next_id += 1
         if self._record:
             request.token_times = []
@@ -365,7 +380,14 @@ class Replica:
             self.metrics.count_failed("too_long")
             self._emit("rejected", t, request)
             return request
-        ticket = Ticket(prompt_tokens, max_output_tokens, t, priority, payload=request)
+        ticket = Ticket(
+            prompt_tokens,
+            max_output_tokens,
+            t,
+            priority,
+            payload=request,
+            service_class=service_class,
+        )
         request._ticket = ticket
         self._live[request.request_id] = request
         self._gate.push(ticket)
@@ -393,6 +415,7 @@ class Replica:
             self._knobs = applied
             self.config_version += 1
             self._gate.reconfigure(applied)
+            self.metrics.serve_classes(applied.class_names)
             if self.config.runtime_tunable:
                 self._budget = applied.max_num_batched_tokens or self.config.max_num_batched_tokens
         self._admit(t)
@@ -478,6 +501,7 @@ class Replica:
             gate_inflight_tokens=gate.inflight_tokens,
             knobs=self._knobs,
             config_version=self.config_version,
+            class_loads=tuple(gate.class_loads()),
         )
 
     def _emit(
@@ -510,7 +534,9 @@ class Replica:
         if not gate.queued:
             return
         metrics = self.metrics
+        classes = metrics.classes
         for ticket in gate.expire(now):
+            classes[ticket.service_class].shed += 1
             self._shed(ticket.payload, now, ShedReason.QUEUE_DEADLINE)
         peer = self._peer
         at_most = self._dispatch_room() if peer is not None and peer.holds else None
@@ -529,7 +555,13 @@ class Replica:
             request._phase = WAITING
             request.admitted_s = now
             metrics.gate_admitted_total += 1
-            metrics.gate_queue_wait.observe(now - request.arrival_s)
+            wait = now - request.arrival_s
+            metrics.gate_queue_wait.observe(wait)
+            series = classes[ticket.service_class]
+            series.admitted += 1
+            series.admitted_tokens += ticket.tokens
+            series.queue_wait.observe(wait)
+            request._class_series = series
             self._waiting.append(request)
             self._emit("admitted", now, request)
 
@@ -745,7 +777,9 @@ class Replica:
             request.first_token_s = now
             metrics.prompt_tokens_total += request.prompt_tokens
             metrics.ttft.observe(now - request.admitted_s)  # type: ignore[operator]
-            metrics.gate_ttft.observe(now - request.arrival_s)
+            ttft = now - request.arrival_s
+            metrics.gate_ttft.observe(ttft)
+            request._class_series.ttft.observe(ttft)  # type: ignore[union-attr]
         else:
             # Resumed after a preemption: the gap since its last token is one long ITL.
             metrics.itl.observe(now - request._last_token_s)
@@ -800,6 +834,10 @@ class Replica:
         metrics.e2e.observe(now - request.admitted_s)  # type: ignore[operator]
         metrics.prompt_tokens_hist.observe(request.prompt_tokens)
         metrics.generation_tokens_hist.observe(request.generated)
+        if request.output_tokens > 1:
+            request._class_series.tpot.observe(  # type: ignore[union-attr]
+                (now - request.first_token_s) / (request.output_tokens - 1)  # type: ignore[operator]
+            )
         self._gate.release(request._ticket)  # type: ignore[arg-type]
         self._emit("finished", now, request)
 

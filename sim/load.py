@@ -11,7 +11,9 @@ lengths the benchmark replays), sent at their arrival times divided by
   would otherwise skip the prefill of every prompt after the first;
 - `max_tokens` = the scenario's output length, with `ignore_eos` (a vLLM
   extension) so a real engine produces all of them, and `x-output-tokens`
-  for `sim serve`.
+  for `sim serve`;
+- a scenario with SLO classes names each request's class in the
+  `x-batchpilot-class` header, as a client of a gate with classes does.
 
 Measured at the client, per request: TTFT (request sent -> first token
 chunk), each token chunk's time, and the outcome: ok (complete stream),
@@ -34,15 +36,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 import numpy as np
 
+from batchpilot.contract.knobs import CLASS_HEADER, DEFAULT_CLASS
+
 # The benchmark's own outcome table and result fields, so the numbers compare.
-from batchpilot.sim.bench import RequestTable
+from batchpilot.sim.bench import RequestTable, percentile_ms
 from batchpilot.sim.scenario import ScenarioSlo
 from batchpilot.sim.workload import Workload
 
@@ -77,6 +81,8 @@ class RequestRecord:
     # Scenario seconds after the request was sent, one per token chunk.
     token_times_s: list[float] = field(default_factory=list)
     completion_tokens: int = 0
+    # The request's SLO class (the gate's default class when the scenario has none).
+    service_class: str = DEFAULT_CLASS
 
     @property
     def tpot_s(self) -> float | None:
@@ -131,6 +137,7 @@ async def replay(
     progress = LoadProgress()
     # One connection per request in flight: a pool limit here would queue
     # requests in the client and hide the server's queueing.
+    classes = workload.class_of()
     connector = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -145,6 +152,7 @@ async def replay(
                 arrival_s=float(workload.arrival_s[index]),
                 prompt_tokens=int(workload.prompt_tokens[index]),
                 output_tokens=int(workload.output_tokens[index]),
+                service_class=workload.class_names[classes[index]],
             )
             delay = start + record.arrival_s / time_scale - loop.time()
             if delay > 0:
@@ -180,6 +188,8 @@ async def _send(
         "x-prompt-tokens": str(record.prompt_tokens),
         "x-output-tokens": str(record.output_tokens),
     }
+    if record.service_class != DEFAULT_CLASS:
+        headers[CLASS_HEADER] = record.service_class
     loop = asyncio.get_running_loop()
     sent = loop.time()
     try:
@@ -234,8 +244,18 @@ async def _read_stream(
     record.status = OK
 
 
-def summarize(records: Sequence[RequestRecord], duration_s: float, slo: ScenarioSlo) -> dict[str, Any]:
-    """The benchmark's result fields, from client-side measurements."""
+def summarize(
+    records: Sequence[RequestRecord],
+    duration_s: float,
+    slo: ScenarioSlo,
+    class_slos: Mapping[str, ScenarioSlo] | None = None,
+) -> dict[str, Any]:
+    """The benchmark's result fields, from client-side measurements.
+
+    `class_slos`: each SLO class's objectives (a scenario with classes): a
+    request is judged against its own class's, `slo` being the default
+    class's, and the summary gains `classes`, the same fields per class.
+    """
     nan = math.nan
     table = RequestTable(
         arrival_s=np.array([r.arrival_s for r in records]),
@@ -245,18 +265,42 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, slo: Scenario
         finished=np.array([r.status == OK for r in records], dtype=bool),
         shed=np.array([r.status == SHED for r in records], dtype=bool),
     )
+    names = np.array([r.service_class for r in records], dtype=object)
     good = table.good(slo.ttft_ms, slo.tpot_ms)
+    for name, own in (class_slos or {}).items():
+        good = np.where(names == name, table.good(own.ttft_ms, own.tpot_ms), good)
     ok = table.finished
     by_url: dict[str, dict[str, int]] = {}
     for record in records:
         counts = by_url.setdefault(record.url, {OK: 0, SHED: 0, ERROR: 0})
         counts[record.status] += 1
-    return {
+    summary = {
         "arrived": len(records),
         "ok": int(ok.sum()),
         **table.outcome(good, duration_s),
         "errors": int((~ok & ~table.shed).sum()),
         "by_url": by_url,
+    }
+    if class_slos is not None:
+        summary["classes"] = {
+            name: _class_outcome(table, good, names == name, duration_s)
+            for name in (*class_slos, DEFAULT_CLASS)
+            if (names == name).any()
+        }
+    return summary
+
+
+def _class_outcome(
+    table: RequestTable, good: np.ndarray, mine: np.ndarray, duration_s: float
+) -> dict[str, Any]:
+    finished = mine & table.finished
+    return {
+        "arrived": int(mine.sum()),
+        "good": int(good[mine].sum()),
+        "goodput_rps": float(good[mine].sum() / duration_s),
+        "slo_attainment": float(good[mine].sum() / mine.sum()),
+        "ttft_p99_ms": percentile_ms(table.ttft_s[finished], 99),
+        "shed": int(table.shed[mine].sum()),
     }
 
 

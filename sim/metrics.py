@@ -28,6 +28,14 @@ Semantics worth knowing:
   completions from the e2e histogram, which likewise leaves aborts out. The
   gate model counts the request in
   batchpilot_gate_failed_total{reason="client_disconnect"} if it was admitted.
+- Per SLO class (GateMetric.CLASS_*, label `class`), as the real gate
+  (gate/metrics.py) exports them: a class's series start when the knobs
+  first configure it and stay (cumulative) after it is reconfigured away, so
+  they are bounded by the classes ever configured, never by the names
+  requests send. A request counts in the class it is served in (an unknown
+  name is the default class). Its TPOT observation is its mean time per
+  output token, at its end (requests of one token have none); `shed` counts
+  queue-deadline sheds.
 """
 
 from __future__ import annotations
@@ -39,14 +47,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from batchpilot.contract.gate_metrics import (
+    CLASS_LABEL,
     DISCIPLINE_LABEL,
     HELP,
     KNOB_LABEL,
+    TPOT_BUCKETS_S,
     TTFT_BUCKETS_S,
     TYPE,
     GateMetric,
 )
 from batchpilot.contract.knobs import DISCIPLINES, NUMERIC_KNOBS, Knobs
+from batchpilot.gate.admission import ClassLoad
 
 # vLLM V1 time_to_first_token_seconds buckets; the gate's seconds histograms
 # use them too, so both come from the gate's metric contract.
@@ -125,6 +136,21 @@ class ReplicaHistogram:
         return out
 
 
+def class_histogram_buckets(
+    snapshot: Mapping[str, float],
+    name: str,
+    class_name: str,
+    previous: Mapping[str, float] | None = None,
+) -> list[tuple[float, float]]:
+    """`histogram_buckets` of one class's series of a per-class histogram (GateMetric.CLASS_*)."""
+    return _bucket_pairs(snapshot, f'{name}_bucket{{{CLASS_LABEL}="{class_name}",le="', previous)
+
+
+def class_key(metric: str, class_name: str, suffix: str = "") -> str:
+    """Snapshot key of one class's sample: `name{class="x"}`, or `name_sum{class="x"}` etc."""
+    return f'{metric}{suffix}{{{CLASS_LABEL}="{class_name}"}}'
+
+
 def format_le(bound: float) -> str:
     """Bucket label as prometheus_client writes it ("0.1", "1.0", "+Inf")."""
     return "+Inf" if math.isinf(bound) else repr(float(bound))
@@ -157,7 +183,13 @@ def histogram_buckets(
     snapshot: Mapping[str, float], name: str, previous: Mapping[str, float] | None = None
 ) -> list[tuple[float, float]]:
     """Cumulative (le, count) pairs of histogram `name` in a snapshot, optionally as a delta."""
-    prefix = f'{name}_bucket{{le="'
+    return _bucket_pairs(snapshot, f'{name}_bucket{{le="', previous)
+
+
+def _bucket_pairs(
+    snapshot: Mapping[str, float], prefix: str, previous: Mapping[str, float] | None
+) -> list[tuple[float, float]]:
+    """(le, count) of the bucket samples whose key starts with `prefix` (up to the bound)."""
     pairs = []
     for key, value in snapshot.items():
         if key.startswith(prefix):
@@ -180,6 +212,22 @@ class ReplicaGauges:
     gate_inflight_tokens: int
     knobs: Knobs
     config_version: int
+    # The gate's classes now (AdmissionQueue.class_loads), in knobs.class_names order.
+    class_loads: tuple[ClassLoad, ...] = ()
+
+
+class ClassSeries:
+    """One SLO class's counters and histograms at the gate model."""
+
+    __slots__ = ("admitted", "admitted_tokens", "queue_wait", "shed", "tpot", "ttft")
+
+    def __init__(self) -> None:
+        self.admitted = 0
+        self.admitted_tokens = 0
+        self.shed = 0
+        self.queue_wait = ReplicaHistogram(TTFT_BUCKETS)
+        self.ttft = ReplicaHistogram(TTFT_BUCKETS)
+        self.tpot = ReplicaHistogram(TPOT_BUCKETS_S)
 
 
 class ReplicaMetrics:
@@ -204,6 +252,14 @@ class ReplicaMetrics:
         self.gate_admitted_total = 0
         self.gate_shed_total: dict[str, int] = {}
         self.gate_failed_total: dict[str, int] = {}
+        # Per SLO class, every class configured so far, in first-configured order.
+        self.classes: dict[str, ClassSeries] = {}
+
+    def serve_classes(self, names: Iterable[str]) -> None:
+        """Start series for the classes configured now; those of earlier ones stay."""
+        for name in names:
+            if name not in self.classes:
+                self.classes[name] = ClassSeries()
 
     def count_shed(self, reason: str) -> None:
         self.gate_shed_total[reason] = self.gate_shed_total.get(reason, 0) + 1
@@ -273,6 +329,54 @@ class ReplicaMetrics:
                 1.0 if g.knobs.discipline == discipline else 0.0,
             )
         yield from _gauge(GateMetric.CONFIG_VERSION, g.config_version)
+        yield from self._class_samples(g)
+
+    def _class_samples(self, g: ReplicaGauges) -> Iterable[tuple[str, str, float]]:
+        for load in g.class_loads:
+            yield _class_sample(GateMetric.CLASS_QUEUE_LENGTH, load.name, load.queued)
+        for load in g.class_loads:
+            yield _class_sample(GateMetric.CLASS_INFLIGHT_REQUESTS, load.name, load.in_flight)
+        classes = self.classes
+        for name, series in classes.items():
+            yield _class_sample(GateMetric.CLASS_ADMITTED_TOTAL, name, series.admitted)
+        for name, series in classes.items():
+            yield _class_sample(
+                GateMetric.CLASS_ADMITTED_TOKENS_TOTAL, name, series.admitted_tokens
+            )
+        for name, series in classes.items():
+            yield _class_sample(GateMetric.CLASS_SHED_TOTAL, name, series.shed)
+        for metric, attribute in (
+            (GateMetric.CLASS_QUEUE_WAIT_SECONDS, "queue_wait"),
+            (GateMetric.CLASS_TIME_TO_FIRST_TOKEN_SECONDS, "ttft"),
+            (GateMetric.CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS, "tpot"),
+        ):
+            for name, series in classes.items():
+                yield from _class_histogram_samples(metric, name, getattr(series, attribute))
+
+
+def _class_sample(metric: GateMetric, class_name: str, value: float) -> tuple[str, str, float]:
+    return class_key(metric, class_name), _family(metric), float(value)
+
+
+def _class_histogram_samples(
+    name: str, class_name: str, hist: ReplicaHistogram
+) -> Iterable[tuple[str, str, float]]:
+    running = 0
+    for key, count in zip(
+        _class_bucket_keys(name, class_name, hist.bounds), hist.counts, strict=True
+    ):
+        running += count
+        yield key, name, float(running)
+    yield class_key(name, class_name, "_sum"), name, hist.sum
+    yield class_key(name, class_name, "_count"), name, float(hist.count)
+
+
+@functools.lru_cache(maxsize=256)
+def _class_bucket_keys(name: str, class_name: str, bounds: tuple[float, ...]) -> tuple[str, ...]:
+    return tuple(
+        f'{name}_bucket{{{CLASS_LABEL}="{class_name}",le="{format_le(b)}"}}'
+        for b in (*bounds, math.inf)
+    )
 
 
 def _family(metric: GateMetric) -> str:
@@ -330,6 +434,14 @@ _FAMILIES: tuple[tuple[str, str, str], ...] = (
             GateMetric.KNOB,
             GateMetric.DISCIPLINE,
             GateMetric.CONFIG_VERSION,
+            GateMetric.CLASS_QUEUE_LENGTH,
+            GateMetric.CLASS_INFLIGHT_REQUESTS,
+            GateMetric.CLASS_ADMITTED_TOTAL,
+            GateMetric.CLASS_ADMITTED_TOKENS_TOTAL,
+            GateMetric.CLASS_SHED_TOTAL,
+            GateMetric.CLASS_QUEUE_WAIT_SECONDS,
+            GateMetric.CLASS_TIME_TO_FIRST_TOKEN_SECONDS,
+            GateMetric.CLASS_TIME_PER_OUTPUT_TOKEN_SECONDS,
         )
     ),
 )

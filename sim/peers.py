@@ -49,9 +49,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.knobs import MAX_AGING_MS, Knobs
 from batchpilot.controller.bench_adapter import ControllerContext
-from batchpilot.sim.baselines import VLLM_DEFAULT_MAX_NUM_SEQS, FixedController, interval_mean
+from batchpilot.sim.baselines import (
+    VLLM_DEFAULT_MAX_NUM_SEQS,
+    FixedController,
+    gate_classes,
+    interval_mean,
+)
 from batchpilot.sim.controllers import ControllerError, Snapshot
 from batchpilot.sim.engine import PeerAdmission
 from batchpilot.sim.metrics import histogram_buckets, histogram_quantile
@@ -347,6 +352,13 @@ def make_epp_flow_control(context: ControllerContext) -> GatewayPolicy:
     when it is not. Its request TTL defaults to none (DefaultRequestTTL 0:
     only the client's own cancellation ends the wait, and the benchmark's
     clients never cancel), so the gate here has no queue deadline and no cap.
+
+    With SLO classes, flow control has a priority band per class priority,
+    strict between bands (a higher band is always dispatched first), and
+    inside a band round-robin fairness between flows, each flow FCFS. On the
+    gate that is the scenario's classes with equal weights and aging off
+    (`gate_classes`); the gate's token counter stands in for llm-d's
+    round-robin between a band's flows.
     """
     _require_simulated_vllm(
         "epp-flow-control",
@@ -354,9 +366,14 @@ def make_epp_flow_control(context: ControllerContext) -> GatewayPolicy:
         "the engine's waiting-queue and KV-cache usage gauges and a gateway that holds "
         "requests on them (the simulator's model of llm-d's saturation detector)",
     )
+    knobs = Knobs()
+    if context.classes:
+        knobs = Knobs(
+            classes=gate_classes(context.classes, equal_weights=True), aging_ms=MAX_AGING_MS
+        )
     return GatewayPolicy(
         context,
-        Knobs(),
+        knobs,
         PeerAdmission(
             max_num_seqs=min(VLLM_DEFAULT_MAX_NUM_SEQS, context.max_num_seqs),
             hold_waiting=EPP_QUEUE_DEPTH_THRESHOLD,

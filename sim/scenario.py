@@ -12,6 +12,14 @@ out): ``engine.tp`` (the only tp in the calibration rows), ``engine.slowdown``
 (true for llama.cpp's unified cache: see sim/engine.py), ``replicas`` 1, ``control_interval_s``
 30, a trace phase's ``start_s`` 0 and ``rate_scale`` 1.0, ``cv`` 1.0 for a
 gamma arrival process (``poisson`` takes no cv).
+
+SLO classes (our extension of the contract, docs/benchmark.md "Classes"): an
+optional top-level ``classes`` list, each class with a ``name``, a
+``priority`` (default 0), a ``weight`` (default 1), an optional ``slo``
+(no looser than the top-level ``slo``, which is the default class's), an
+optional ``max_concurrency`` and its own ``workload`` of phases, played from
+t = 0 beside the other classes'. With classes the top-level ``workload`` is
+optional: it is the traffic of the default class.
 """
 
 from __future__ import annotations
@@ -25,6 +33,14 @@ from typing import Any
 import yaml
 
 from batchpilot.contract.errors import FieldError
+from batchpilot.contract.knobs import (
+    CLASS_NAME,
+    CLASS_PRIORITY_LIMIT,
+    DEFAULT_CLASS,
+    MAX_CLASS_WEIGHT,
+    MAX_CLASSES,
+    MAX_CONCURRENCY_LIMIT,
+)
 from batchpilot.sim.calibration import CalibrationError, StepCostModel, fit_file
 from batchpilot.sim.engine import EngineConfig
 from batchpilot.sim.workload import TraceError, load_trace
@@ -104,6 +120,22 @@ Phase = TracePhase | SyntheticPhase
 
 
 @dataclass(frozen=True)
+class ScenarioClass:
+    """One SLO class of a scenario: its gate settings, objectives and own traffic."""
+
+    name: str
+    priority: int
+    weight: float
+    slo: ScenarioSlo
+    max_concurrency: int | None
+    workload: tuple[Phase, ...]
+
+    @property
+    def duration_s(self) -> float:
+        return sum(phase.duration_s for phase in self.workload)
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     seed: int
@@ -111,12 +143,37 @@ class Scenario:
     replicas: int
     slo: ScenarioSlo
     control_interval_s: float
+    # The default class's phases; empty only when `classes` carry all the traffic.
     workload: tuple[Phase, ...]
     source: Path | None = None
+    # SLO classes (empty: one class, every request in the default class).
+    classes: tuple[ScenarioClass, ...] = ()
 
     @property
     def duration_s(self) -> float:
-        return sum(phase.duration_s for phase in self.workload)
+        """The longest class's phases (the default class's without classes)."""
+        own = sum(phase.duration_s for phase in self.workload)
+        return max([own, *(c.duration_s for c in self.classes)])
+
+    @property
+    def traffic_classes(self) -> tuple[ScenarioClass, ...]:
+        """Every class with traffic: the default class first (when it has phases), then `classes`."""
+        if not self.classes:
+            return (self.default_class,)
+        own = (self.default_class,) if self.workload else ()
+        return (*own, *self.classes)
+
+    @property
+    def default_class(self) -> ScenarioClass:
+        """The implicit default class: the top-level slo and workload, priority 0, weight 1."""
+        return ScenarioClass(DEFAULT_CLASS, 0, 1.0, self.slo, None, self.workload)
+
+    def slo_of(self, name: str) -> ScenarioSlo:
+        """A class's objectives (the top-level slo for the default class or an unknown name)."""
+        for service_class in self.classes:
+            if service_class.name == name:
+                return service_class.slo
+        return self.slo
 
     @property
     def replica_names(self) -> tuple[str, ...]:
@@ -152,14 +209,8 @@ def parse_scenario(data: Any, *, base_dir: Path, source: Path | None = None) -> 
     )
     slo_section.finish()
     control_interval_s = top.number("control_interval_s", positive=True, default=30.0)
-    phases_raw = top.value("workload")
-    if not isinstance(phases_raw, list) or not phases_raw:
-        raise ScenarioError(
-            "workload", f"must be a non-empty list of phases, got {_show(phases_raw)}"
-        )
-    phases = tuple(
-        _parse_phase(_Section(raw, f"workload[{i}]"), base_dir) for i, raw in enumerate(phases_raw)
-    )
+    classes = _parse_classes(top, slo, base_dir)
+    phases = _parse_phases(top, "workload", base_dir, required=not classes)
     top.finish()
     return Scenario(
         name=name,
@@ -170,7 +221,91 @@ def parse_scenario(data: Any, *, base_dir: Path, source: Path | None = None) -> 
         control_interval_s=control_interval_s,
         workload=phases,
         source=source,
+        classes=classes,
     )
+
+
+def _parse_phases(
+    section: _Section, key: str, base_dir: Path, *, required: bool = True
+) -> tuple[Phase, ...]:
+    if not required and key not in section.keys:
+        section.value(key, None)
+        return ()
+    phases_raw = section.value(key)
+    where = section.path_of(key)
+    if not isinstance(phases_raw, list) or not phases_raw:
+        raise ScenarioError(where, f"must be a non-empty list of phases, got {_show(phases_raw)}")
+    return tuple(
+        _parse_phase(_Section(raw, f"{where}[{i}]"), base_dir) for i, raw in enumerate(phases_raw)
+    )
+
+
+def _parse_classes(top: _Section, slo: ScenarioSlo, base_dir: Path) -> tuple[ScenarioClass, ...]:
+    raw = top.value("classes", None)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ScenarioError("classes", f"must be a non-empty list of classes, got {_show(raw)}")
+    # The default class exists besides the declared ones (contract.knobs).
+    if len(raw) > MAX_CLASSES - 1:
+        raise ScenarioError("classes", f"at most {MAX_CLASSES - 1} classes, got {len(raw)}")
+    classes: list[ScenarioClass] = []
+    for index, item in enumerate(raw):
+        section = _Section(item, f"classes[{index}]")
+        name = section.string("name")
+        if not CLASS_NAME.fullmatch(name):
+            raise ScenarioError(
+                section.path_of("name"),
+                "must be 1-32 lower-case letters, digits and dashes, starting and ending with "
+                f"a letter or digit, got {name!r}",
+            )
+        if name == DEFAULT_CLASS:
+            raise ScenarioError(
+                section.path_of("name"),
+                f"{DEFAULT_CLASS!r} is the top-level slo and workload's class; pick another name",
+            )
+        if any(c.name == name for c in classes):
+            raise ScenarioError(section.path_of("name"), f"{name!r} is declared twice")
+        priority = section.integer("priority", minimum=-CLASS_PRIORITY_LIMIT, default=0)
+        if priority > CLASS_PRIORITY_LIMIT:
+            raise ScenarioError(
+                section.path_of("priority"), f"must be <= {CLASS_PRIORITY_LIMIT}, got {priority}"
+            )
+        weight = section.number("weight", positive=True, default=1.0)
+        if weight > MAX_CLASS_WEIGHT:
+            raise ScenarioError(
+                section.path_of("weight"), f"must be <= {MAX_CLASS_WEIGHT:g}, got {weight}"
+            )
+        class_slo = _parse_class_slo(section, slo)
+        cap = section.integer("max_concurrency", minimum=1, default=None)
+        if cap is not None and cap > MAX_CONCURRENCY_LIMIT:
+            raise ScenarioError(
+                section.path_of("max_concurrency"),
+                f"must be <= {MAX_CONCURRENCY_LIMIT}, got {cap}",
+            )
+        phases = _parse_phases(section, "workload", base_dir)
+        section.finish()
+        classes.append(ScenarioClass(name, priority, weight, class_slo, cap, phases))
+    return tuple(classes)
+
+
+def _parse_class_slo(section: _Section, default: ScenarioSlo) -> ScenarioSlo:
+    if "slo" not in section.keys:
+        section.value("slo", None)
+        return default
+    slo_section = section.section("slo")
+    values = {}
+    for key in ("ttft_ms", "tpot_ms"):
+        value = slo_section.number(key, positive=True, default=getattr(default, key))
+        if value > getattr(default, key):
+            raise ScenarioError(
+                slo_section.path_of(key),
+                f"must be <= the top-level slo.{key} ({getattr(default, key):g}), which is the "
+                f"default class's and the loosest, got {value:g}",
+            )
+        values[key] = value
+    slo_section.finish()
+    return ScenarioSlo(**values)
 
 
 def _parse_engine(section: _Section, base_dir: Path) -> ScenarioEngine:

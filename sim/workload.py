@@ -15,6 +15,15 @@ Synthetic phases draw inter-arrival gaps from a gamma distribution with mean
 lengths from a lognormal fitted to the p50 and p90, rounded and clipped to
 [1, max]. Each phase has its own generator seeded by (scenario seed, phase
 index), so editing one phase never changes another's requests.
+
+SLO classes (sim/scenario.py): each class's phases play back to back from
+t = 0, beside the other classes'; the streams merge in time order (at equal
+times, in the scenario's class order: the default class first). A declared
+class's synthetic phase i draws from its own generator seeded by (scenario
+seed, i, CRC-32 of the class name), the default class's by (seed, i) as
+without classes, so editing (or adding, removing, reordering) one class never
+changes another's requests. `Workload.service_class` holds each request's
+class as an index into `Workload.class_names`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +40,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from batchpilot.sim.scenario import LengthDist, Scenario, SyntheticPhase, TracePhase
+    from batchpilot.sim.scenario import (
+        LengthDist,
+        Scenario,
+        ScenarioClass,
+        SyntheticPhase,
+        TracePhase,
+    )
 
 TRACE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 # Standard normal quantile at 0.9: ln(p90) = mu + Z90 * sigma.
@@ -64,11 +80,20 @@ class Workload:
     arrival_s: np.ndarray
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
-    phase: np.ndarray
+    phase: np.ndarray  # index of the phase within its class's workload
     duration_s: float
+    # Each request's SLO class, an index into class_names (None: all in the first).
+    service_class: np.ndarray | None = None
+    class_names: tuple[str, ...] = ("default",)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
+
+    def class_of(self) -> np.ndarray:
+        """Each request's class index (zeros when the workload has one class)."""
+        if self.service_class is None:
+            return np.zeros(len(self.arrival_s), dtype=np.int16)
+        return self.service_class
 
 
 def load_trace(path: Path) -> Trace:
@@ -159,11 +184,43 @@ def _lognormal_lengths(dist: LengthDist, rng: np.random.Generator, size: int) ->
 
 
 def build_workload(scenario: Scenario) -> Workload:
-    return phases_workload(scenario.workload, scenario.seed)
+    if not scenario.classes:
+        return phases_workload(scenario.workload, scenario.seed)
+    return classes_workload(scenario.traffic_classes, scenario.seed)
 
 
-def phases_workload(workload_phases: Sequence[TracePhase | SyntheticPhase], seed: int) -> Workload:
-    """The phases' requests back to back; synthetic phase i draws from rng (seed, i)."""
+def classes_workload(classes: Sequence[ScenarioClass], seed: int) -> Workload:
+    """Every class's phases from t = 0, merged in time order (ties: class order)."""
+    parts = [
+        phases_workload(c.workload, seed, salt=None if c.name == "default" else _salt(c.name))
+        for c in classes
+    ]
+    arrival = np.concatenate([p.arrival_s for p in parts])
+    # Stable: at equal times, the earlier class and then the earlier request first.
+    order = np.argsort(arrival, kind="stable")
+    labels = np.concatenate(
+        [np.full(len(p), index, dtype=np.int16) for index, p in enumerate(parts)]
+    )
+    return Workload(
+        arrival_s=arrival[order],
+        prompt_tokens=np.concatenate([p.prompt_tokens for p in parts])[order],
+        output_tokens=np.concatenate([p.output_tokens for p in parts])[order],
+        phase=np.concatenate([p.phase for p in parts])[order],
+        duration_s=max(p.duration_s for p in parts),
+        service_class=labels[order],
+        class_names=tuple(c.name for c in classes),
+    )
+
+
+def _salt(name: str) -> int:
+    # CRC-32, not hash(): Python salts str hashes per process.
+    return zlib.crc32(name.encode())
+
+
+def phases_workload(
+    workload_phases: Sequence[TracePhase | SyntheticPhase], seed: int, *, salt: int | None = None
+) -> Workload:
+    """The phases' requests back to back; synthetic phase i draws from rng (seed, i[, salt])."""
     from batchpilot.sim.scenario import TracePhase  # runtime import: scenario imports us
 
     arrivals, prompts, outputs, phases = [], [], [], []
@@ -172,7 +229,7 @@ def phases_workload(workload_phases: Sequence[TracePhase | SyntheticPhase], seed
         if isinstance(phase, TracePhase):
             times, prompt, output = _trace_phase(phase)
         else:
-            rng = np.random.default_rng([seed, index])
+            rng = np.random.default_rng([seed, index] if salt is None else [seed, index, salt])
             times, prompt, output = synthetic_requests(phase, rng)
         arrivals.append(times + offset)
         prompts.append(prompt)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+from typing import Any
 
 import pytest
 
-from batchpilot.contract.knobs import KnobError, Knobs
+from batchpilot.contract.knobs import KnobError, Knobs, ServiceClass
 from batchpilot.gate.admission import AdmissionQueue, Ticket, TicketState
 
 
-def _ticket(arrival_s: float, prompt: int = 100, output: int = 10, priority: int = 0, name: str = "") -> Ticket:
+def _ticket(
+    arrival_s: float, prompt: int = 100, output: int = 10, priority: int = 0, name: str = ""
+) -> Ticket:
     return Ticket(prompt, output, arrival_s, priority, payload=name)
 
 
@@ -186,3 +190,263 @@ def test_requests_that_left_are_forgotten_without_a_deadline():
     assert queue.queued == 0
     assert all(not load.queued for load in queue.class_loads())
     assert sum(len(q.by_arrival) + len(q.heap) for q in queue._classes.values()) == 0
+
+
+# SLO classes: a queue per class, priority bands with aging between them, a
+# virtual token counter between classes of equal priority.
+
+
+def _class_knobs(*classes: ServiceClass, **knobs: Any) -> Knobs:
+    return Knobs(classes=classes, **knobs)
+
+
+def _in(service_class: str, arrival_s: float, prompt: int = 100, output: int = 10) -> Ticket:
+    ticket = _ticket(arrival_s, prompt=prompt, output=output, name=f"{service_class}@{arrival_s:g}")
+    ticket.service_class = service_class
+    return ticket
+
+
+@pytest.mark.parametrize(
+    ("batch_at", "interactive_at", "first"),
+    [
+        # The higher class goes first when it arrives within aging of the head.
+        (0.0, 0.5, "interactive"),
+        (0.0, 0.99, "interactive"),
+        # Aging: a batch head that waited longer than (priority difference x
+        # aging) = 1 x 1 s before the interactive request came keeps its turn.
+        (0.0, 1.01, "batch"),
+        (0.0, 3.0, "batch"),
+        # Arrived before the batch head: first whatever the aging.
+        (1.0, 0.0, "interactive"),
+    ],
+)
+def test_higher_class_goes_first_until_the_lower_head_has_aged(
+    batch_at: float, interactive_at: float, first: str
+) -> None:
+    knobs = _class_knobs(
+        ServiceClass("interactive", priority=1),
+        ServiceClass("batch"),
+        max_concurrency=1,
+        aging_ms=1000,
+    )
+    queue = AdmissionQueue(knobs)
+    for name, arrival in sorted(
+        [("batch", batch_at), ("interactive", interactive_at)], key=lambda x: x[1]
+    ):
+        queue.push(_in(name, arrival))
+    order = _drain_order(queue, now=5.0)
+    assert [name.split("@")[0] for name in order] == [
+        first,
+        "batch" if first == "interactive" else "interactive",
+    ]
+
+
+def test_priority_difference_scales_the_aging_window() -> None:
+    # Priority 3 over 0 with 1 s aging: a head 2.5 s old is still overtaken.
+    knobs = _class_knobs(
+        ServiceClass("top", priority=3), ServiceClass("low"), max_concurrency=1, aging_ms=1000
+    )
+    queue = AdmissionQueue(knobs)
+    queue.push(_in("low", 0.0))
+    queue.push(_in("low", 0.1))
+    queue.push(_in("top", 2.5))
+    assert [name.split("@")[0] for name in _drain_order(queue, now=3.0)] == ["top", "low", "low"]
+
+
+def _backlogged_shares(
+    classes: tuple[ServiceClass, ...], prompts: dict[str, int], admissions: int, cap: int = 1
+) -> dict[str, int]:
+    """Admitted tokens per class, every class kept backlogged, one admission at a time."""
+    queue = AdmissionQueue(_class_knobs(*classes, max_concurrency=cap))
+    clock = itertools.count()
+    for name, prompt in prompts.items():
+        for _ in range(4):
+            queue.push(_in(name, next(clock) * 0.001, prompt=prompt))
+    served = dict.fromkeys(prompts, 0)
+    running: list[Ticket] = []
+    for _ in range(admissions):
+        now = next(clock) * 0.001
+        if len(running) == cap:
+            queue.release(running.pop(0))
+        (ticket,) = queue.admit(now, at_most=1)
+        running.append(ticket)
+        served[ticket.service_class] += ticket.tokens
+        # Closed loop: the class sends another as soon as one is admitted.
+        queue.push(_in(ticket.service_class, now, prompt=prompts[ticket.service_class]))
+    return served
+
+
+def _jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+@pytest.mark.parametrize("cap", [1, 4])
+def test_equal_priority_classes_share_tokens_not_requests(cap: int) -> None:
+    # A sends 5,000-token prompts, B 50-token ones: per request, A would get
+    # 99% of the tokens; per token, each gets half.
+    served = _backlogged_shares(
+        (ServiceClass("a"), ServiceClass("b")), {"a": 5_000, "b": 50}, admissions=3_000, cap=cap
+    )
+    assert _jain([served["a"], served["b"]]) > 0.99
+    assert 0.9 < served["a"] / served["b"] < 1.1
+
+
+@pytest.mark.parametrize(
+    ("weights", "prompts"),
+    [((2.0, 1.0), (500, 500)), ((2.0, 1.0), (50, 2_000)), ((1.0, 3.0), (300, 300))],
+)
+def test_weights_divide_the_tokens(weights: tuple[float, float], prompts: tuple[int, int]) -> None:
+    classes = (ServiceClass("a", weight=weights[0]), ServiceClass("b", weight=weights[1]))
+    served = _backlogged_shares(classes, {"a": prompts[0], "b": prompts[1]}, admissions=3_000)
+    ratio = served["a"] / served["b"]
+    assert ratio == pytest.approx(weights[0] / weights[1], rel=0.05)
+    # Per unit of weight, the shares are fair.
+    assert _jain([served["a"] / weights[0], served["b"] / weights[1]]) > 0.99
+
+
+def test_a_class_at_its_cap_is_passed_over_not_waited_for() -> None:
+    knobs = _class_knobs(
+        ServiceClass("capped", priority=1, max_concurrency=1),
+        ServiceClass("other"),
+        max_concurrency=4,
+    )
+    queue = AdmissionQueue(knobs)
+    capped = [_in("capped", t) for t in (0.0, 0.1, 0.2)]
+    other = [_in("other", t) for t in (1.0, 1.1)]
+    for ticket in [*capped, *other]:
+        queue.push(ticket)
+    # The higher class gets its one slot; its next requests wait while the
+    # lower class fills the free slots behind it.
+    assert queue.admit(2.0) == [capped[0], *other]
+    assert queue.in_flight == 3 and queue.queued == 2
+    queue.release(capped[0])
+    assert queue.admit(2.1) == [capped[1]]
+    assert {load.name: load.in_flight for load in queue.class_loads()} == {
+        "capped": 1,
+        "other": 2,
+        "default": 0,
+    }
+
+
+def test_class_deadlines_shed_only_that_class() -> None:
+    knobs = _class_knobs(
+        ServiceClass("interactive", priority=1, queue_deadline_ms=200),
+        ServiceClass("batch"),
+        max_concurrency=1,
+        queue_deadline_ms=5_000,
+    )
+    queue = AdmissionQueue(knobs)
+    blocker = _in("batch", 0.0)
+    queue.push(blocker)
+    assert queue.admit(0.0) == [blocker]
+    waiting = [
+        _in("interactive", 0.1),
+        _in("interactive", 0.5),
+        _in("batch", 0.1),
+        _in("default", 0.1),
+    ]
+    for ticket in waiting:
+        queue.push(ticket)
+    # The interactive class's own deadline comes first; the others use the knobs'.
+    assert queue.next_expiry_s() == pytest.approx(0.3)
+    shed = queue.expire(now=0.4)
+    assert shed == [waiting[0]]
+    assert queue.next_expiry_s() == pytest.approx(0.7)
+    assert queue.expire(now=1.0) == [waiting[1]]
+    # The batch and default classes wait the knobs' 5 s.
+    assert queue.expire(now=5.0) == []
+    assert queue.expire(now=5.2) == [waiting[2], waiting[3]]
+    assert queue.queued == 0 and blocker.state is TicketState.ADMITTED
+
+
+def test_reconfiguring_a_class_away_moves_its_queue_to_default_and_keeps_counts_exact() -> None:
+    two = _class_knobs(ServiceClass("a", priority=1), ServiceClass("b"), max_concurrency=2)
+    queue = AdmissionQueue(two)
+    running = [_in("a", 0.0), _in("a", 0.1)]
+    for ticket in running:
+        queue.push(ticket)
+    assert queue.admit(0.2) == running
+    waiting = [_in("a", 0.3), _in("b", 0.4), _in("a", 0.5)]
+    for ticket in waiting:
+        queue.push(ticket)
+    queue.reconfigure(_class_knobs(ServiceClass("b"), max_concurrency=2))
+    loads = {load.name: load for load in queue.class_loads()}
+    assert set(loads) == {"b", "default"}
+    assert (loads["default"].queued, loads["b"].queued) == (2, 1)
+    assert [t.service_class for t in waiting] == ["default", "b", "default"]
+    # Requests already running in the removed class are released exactly.
+    assert queue.in_flight == 2 and queue.inflight_tokens == 220
+    for ticket in running:
+        queue.release(ticket)
+    assert (queue.in_flight, queue.inflight_tokens) == (0, 0)
+    assert queue._retired == {}
+    admitted = queue.admit(1.0)
+    assert len(admitted) == 2 and queue.queued == 1
+    loads = {load.name: load for load in queue.class_loads()}
+    assert sum(load.in_flight for load in loads.values()) == queue.in_flight == 2
+    assert sum(load.queued for load in loads.values()) == queue.queued == 1
+    # Putting the class back while nothing of it runs starts it afresh.
+    queue.reconfigure(two)
+    assert {load.name for load in queue.class_loads()} == {"a", "b", "default"}
+
+
+def test_an_idle_class_is_lifted_to_the_band_and_banks_no_credit() -> None:
+    queue = AdmissionQueue(_class_knobs(ServiceClass("a"), ServiceClass("b"), max_concurrency=1))
+    # A is served alone for a long time: 1,000 admissions while B is idle.
+    for step in range(1_000):
+        ticket = _in("a", step * 0.01)
+        queue.push(ticket)
+        assert queue.admit(step * 0.01) == [ticket]
+        queue.release(ticket)
+    # Then both are backlogged with equal requests: they alternate at once;
+    # B does not get 1,000 admissions in a row for the time it was idle.
+    for step in range(20):
+        queue.push(_in("a", 20.0 + step * 0.001))
+        queue.push(_in("b", 20.0 + step * 0.001))
+    order = [name.split("@")[0] for name in _drain_order(queue, now=21.0)]
+    assert order[:10].count("b") <= 6
+    longest_run = max(len(list(run)) for _, run in itertools.groupby(order[:30]))
+    assert longest_run <= 2
+
+
+def test_a_class_named_by_no_configuration_is_served_in_default() -> None:
+    queue = AdmissionQueue(_class_knobs(ServiceClass("a"), max_concurrency=1))
+    stray = _in("nonexistent", 0.0)
+    queue.push(stray)
+    assert stray.service_class == "default"
+    assert queue.admit(0.1) == [stray]
+    queue.release(stray)
+    assert {load.name: load.in_flight for load in queue.class_loads()} == {"a": 0, "default": 0}
+
+
+@pytest.mark.parametrize("discipline", ["fcfs", "shortest-prompt-first", "priority"])
+def test_one_busy_class_admits_exactly_as_no_classes(discipline: str) -> None:
+    plain = AdmissionQueue(
+        Knobs(max_concurrency=3, max_inflight_tokens=6_000, discipline=discipline)
+    )
+    classed = AdmissionQueue(
+        Knobs(
+            max_concurrency=3,
+            max_inflight_tokens=6_000,
+            discipline=discipline,
+            classes=(ServiceClass("only", priority=2, weight=3.0), ServiceClass("idle")),
+        )
+    )
+    orders: list[list[str]] = []
+    for queue in (plain, classed):
+        steps = random.Random(discipline)
+        running: list[Ticket] = []
+        order = []
+        for step in range(400):
+            now = step * 0.01
+            ticket = _in("only", now, prompt=steps.randint(1, 3_000))
+            ticket.priority = steps.randint(0, 3)
+            ticket.payload = f"r{step}"
+            queue.push(ticket)
+            admitted = queue.admit(now)
+            order += [t.payload for t in admitted]
+            running += admitted
+            while running and steps.random() < 0.5:
+                queue.release(running.pop(steps.randrange(len(running))))
+        orders.append(order)
+    assert orders[0] == orders[1] and len(orders[0]) > 300

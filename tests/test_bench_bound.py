@@ -32,9 +32,12 @@ from batchpilot.sim.scenario import (
 from batchpilot.sim.workload import Workload, build_workload
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = sorted((SHARED / "scenarios").glob("*.yaml")) + sorted(
+ALL_SCENARIOS = sorted((SHARED / "scenarios").glob("*.yaml")) + sorted(
     (REPO / "bench" / "scenarios").glob("*.yaml")
 )
+# SLO-class scenarios (their phases overlap in time) have a test of their own.
+SCENARIOS = [path for path in ALL_SCENARIOS if not path.stem.startswith("classes-")]
+CLASS_SCENARIOS = [path for path in ALL_SCENARIOS if path.stem.startswith("classes-")]
 # Each phase cut to this long keeps the nine real runs to about a second.
 SHORT_PHASE_S = 120.0
 needs_calibration = pytest.mark.skipif(
@@ -209,6 +212,21 @@ def test_no_run_beats_the_bound_on_the_benchmark_scenarios(path: Path) -> None:
     assert real.sum() <= bound["good"] <= bound["arrived"]
     for phase, good in zip(bound["phases"], real, strict=True):
         assert good <= phase["capacity_good"] <= phase["arrived"], (phase, good)
+
+
+@needs_calibration
+@pytest.mark.parametrize("path", CLASS_SCENARIOS, ids=lambda path: path.stem)
+def test_no_run_beats_the_bound_on_the_class_scenarios(path: Path) -> None:
+    scenario = load_scenario(path)
+    workload = build_workload(scenario)
+    bound = upper_bound(scenario, workload)
+    assert bound["arrived"] == len(workload)
+    assert bound["phases"] == []
+    for name in ("static-default", "strict-priority"):
+        sim = run_online(scenario, workload, build_controller(name, controller_context(scenario)))
+        # Every request judged by the loosest (top-level) SLO: what the bound assumes.
+        loose = RequestTable.of(sim.requests).good(scenario.slo.ttft_ms, scenario.slo.tpot_ms)
+        assert loose.sum() <= bound["good"] <= bound["arrived"], name
 
 
 def overload(

@@ -88,7 +88,7 @@ class FakePrometheus:
         self.answers = answers
         self.queries: list[str] = []
 
-    def custom_query(self, query: str, params: dict[str, Any] | None = None, timeout: int | None = None) -> Any:
+    def custom_query(self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         self.queries.append(query)
         return self.answers.get(query, [])
 
@@ -235,7 +235,7 @@ def test_absent_shed_series_counts_no_sheds() -> None:
 @pytest.mark.parametrize("error", [OSError("connection refused"), TimeoutError("read timed out")])
 def test_unreachable_prometheus_raises_metrics_unavailable(error: Exception) -> None:
     class Failing:
-        def custom_query(self, query: str, params: dict[str, Any] | None = None, timeout: int | None = None) -> Any:
+        def custom_query(self, query: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
             raise error
 
     with pytest.raises(MetricsUnavailable, match="failed"):

@@ -12,6 +12,7 @@ from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.policy import (
     Behavior,
     Canary,
+    ClassSpec,
     EngineKind,
     EngineSpec,
     KnobBounds,
@@ -165,6 +166,9 @@ def test_null_reads_as_absent_as_the_api_server_stores_it() -> None:
         (lambda: EngineSpec(max_num_batched_tokens=8), "maxNumBatchedTokens", "between 16 and"),
         (lambda: Behavior(canary=True), "canary", "expected Canary"),
         (lambda: MetricsSpec(window_s=0.5), "windowSeconds", "between 1 and 86400"),
+        (lambda: ClassSpec("Chat"), "name", "'Chat' is not a class name"),
+        (lambda: ClassSpec("batch", weight=0), "weight", "above 0"),
+        (lambda: ClassSpec("batch", slo=(800, 40)), "slo", "expected Slo"),
     ],
 )
 def test_values_built_in_code_keep_the_specs_contract(build: Any, field: str, says: str) -> None:
@@ -176,3 +180,32 @@ def test_values_built_in_code_keep_the_specs_contract(build: Any, field: str, sa
 
 def test_an_engine_kind_given_by_name_becomes_the_member() -> None:
     assert EngineSpec(kind="sglang").kind is EngineKind.SGLANG  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("classes", "field", "says"),
+    [
+        ([{"name": "a"}, {"name": "a"}], "spec.classes[1].name", "'a' is also classes[0].name"),
+        ([{"name": "a", "slo": {"ttftMs": 2001, "tpotMs": 50}}], "spec.classes[0].slo",
+         "class a is looser than spec.slo"),
+        ([{"name": "a", "match": {"models": ["m"]}}, {"name": "b", "match": {"models": ["m"]}}],
+         "spec.classes[1].match.models", "'m' is also matched by classes[0]"),
+    ],
+)
+def test_the_controllers_part_refuses_classes_as_the_crd_does(
+    classes: list[dict[str, Any]], field: str, says: str
+) -> None:
+    """Policy.from_spec (simulator, benchmark) runs the same twins as the operator's parse."""
+    with pytest.raises(PolicyError) as error:
+        Policy.from_spec(controller_spec(classes=classes))
+    assert error.value.field == field
+    assert says in error.value.message
+
+
+def test_class_objectives_equal_to_the_policys_are_not_looser() -> None:
+    policy = Policy.from_spec(controller_spec(
+        slo={"ttftMs": 2000, "tpotMs": 50, "percentile": 99},
+        classes=[{"name": "same", "slo": {"ttftMs": 2000, "tpotMs": 50}},
+                 {"name": "tight", "slo": {"ttftMs": 300, "tpotMs": 20, "percentile": 99.9}}],
+    ))
+    assert [c.name for c in policy.classes] == ["same", "tight"]

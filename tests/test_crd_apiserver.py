@@ -3,13 +3,26 @@ and bad policies are refused with a message that names the field and the fix."""
 
 from __future__ import annotations
 
+import json
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from policyspec import policy_body, policy_spec, with_field
+
+from batchpilot.contract.knobs import ClassMatch, Knobs, ServiceClass
+from batchpilot.controller.explain import ClassReport, Conditions, Decision, ModelQuality
+from batchpilot.controller.policy import Mode
+from batchpilot.operator.status import (
+    ActuationReport,
+    CycleReport,
+    PodCounts,
+    build_status,
+    merge_patch,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
@@ -137,6 +150,89 @@ INVALID = [
         ['unknown field "spec.slo.p99"'],
         id="unknown-field",
     ),
+    # SLO classes (spec.classes): each refusal names the field and says what to do.
+    pytest.param(
+        policy_spec(classes=[{"name": "chat"}, {"name": "batch"}, {"name": "chat"}]),
+        ["spec.classes", "class name chat is used twice", "rename or merge"],
+        id="class-names-twice",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "batch", "weight": 0}]),
+        ["spec.classes[0].weight", "should be greater than 0"],
+        id="class-weight-zero",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "batch", "weight": -2}]),
+        ["spec.classes[0].weight", "should be greater than 0"],
+        id="class-weight-negative",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 50}},
+                             {"name": "batch", "slo": {"ttftMs": 9000, "tpotMs": 50}}]),
+        ["spec.classes", "spec.classes[1].slo: class batch is looser than spec.slo",
+         "tighten the class's slo, or loosen spec.slo"],
+        id="class-ttft-looser-than-policy",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 80}}]),
+        ["spec.classes[0].slo: class chat is looser than spec.slo"],
+        id="class-tpot-looser-than-policy",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 20, "percentile": 95}}]),
+        ["spec.classes[0].slo: class chat is looser than spec.slo", "percentile at least"],
+        id="class-percentile-below-the-default-99",
+    ),
+    pytest.param(
+        with_field(policy_spec(classes=[{"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 20,
+                                                                 "percentile": 99}}]),
+                   "slo.percentile", 99.9),
+        ["spec.classes[0].slo: class chat is looser than spec.slo"],
+        id="class-percentile-below-the-policys",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "Interactive"}]),
+        ["spec.classes[0].name", "should match"],
+        id="class-name-not-a-label-value",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "a" * 33}]),
+        ["spec.classes[0].name", "may not be more than 32"],
+        id="class-name-too-long",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "default", "slo": {"ttftMs": 500, "tpotMs": 20}}]),
+        ["spec.classes[0].slo", "the default class's objectives are spec.slo"],
+        id="default-class-with-its-own-slo",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "match": {"header": "x-batchpilot-class",
+                                                        "values": ["chat"]}}]),
+        ["spec.classes[0].match.header", "already names the class itself"],
+        id="match-on-the-class-header",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "match": {"header": "x-tenant"}}]),
+        ["spec.classes[0].match", "values must be listed exactly when header is set"],
+        id="match-header-without-values",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "match": {"header": "x-tenant", "values": ["a", "b"]}},
+                             {"name": "batch", "match": {"header": "x-tenant", "values": ["b"]}}]),
+        ["spec.classes", "two classes match the same value of the same header"],
+        id="two-classes-match-one-header-value",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": "chat", "match": {"models": ["llama-8b"]}},
+                             {"name": "batch", "match": {"models": ["llama-70b", "llama-8b"]}}]),
+        ["spec.classes", "two classes match the same model", "list each model in one class"],
+        id="two-classes-match-one-model",
+    ),
+    pytest.param(
+        policy_spec(classes=[{"name": f"c{i}"} for i in range(17)]),
+        ["spec.classes", "must have at most 16 items"],
+        id="too-many-classes",
+    ),
 ]
 
 
@@ -182,3 +278,69 @@ def test_raising_the_engine_ceiling_and_the_cap_in_one_edit_is_accepted(
     both = {**cap_only, "engine": {"maxNumSeqs": 512}}
     applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-", stdin=_policy(both))
     assert applied.returncode == 0, applied.stderr
+
+
+CLASSES = [
+    {"name": "interactive", "priority": 1, "weight": 2.5, "maxConcurrency": 32,
+     "slo": {"ttftMs": 800, "tpotMs": 40, "percentile": 99.5},
+     "match": {"header": "x-tenant", "values": ["chat", "ide"], "models": ["llama-8b"]}},
+    # Same header, other values; another model; the policy's own objectives.
+    {"name": "batch", "match": {"header": "x-tenant", "values": ["reports"], "models": ["llama-70b"]}},
+    # Equal to spec.slo is not looser; the default class without an slo of its own.
+    {"name": "bulk", "slo": {"ttftMs": 2000, "tpotMs": 50, "percentile": 99}},
+    {"name": "default", "priority": -1, "weight": 0.5},
+]
+
+
+def test_a_policy_with_classes_is_accepted_and_stored_as_written(
+    crd_installed: Path, kubectl: Path, namespace: str
+) -> None:
+    applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-",
+                          stdin=yaml.safe_dump(policy_body("classes", policy_spec(classes=CLASSES))))
+    assert applied.returncode == 0, applied.stderr
+    stored = run_kubectl(kubectl, crd_installed, "get", "infpol", "classes", "-n", namespace, "-o", "yaml")
+    assert yaml.safe_load(stored.stdout)["spec"]["classes"] == CLASSES
+
+
+def test_a_policy_without_classes_still_reads_as_one_class(
+    crd_installed: Path, kubectl: Path, namespace: str
+) -> None:
+    """v1alpha1 stays compatible: a policy written before classes existed applies unchanged."""
+    applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-",
+                          stdin=_policy(policy_spec()))
+    assert applied.returncode == 0, applied.stderr
+    stored = run_kubectl(kubectl, crd_installed, "get", "infpol", "bad", "-n", namespace, "-o", "yaml")
+    assert "classes" not in yaml.safe_load(stored.stdout)["spec"]
+
+
+def test_a_status_with_classes_is_stored_whole_and_shown_in_the_worst_class_column(
+    crd_installed: Path, kubectl: Path, namespace: str
+) -> None:
+    """Nothing the operator writes is pruned (else it would write again every cycle),
+    and `kubectl get` shows the worst class."""
+    applied = run_kubectl(kubectl, crd_installed, "apply", "-n", namespace, "-f", "-",
+                          stdin=yaml.safe_dump(policy_body("classes", policy_spec(classes=CLASSES))))
+    assert applied.returncode == 0, applied.stderr
+    knobs = Knobs(max_concurrency=64, classes=(
+        ServiceClass("interactive", priority=1, weight=2.5, queue_deadline_ms=800, max_concurrency=32,
+                     match=ClassMatch(header="x-tenant", values=("chat",))),
+        ServiceClass("batch", queue_deadline_ms=20000),
+    ))
+    decision = Decision(
+        time_s=0.0, target=knobs, per_pod={"chat-0": knobs}, actuate=True, reasons=(),
+        quality=ModelQuality(10, 0.1, True), conditions=Conditions(True, True, False), step_seconds={}, signals={},
+        classes=(ClassReport("interactive", 1, 800, 40, 0.9934, 612.0, 31.3, 12.3, 0.0, 800, 32),
+                 ClassReport("batch", 0, 2000, 50, 0.9712, 2480.0, 44.9, 3.07, 0.41, 20000),
+                 ClassReport("default", 0, 2000, 50)),
+    )
+    status = build_status(CycleReport(Mode.AUTO, PodCounts(1, 1, 1), decision, ActuationReport(knobs, 1)),
+                          {}, generation=1, now=datetime(2026, 5, 1, tzinfo=UTC))
+    patched = run_kubectl(kubectl, crd_installed, "patch", "infpol", "classes", "-n", namespace,
+                          "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
+    assert patched.returncode == 0, patched.stderr
+    stored = run_kubectl(kubectl, crd_installed, "get", "infpol", "classes", "-n", namespace, "-o", "json")
+    # As the operator compares them: no patch means nothing was pruned or changed.
+    assert merge_patch(json.loads(stored.stdout)["status"], status) is None
+    shown = run_kubectl(kubectl, crd_installed, "get", "infpol", "classes", "-n", namespace, "-o", "wide")
+    header, row = shown.stdout.splitlines()
+    assert "WORST CLASS" in header and "batch 97.1%" in row, shown.stdout

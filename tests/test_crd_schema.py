@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,33 @@ import yaml
 from policyspec import policy_spec, with_field
 
 from batchpilot.contract.knobs import (
+    CLASS_NAME,
+    CLASS_PRIORITY_LIMIT,
     DISCIPLINES,
+    MAX_CLASS_WEIGHT,
+    MAX_CLASSES,
     MAX_CONCURRENCY_LIMIT,
     MAX_DEADLINE_MS,
+    MAX_MATCH_VALUES,
     MAX_TOKENS_LIMIT,
     WIRE_NAMES,
+    ClassMatch,
+    Knobs,
+    ServiceClass,
 )
+from batchpilot.controller.explain import ClassReport, Conditions, Decision, ModelQuality, Reason
 from batchpilot.controller.policy import EngineKind, Mode, PolicyError
 from batchpilot.controller.signals import SIGNAL_NAMES
 from batchpilot.operator.config import OperatorConfig
 from batchpilot.operator.spec import parse_policy
+from batchpilot.operator.status import (
+    ActuationReport,
+    CycleReport,
+    HeldReport,
+    Laggard,
+    PodCounts,
+    build_status,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_PATH = ROOT / "crds" / "inferencepolicy.yaml"
@@ -122,7 +140,11 @@ def test_status_has_observed_generation_and_conditions(version: dict[str, Any]) 
 def test_printer_columns_exist_and_point_into_the_schema(version: dict[str, Any]) -> None:
     columns = version["additionalPrinterColumns"]
     default_view = [c["name"] for c in columns if c.get("priority", 0) == 0]
+    # Unchanged by SLO classes: their column is in the wide view, where a
+    # policy without classes does not show an empty one.
     assert default_view == ["Mode", "Pods", "Batch Cap", "SLO Met", "Age"]
+    wide = [c["name"] for c in columns if c.get("priority", 0) == 1]
+    assert wide == ["Worst Class", "Applied", "Reason"]
     root = version["schema"]["openAPIV3Schema"]
     for column in columns:
         path = column["jsonPath"]
@@ -191,14 +213,94 @@ BOUNDED_FIELDS = [
 ]
 
 
+# Every bounded field of a class (its path under spec.classes[]), tested on one class.
+BOUNDED_CLASS_FIELDS = ["slo.ttftMs", "slo.tpotMs", "priority", "weight", "maxConcurrency"]
+
+
 def test_bounded_fields_are_every_bounded_field_of_the_schema(spec_schema: dict[str, Any]) -> None:
-    """So that a new bounded field cannot miss the test below (knob ranges have their own)."""
+    """So that a new bounded field cannot miss the tests below (knob ranges have their own)."""
     bounded = {
         path.removeprefix("spec.")
         for path, node in walk(spec_schema, "spec")
         if "minimum" in node and "maximum" in node and not node.get("exclusiveMaximum")
     }
-    assert {path for path in bounded if not path.startswith("knobs.")} == set(BOUNDED_FIELDS)
+    assert {path for path in bounded if not path.startswith(("knobs.", "classes[]."))} == set(BOUNDED_FIELDS)
+    assert {path.removeprefix("classes[].") for path in bounded if path.startswith("classes[].")} == set(
+        BOUNDED_CLASS_FIELDS)
+
+
+@pytest.mark.parametrize("path", BOUNDED_CLASS_FIELDS)
+def test_crd_bounds_of_a_class_are_the_policy_bounds(spec_schema: dict[str, Any], path: str) -> None:
+    """As for the fields above, on the one class of a policy whose own objectives are the loosest allowed."""
+    field = spec_schema["properties"]["classes"]["items"]
+    for part in path.split("."):
+        field = field["properties"][part]
+    low, high = field["minimum"], field["maximum"]
+    step = 1 if field["type"] == "integer" else 0.01
+    loosest = with_field(BASE_SPEC, "slo", {"ttftMs": 3_600_000, "tpotMs": 60_000, "percentile": 50})
+
+    def spec_with(value: float) -> dict[str, Any]:
+        return with_field(loosest, "classes", [with_field({"name": "c", "slo": {"ttftMs": 1, "tpotMs": 1}},
+                                                          path, value)])
+
+    inside = [high] if field.get("exclusiveMinimum") else [low, high]
+    for value in inside:
+        parse_policy(spec_with(value), name="p", namespace="ns", config=CONFIG)
+    for outside in (low if field.get("exclusiveMinimum") else low - step, high + step):
+        with pytest.raises(PolicyError) as caught:
+            parse_policy(spec_with(outside), name="p", namespace="ns", config=CONFIG)
+        assert caught.value.field == f"spec.classes[0].{path}"
+
+
+def test_class_limits_are_the_gates(spec_schema: dict[str, Any]) -> None:
+    """The spec cannot ask for a class the gate's knobs refuse (contract/knobs.py)."""
+    classes = spec_schema["properties"]["classes"]
+    item = classes["items"]["properties"]
+    assert classes["maxItems"] == MAX_CLASSES
+    assert item["name"]["pattern"] == f"^{CLASS_NAME.pattern}$"
+    assert (item["priority"]["minimum"], item["priority"]["maximum"]) == (-CLASS_PRIORITY_LIMIT, CLASS_PRIORITY_LIMIT)
+    assert item["weight"]["maximum"] == MAX_CLASS_WEIGHT and item["weight"]["exclusiveMinimum"]
+    assert item["maxConcurrency"]["maximum"] == MAX_CONCURRENCY_LIMIT
+    for key in ("values", "models"):
+        assert item["match"]["properties"][key]["maxItems"] == MAX_MATCH_VALUES
+
+
+def _unknown_keys(document: Any, schema: Mapping[str, Any], path: str) -> Iterator[str]:
+    """Paths in `document` the schema does not state: the API server would prune them."""
+    if isinstance(document, Mapping):
+        properties = schema.get("properties") or {}
+        for key, value in document.items():
+            if key not in properties:
+                yield f"{path}.{key}"
+            else:
+                yield from _unknown_keys(value, properties[key], f"{path}.{key}")
+    elif isinstance(document, list):
+        for index, item in enumerate(document):
+            yield from _unknown_keys(item, schema.get("items") or {}, f"{path}[{index}]")
+
+
+def test_every_status_key_the_operator_writes_is_in_the_schema(version: dict[str, Any]) -> None:
+    """A key the schema lacks is pruned on write: the next cycle finds it missing and
+    writes again, every cycle. So a status with classes in every place fits the schema."""
+    status_schema = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    knobs = Knobs(max_concurrency=8, max_inflight_tokens=1000, queue_deadline_ms=500, max_num_batched_tokens=512,
+                  classes=(ServiceClass("chat", priority=1, weight=2.0, queue_deadline_ms=800, max_concurrency=4,
+                                        match=ClassMatch(models=("m",))),))
+    decision = Decision(
+        time_s=0.0, target=knobs, per_pod={"p": knobs}, actuate=True,
+        reasons=(Reason("decide", "why", "max_concurrency", 4, 8),),
+        quality=ModelQuality(10, 0.1, True), conditions=Conditions(True, True, False),
+        step_seconds={}, signals={},
+        classes=(ClassReport("chat", 1, 800, 40, 0.97, 700.0, 30.0, 5.0, 0.1, 800, 4),),
+    )
+    cycle = CycleReport(Mode.AUTO, PodCounts(1, 1, 1), decision,
+                        ActuationReport(knobs, 0, (Laggard("p", "why"),), ("p",)), last_known_good=knobs)
+    status = build_status(cycle, {}, generation=1, now=datetime(2026, 1, 1, tzinfo=UTC))
+    assert {"classes", "worstClass", "applied", "lastKnownGood"} <= set(status)
+    assert list(_unknown_keys(status, status_schema, "status")) == []
+    held = build_status(CycleReport(Mode.RECOMMEND, held=HeldReport(knobs, 1)), {}, generation=1,
+                        now=datetime(2026, 1, 1, tzinfo=UTC))
+    assert list(_unknown_keys(held, status_schema, "status")) == []
 
 
 @pytest.mark.parametrize("path", BOUNDED_FIELDS)
@@ -224,3 +326,12 @@ def test_examples_parse_into_policies(example: Path) -> None:
         parsed = parse_policy(doc["spec"], name=doc["metadata"]["name"], namespace="ns", config=config)
         assert parsed.policy.slo.ttft_ms == doc["spec"]["slo"]["ttftMs"]
         assert parsed.mode.value == doc["spec"].get("mode", "Recommend")
+
+
+def test_status_page_documents_every_status_field(version: dict[str, Any]) -> None:
+    """docs/status-and-events.md names each top-level status field and each class field."""
+    text = (ROOT / "docs" / "status-and-events.md").read_text()
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    class_fields = status["classes"]["items"]["properties"]
+    missing = [name for name in [*status, *class_fields] if f"`{name}" not in text]
+    assert missing == []

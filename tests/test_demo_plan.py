@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batchpilot.cli.demo import (
+    BUILTIN_CLASSES_SCENARIO_NAME,
     MIN_INTERVAL_S,
     PLOT_FILE,
     SUMMARY_FILE,
@@ -167,3 +168,61 @@ def test_a_shared_scenario_plans_with_a_usable_interval() -> None:
     # 2,400 scenario s squeezed into 30: the 30 s interval would be 1.5 wall s.
     assert plan.interval_wall_s == MIN_INTERVAL_S
     assert len(plan.phase_starts_s) == 3
+
+
+@pytest.fixture(scope="module")
+def classes_scenario():
+    return load_demo_scenario(builtin_scenario_path(BUILTIN_CLASSES_SCENARIO_NAME))
+
+
+def test_classes_plan_scales_every_class_and_marks_the_flood(classes_scenario) -> None:
+    plan = plan_demo(classes_scenario, time_scale=0.5, duration_s=90.0)
+    stretch = 90.0 * 0.5 / classes_scenario.duration_s
+    for original, scaled in zip(classes_scenario.classes, plan.scenario.classes, strict=True):
+        assert scaled.duration_s == pytest.approx(original.duration_s * stretch)
+    # The batch class's three phases (steady, flood, steady) are the timeline's.
+    assert len(plan.phases) == 3
+    assert plan.phase_starts_s[1] == pytest.approx(5.0 * stretch)
+    names = {plan.workload.class_names[i] for i in set(plan.workload.class_of().tolist())}
+    assert names == {"interactive", "batch"}
+
+
+def test_classes_policy_states_each_class_objective_in_wall_time(classes_scenario) -> None:
+    plan = plan_demo(classes_scenario, time_scale=0.25, duration_s=90.0)
+    policy = demo_policy(plan)
+    (interactive,) = [c for c in policy.classes if c.name == "interactive"]
+    assert interactive.priority == 1
+    # 1,000 scenario ms at a quarter of real speed is 4,000 wall ms.
+    assert (interactive.slo.ttft_ms, interactive.slo.tpot_ms) == (4000, 320)
+    (batch,) = [c for c in policy.classes if c.name == "batch"]
+    assert batch.slo is None  # the policy's own slo: the default class's, in wall time
+    assert policy.slo.ttft_ms == 40_000
+
+
+def test_classes_and_scenario_together_are_refused() -> None:
+    result = CliRunner().invoke(app, ["demo", "--classes", "--scenario", "x.yaml"])
+    assert result.exit_code == 2
+    assert "--classes" in result.output
+
+
+@pytest.mark.slow
+def test_demo_classes_keeps_interactive_within_its_slo_through_a_batch_flood(
+    tmp_path: Path,
+) -> None:
+    """docs/slo-classes.md's demo: `batchpilot demo --classes --headless`."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "batchpilot.cli.main", "demo", "--classes", "--headless",
+         "--out", str(tmp_path), "--duration", "90"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "150"},
+        check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    adaptive = summary["fleets"]["adaptive"]["classes"]
+    static = summary["fleets"]["static"]["classes"]
+    assert adaptive["interactive"]["arrived"] == static["interactive"]["arrived"] > 100
+    # FCFS puts chat behind the flood; the class-aware gate does not.
+    assert adaptive["interactive"]["slo_attainment"] > static["interactive"]["slo_attainment"] + 0.1
+    assert adaptive["interactive"]["slo_attainment"] >= 0.9
+    assert not summary["actuation_errors"]
+    assert "each SLO class" in (tmp_path / TERMINAL_FILE).read_text()

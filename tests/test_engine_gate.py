@@ -89,7 +89,9 @@ class Stream:
             for event in self.events
             if event["choices"][0]["finish_reason"] is None
             and isinstance(
-                event["choices"][0].get("text", event["choices"][0].get("delta", {}).get("content")),
+                event["choices"][0].get(
+                    "text", event["choices"][0].get("delta", {}).get("content")
+                ),
                 str,
             )
         )
@@ -124,7 +126,11 @@ async def scrape(client: aiohttp.ClientSession, url: str) -> Samples:
 
 
 def by_reason(samples: Samples, name: str) -> dict[str, float]:
-    return {dict(labels)["reason"]: value for (sample, labels), value in samples.items() if sample == name}
+    return {
+        dict(labels)["reason"]: value
+        for (sample, labels), value in samples.items()
+        if sample == name
+    }
 
 
 def run(coroutine: Any, timeout_s: float = 120.0) -> Any:
@@ -240,7 +246,9 @@ def test_time_per_output_token_agrees_with_the_engines_own_timings(gate: GatePro
     async def scenario() -> tuple[list[Stream], Samples]:
         async with aiohttp.ClientSession() as client:
             # One at a time: each answer's engine timings are then its own.
-            answers = [await stream(client, gate.url, completion(max_tokens)) for _ in range(requests)]
+            answers = [
+                await stream(client, gate.url, completion(max_tokens)) for _ in range(requests)
+            ]
             return answers, await scrape(client, gate.admin_url)
 
     answers, samples = run(scenario())
@@ -273,7 +281,9 @@ def test_an_engine_that_is_down_gets_502_naming_it_and_no_resends(
             doomed.stop()
             answers = []
             for _ in range(5):
-                async with client.post(gate.url + "/v1/completions", json=completion(8)) as response:
+                async with client.post(
+                    gate.url + "/v1/completions", json=completion(8)
+                ) as response:
                     answers.append((response.status, (await response.json())["error"]))
             return answers, await scrape(client, gate.admin_url)
 
@@ -289,3 +299,70 @@ def test_an_engine_that_is_down_gets_502_naming_it_and_no_resends(
         wait_ready(gate, False)
     finally:
         gate.process.stop()
+
+
+def test_interactive_requests_wait_far_less_than_a_batch_flood(
+    engine: LlamaServer, tmp_path: Path
+) -> None:
+    """SLO classes in front of the real engine: a batch flood fills the queue
+    behind a cap of 2; interactive requests sent into it are admitted at the
+    next free slot, not behind the flood."""
+    knobs = {
+        "max_concurrency": 2,
+        "classes": [{"name": "interactive", "priority": 1}, {"name": "batch"}],
+    }
+    gate = start_gate(tmp_path, engine.url, knobs)
+    flood, interactive_requests = 32, 6
+
+    async def scenario() -> tuple[list[Stream], list[Stream], Samples, float]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+
+            async def send(service_class: str, max_tokens: int) -> Stream:
+                body = completion(max_tokens)
+                headers = {"x-batchpilot-class": service_class}
+                async with client.post(
+                    gate.url + "/v1/completions", json=body, headers=headers
+                ) as response:
+                    text = await response.text()
+                done = text.rstrip().endswith("data: [DONE]")
+                return Stream(response.status, [], done)
+
+            batch = [asyncio.create_task(send("batch", 16)) for _ in range(flood)]
+            await asyncio.sleep(0.3)
+            interactive = []
+            for _ in range(interactive_requests):
+                interactive.append(await send("interactive", 4))
+                await asyncio.sleep(0.05)
+            # Still backlogged: every interactive request met the flood.
+            backlog = (await scrape(client, gate.admin_url))[
+                ("batchpilot_gate_class_queue_length", (("class", "batch"),))
+            ]
+            answers = await asyncio.gather(*batch)
+            return answers, interactive, await scrape(client, gate.admin_url), backlog
+
+    try:
+        wait_ready(gate, True)
+        batch, interactive, samples, backlog = run(scenario())
+    finally:
+        gate.process.stop()
+    assert backlog > 0
+    assert [(s.status, s.done) for s in batch + interactive] == [(200, True)] * (
+        flood + interactive_requests
+    )
+    wait = "batchpilot_gate_class_queue_wait_seconds"
+    counts = {
+        name: samples[(wait + "_count", (("class", name),))] for name in ("interactive", "batch")
+    }
+    assert counts == {"interactive": interactive_requests, "batch": flood}
+    mean_s = {
+        name: samples[(wait + "_sum", (("class", name),))] / counts[name]
+        for name in ("interactive", "batch")
+    }
+    print(f"mean queue wait: interactive {mean_s['interactive'] * 1000:.0f} ms, "
+          f"batch {mean_s['batch'] * 1000:.0f} ms")  # fmt: skip
+    # An interactive request waits for one slot to free (part of one batch
+    # answer); the flood waits half of itself on average, 8 of 16 rounds of 2.
+    assert mean_s["interactive"] < 0.3 * mean_s["batch"]
+    ttft = "batchpilot_gate_class_time_to_first_token_seconds"
+    assert samples[(ttft + "_count", (("class", "interactive"),))] == interactive_requests
+    assert samples[(ttft + "_count", (("class", "default"),))] == 0

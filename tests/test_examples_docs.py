@@ -116,7 +116,7 @@ def test_metrics_page_lists_every_operator_and_gate_metric() -> None:
     text = (DOCS / "metrics-and-alerts.md").read_text()
     operator_metrics = _metric_names("operator/metrics.py", "batchpilot_operator_")
     gate_metrics = {str(metric) for metric in GateMetric}
-    assert len(operator_metrics) >= 5 and len(gate_metrics) == 17
+    assert len(operator_metrics) >= 5 and len(gate_metrics) == 26
     assert sorted(m for m in operator_metrics | gate_metrics if f"`{m}" not in text) == []
 
 

@@ -13,17 +13,19 @@ from kubernetes import client
 from typer.testing import CliRunner
 
 from batchpilot.cli.explain import (
+    CLASS_COLUMNS,
     GROUP,
     PLURAL,
     VERSION,
     ExplainError,
+    class_rows,
     parse_target,
     pod_rows,
 )
 from batchpilot.cli.main import app
 from batchpilot.contract.gate_api import APPLIED_ANNOTATION
-from batchpilot.contract.knobs import Knobs, knobs_document
-from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
+from batchpilot.contract.knobs import ClassMatch, Knobs, ServiceClass, knobs_document
+from batchpilot.controller.explain import ClassReport, Conditions, Decision, ModelQuality, Reason
 from batchpilot.controller.policy import Mode
 from batchpilot.operator.gates import AppliedRecord
 from batchpilot.operator.pods import PodInfo, pod_info
@@ -83,6 +85,70 @@ def test_pod_rows_find_laggards(
         assert row.laggard is None
     else:
         assert row.laggard is not None and row.laggard.startswith(laggard)
+
+
+CLASS_TARGET = Knobs(max_concurrency=64, classes=(
+    ServiceClass("interactive", priority=1, weight=3.0, queue_deadline_ms=800, max_concurrency=32,
+                 match=ClassMatch(header="x-tenant", values=("chat", "ide"))),
+    ServiceClass("batch", queue_deadline_ms=20000, match=ClassMatch(models=("llama-70b",))),
+))
+CLASS_SPEC = {
+    "selector": {"matchLabels": {"app": "chat-llm"}},
+    "slo": {"ttftMs": 2000, "tpotMs": 50},
+    "classes": [
+        {"name": "interactive", "priority": 1, "weight": 3, "maxConcurrency": 32,
+         "slo": {"ttftMs": 800, "tpotMs": 40, "percentile": 99.5},
+         "match": {"header": "x-tenant", "values": ["chat", "ide"]}},
+        {"name": "batch", "match": {"models": ["llama-70b"]}},
+    ],
+}
+CLASS_REPORTS = (
+    ClassReport("interactive", 1, 800, 40, 0.9951, 612.0, 31.3, 12.3, 0.0, 800, 32),
+    ClassReport("batch", 0, 2000, 50, 0.9712, 2480.0, 44.9, 3.07, 0.41, 20000),
+    ClassReport("default", 0, 2000, 50),
+)
+
+
+def class_status() -> dict[str, Any]:
+    """A status as the operator writes it for a policy with classes."""
+    decision = Decision(
+        time_s=0.0, target=CLASS_TARGET, per_pod={}, actuate=False, reasons=(),
+        quality=ModelQuality(samples=24, heldout_error=0.08, trusted=True),
+        conditions=Conditions(metrics_available=True, model_trusted=True, slo_met=False),
+        step_seconds={}, classes=CLASS_REPORTS,
+    )
+    report = CycleReport(mode=Mode.RECOMMEND, pods=PodCounts(1, 1, 1), decision=decision)
+    return build_status(report, {}, generation=1, now=datetime(2026, 11, 22, 23, 0, tzinfo=UTC))
+
+
+def test_class_rows_show_each_class_against_its_own_objectives() -> None:
+    rows = class_rows(CLASS_SPEC, class_status())
+    assert [dict(zip([c for c, _ in CLASS_COLUMNS], row, strict=True)) for row in rows] == [
+        {"class": "interactive", "priority": "1", "weight": "3", "met": "yes", "attainment": "99.5%",
+         "TTFT ms (seen/objective)": "p99.5 610/800", "TPOT ms (seen/objective)": "p99.5 31/40",
+         "arrivals/s": "12", "shed/s": "0", "deadline ms": "800", "cap": "32",
+         "requests": "x-batchpilot-class: interactive; x-tenant: chat, ide"},
+        {"class": "batch", "priority": "0", "weight": "1", "met": "[bold]no[/bold]", "attainment": "97.1%",
+         "TTFT ms (seen/objective)": "p99 2500/2000", "TPOT ms (seen/objective)": "p99 45/50",
+         "arrivals/s": "3.1", "shed/s": "0.41", "deadline ms": "20000", "cap": "-",
+         "requests": "x-batchpilot-class: batch; model: llama-70b"},
+        {"class": "default", "priority": "0", "weight": "1", "met": "-", "attainment": "-",
+         "TTFT ms (seen/objective)": "p99 -/2000", "TPOT ms (seen/objective)": "p99 -/50",
+         "arrivals/s": "-", "shed/s": "-", "deadline ms": "-", "cap": "-",
+         "requests": "x-batchpilot-class: default; any other"},
+    ]
+
+
+def test_class_rows_are_none_without_classes() -> None:
+    assert class_rows({"slo": {"ttftMs": 2000, "tpotMs": 50}}, operator_status()) == []
+
+
+def test_a_pod_running_the_target_classes_is_no_laggard_and_its_classes_are_named() -> None:
+    status = {"applied": {"knobs": knobs_document(CLASS_TARGET), "laggards": []}}
+    (row,) = pod_rows([pod("llm-0", record(CLASS_TARGET))], "chat", status)
+    assert row.laggard is None
+    (other,) = pod_rows([pod("llm-0", record(Knobs(max_concurrency=64)))], "chat", status)
+    assert other.laggard == "runs other settings than the target"
 
 
 # -- against the API server ------------------------------------------------------------
@@ -191,3 +257,30 @@ def test_explain_names_a_missing_kubeconfig(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "--kubeconfig: no such file" in result.output
+
+
+def test_explain_shows_the_class_table(
+    inferencepolicy_crd: None, kube_api: Any, k8s_client: Any, namespace: str, make_serving_pod: Any
+) -> None:
+    objects = client.CustomObjectsApi(k8s_client)
+    policy = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferencePolicy", "metadata": {"name": "classes"},
+              "spec": CLASS_SPEC}
+    objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, policy)
+    objects.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, "classes", {"status": class_status()}
+    )
+    make_serving_pod(namespace, "llm-0", pod_ip="127.0.0.2", ports={"http": 8080}, labels={"app": "chat-llm"},
+                     annotations={APPLIED_ANNOTATION: record(CLASS_TARGET, policy="classes").to_json()})
+    result = CliRunner().invoke(
+        app, ["explain", f"{namespace}/classes", "--kubeconfig", str(kube_api.kubeconfig)],
+        env={"COLUMNS": "250"},
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "SLO classes (last window; worst: batch 97.1%)" in out
+    table = out.split("SLO classes")[1].split("why (the decision)")[0]
+    for cell in ("interactive", "99.5%", "p99.5 610/800", "batch", "p99 2500/2000", "model: llama-70b",
+                 "default", "any other"):
+        assert cell in table, table
+    # The settings table lists scalar knobs only; the pod's row names its classes.
+    assert "classes=interactive/batch" in out

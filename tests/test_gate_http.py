@@ -1113,8 +1113,20 @@ def test_metric_names_and_labels_are_exactly_the_contract() -> None:
                 "batchpilot_gate_discipline": ("gauge", {"discipline"}),
                 "batchpilot_gate_config_version": ("gauge", set()),
                 "batchpilot_gate_config_writes_rejected": ("counter", {"reason"}),
+                # Per SLO class: one `class` value per configured class.
+                "batchpilot_gate_class_queue_length": ("gauge", {"class"}),
+                "batchpilot_gate_class_inflight_requests": ("gauge", {"class"}),
+                "batchpilot_gate_class_admitted": ("counter", {"class"}),
+                "batchpilot_gate_class_admitted_tokens": ("counter", {"class"}),
+                "batchpilot_gate_class_shed": ("counter", {"class"}),
+                "batchpilot_gate_class_queue_wait_seconds": ("histogram", {"class"}),
+                "batchpilot_gate_class_time_to_first_token_seconds": ("histogram", {"class"}),
+                "batchpilot_gate_class_time_per_output_token_seconds": ("histogram", {"class"}),
+                "batchpilot_gate_class_defaulted": ("counter", {"reason"}),
             }
             assert 'batchpilot_gate_time_to_first_token_seconds_bucket{le="2560.0"}' in text
+            # Without classes, every request is in the default class.
+            assert 'batchpilot_gate_class_admitted_total{class="default"} 1.0' in text
             # The fake engine's 4 token events, 2 ms apart.
             assert "batchpilot_gate_time_per_output_token_seconds_count 1.0" in text
             assert 'batchpilot_gate_upstream_retries_total{reason="socket_error"} 0.0' in text

@@ -10,10 +10,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
-from batchpilot.contract.knobs import Knobs
+from batchpilot.contract.gate_metrics import ClassDefaultReason
+from batchpilot.contract.knobs import ClassMatch, Knobs, ServiceClass
 from batchpilot.gate.annotations import AnnotationError, knobs_from_annotations, parse_annotations
-from batchpilot.gate.estimate import RequestError, RequestSize, estimate_request
+from batchpilot.gate.estimate import RequestError, RequestSize, classify, estimate_request
 from batchpilot.gate.metrics import TOKEN_BUCKETS, TPOT_BUCKETS_S, Histogram
 from batchpilot.gate.proxy import TokenEvents, retry_reason
 from batchpilot.gate.settings import GateSettings, GateSettingsError, load_settings, parse_host_port
@@ -285,3 +287,101 @@ def test_token_events_without_done_and_too_short_streams() -> None:
     single = TokenEvents()
     single.feed(b"data: {}\n\ndata: [DONE]\n\n", 1.0)
     assert _observed(single) == (0, 0.0)
+
+
+CLASSES = Knobs(
+    classes=(
+        ServiceClass(
+            "interactive", priority=1, match=ClassMatch(header="x-tenant", values=("web",))
+        ),
+        ServiceClass("batch", match=ClassMatch(models=("big-model", "summarizer"))),
+        ServiceClass(
+            "team-b",
+            match=ClassMatch(header="x-tenant", values=("b", "web"), models=("big-model",)),
+        ),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "payload", "headers", "expected"),
+    [
+        # The class header names a class the gate serves.
+        (CLASSES, {}, {"x-batchpilot-class": "batch"}, ("batch", None)),
+        (CLASSES, {}, {"X-Batchpilot-Class": " interactive "}, ("interactive", None)),
+        (CLASSES, {}, {"x-batchpilot-class": "default"}, ("default", None)),
+        (Knobs(), {}, {"x-batchpilot-class": "default"}, ("default", None)),
+        # ...and wins over the tenant header and the model.
+        (
+            CLASSES,
+            {"model": "big-model"},
+            {"x-batchpilot-class": "interactive", "x-tenant": "b"},
+            ("interactive", None),
+        ),
+        # A well-formed name the gate does not serve, with or without classes.
+        (
+            CLASSES,
+            {},
+            {"x-batchpilot-class": "gold"},
+            ("default", ClassDefaultReason.UNKNOWN_CLASS),
+        ),
+        (
+            Knobs(),
+            {},
+            {"x-batchpilot-class": "batch"},
+            ("default", ClassDefaultReason.UNKNOWN_CLASS),
+        ),
+        # Not a class name at all: never an error, never a new label value.
+        (CLASSES, {}, {"x-batchpilot-class": ""}, ("default", ClassDefaultReason.MALFORMED_CLASS)),
+        (
+            CLASSES,
+            {},
+            {"x-batchpilot-class": "Batch"},
+            ("default", ClassDefaultReason.MALFORMED_CLASS),
+        ),
+        (
+            CLASSES,
+            {},
+            {"x-batchpilot-class": "a" * 33},
+            ("default", ClassDefaultReason.MALFORMED_CLASS),
+        ),
+        (
+            CLASSES,
+            {},
+            {"x-batchpilot-class": "batch;drop"},
+            ("default", ClassDefaultReason.MALFORMED_CLASS),
+        ),
+        (
+            CLASSES,
+            {},
+            {"x-batchpilot-class": "-batch"},
+            ("default", ClassDefaultReason.MALFORMED_CLASS),
+        ),
+        (
+            CLASSES,
+            {},
+            {"x-batchpilot-class": "bätch"},
+            ("default", ClassDefaultReason.MALFORMED_CLASS),
+        ),
+        # The tenant header: the first class listing the value.
+        (CLASSES, {}, {"x-tenant": "web"}, ("interactive", None)),
+        (CLASSES, {}, {"X-Tenant": "b"}, ("team-b", None)),
+        (CLASSES, {"model": "summarizer"}, {"x-tenant": "b"}, ("team-b", None)),
+        (CLASSES, {}, {"x-tenant": "c"}, ("default", None)),
+        # The model: only when no header rule matched.
+        (CLASSES, {"model": "big-model"}, {}, ("batch", None)),
+        (CLASSES, {"model": "big-model"}, {"x-tenant": "c"}, ("batch", None)),
+        (CLASSES, {"model": "tiny"}, {}, ("default", None)),
+        (CLASSES, {"model": ["big-model"]}, {}, ("default", None)),
+        (CLASSES, {"model": None}, {}, ("default", None)),
+        (CLASSES, [], {}, ("default", None)),
+        (Knobs(), {"model": "big-model"}, {"x-tenant": "web"}, ("default", None)),
+    ],
+)
+def test_classify(
+    knobs: Knobs,
+    payload: Any,
+    headers: dict[str, str],
+    expected: tuple[str, ClassDefaultReason | None],
+) -> None:
+    assert classify(payload, CIMultiDict(headers), knobs) == expected

@@ -40,7 +40,7 @@ from batchpilot.contract.knobs import Knobs
 from batchpilot.controller.observe import MetricsUnavailable, RawWindow
 from batchpilot.controller.policy import Policy
 from batchpilot.controller.promql import QueryBuilder
-from batchpilot.controller.signals import Signal, signal_specs
+from batchpilot.controller.signals import CLASS_METRICS, Signal, signal_specs
 from batchpilot.controller.sources import PrometheusSource, PromQueryClient
 from batchpilot.operator.config import (
     BasicAuth,
@@ -61,7 +61,8 @@ PODS = ("llm-0", "llm-1")
 TENANT = "team-a"
 TOKEN = "s3cret-token"
 USER, PASSWORD = "batchpilot", "pa55:word"
-SIGNALS = len(Signal)
+# A policy without classes queries every signal but the per-class ones.
+SIGNALS = len(Signal) - len(CLASS_METRICS)
 # Prometheus scrapes every second; rate() needs two scrapes in the window.
 DATA_TIMEOUT_S = 30.0
 

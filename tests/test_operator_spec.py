@@ -139,6 +139,90 @@ def test_invalid_specs_name_the_field(spec: dict[str, Any], field: str, says: st
     assert says in caught.value.message
 
 
+def classes(*items: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return policy_spec(classes=list(items), **fields)
+
+
+# The Python twins of the CRD's class rules (the API server's answers to the
+# same specs are in test_crd_apiserver.py): a spec stored before a rule
+# existed is refused by the operator with the same field named.
+@pytest.mark.parametrize(
+    ("spec", "field", "says"),
+    [
+        pytest.param(classes({"name": "chat"}, {"name": "batch"}, {"name": "chat"}),
+                     "spec.classes[2].name", "'chat' is also classes[0].name; class names must be unique",
+                     id="names-twice"),
+        pytest.param(classes({"name": "batch", "weight": 0}), "spec.classes[0].weight", "above 0",
+                     id="weight-zero"),
+        pytest.param(classes({"name": "batch", "weight": -1.5}), "spec.classes[0].weight", "above 0",
+                     id="weight-negative"),
+        pytest.param(classes({"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 50}},
+                             {"name": "batch", "slo": {"ttftMs": 9000, "tpotMs": 50}}),
+                     "spec.classes[1].slo", "class batch is looser than spec.slo", id="ttft-looser"),
+        pytest.param(classes({"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 51}}),
+                     "spec.classes[0].slo", "tpotMs 51, percentile 99; spec.slo: ttftMs 2000, tpotMs 50",
+                     id="tpot-looser"),
+        pytest.param(classes({"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 20, "percentile": 95}}),
+                     "spec.classes[0].slo", "tighten the class's slo, or loosen spec.slo",
+                     id="percentile-lower"),
+        pytest.param(with_field(classes({"name": "chat", "slo": {"ttftMs": 500, "tpotMs": 20}}),
+                                "slo.percentile", 99.9),
+                     "spec.classes[0].slo", "percentile 99; spec.slo: ttftMs 2000, tpotMs 50, percentile 99.9",
+                     id="percentile-below-the-policys"),
+        pytest.param(classes({"name": "Interactive"}), "spec.classes[0].name", "not a class name",
+                     id="name-upper-case"),
+        pytest.param(classes({"name": "a" * 33}), "spec.classes[0].name", "at most 32 characters",
+                     id="name-too-long"),
+        pytest.param(classes({"name": "default", "slo": {"ttftMs": 500, "tpotMs": 20}}),
+                     "spec.classes[0].slo", "the default class's objectives are spec.slo",
+                     id="default-with-slo"),
+        pytest.param(classes({"name": "chat", "match": {"header": "x-batchpilot-class", "values": ["chat"]}}),
+                     "spec.classes[0].match.header", "already names the class itself",
+                     id="match-on-the-class-header"),
+        pytest.param(classes({"name": "chat", "match": {"header": "x-tenant"}}),
+                     "spec.classes[0].match.values", "must be listed exactly when header is set",
+                     id="header-without-values"),
+        pytest.param(classes({"name": "chat", "match": {"header": "x-tenant", "values": ["a", "b"]}},
+                             {"name": "batch", "match": {"header": "x-tenant", "values": ["b"]}}),
+                     "spec.classes[1].match.values", "x-tenant: 'b' is also matched by classes[0]",
+                     id="one-header-value-twice"),
+        pytest.param(classes({"name": "chat", "match": {"models": ["llama-8b"]}},
+                             {"name": "batch", "match": {"models": ["llama-70b", "llama-8b"]}}),
+                     "spec.classes[1].match.models", "'llama-8b' is also matched by classes[0]",
+                     id="one-model-twice"),
+        pytest.param(classes(*({"name": f"c{i}"} for i in range(17))), "spec.classes", "at most 16 items",
+                     id="too-many"),
+    ],
+)
+def test_invalid_classes_name_the_field(spec: dict[str, Any], field: str, says: str) -> None:
+    with pytest.raises(PolicyError) as caught:
+        parse(spec)
+    assert caught.value.field == field
+    assert says in caught.value.message
+
+
+def test_classes_reach_the_policy_and_the_same_value_on_two_headers_is_allowed() -> None:
+    spec = classes(
+        {"name": "interactive", "priority": 2, "weight": 3, "maxConcurrency": 16,
+         "slo": {"ttftMs": 2000, "tpotMs": 50, "percentile": 99.5},
+         "match": {"header": "x-tenant", "values": ["chat"], "models": ["llama-8b"]}},
+        # Another header may carry the same value: which one a request sends decides.
+        {"name": "batch", "match": {"header": "x-api-key-tier", "values": ["chat"]}},
+        {"name": "default", "priority": -1},
+    )
+    policy = parse(spec).policy
+    assert [c.name for c in policy.classes] == ["interactive", "batch", "default"]
+    interactive = policy.classes[0]
+    assert (interactive.priority, interactive.weight, interactive.max_concurrency) == (2, 3, 16)
+    assert interactive.slo is not None and interactive.slo.percentile == 99.5
+    assert interactive.match.gate_match().models == ("llama-8b",)
+    assert policy.classes[1].slo is None
+
+
+def test_a_policy_without_classes_has_none() -> None:
+    assert parse(policy_spec()).policy.classes == ()
+
+
 @pytest.mark.parametrize(
     ("selector", "labels", "matches"),
     [

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from batchpilot.contract.knobs import Knobs, knobs_document
+from batchpilot.contract.knobs import ClassMatch, Knobs, ServiceClass, knobs_document
 from batchpilot.contract.reasons import ConditionReason, ConditionType
-from batchpilot.controller.explain import Conditions, Decision, ModelQuality, Reason
+from batchpilot.controller.explain import ClassReport, Conditions, Decision, ModelQuality, Reason
 from batchpilot.controller.policy import Mode
 from batchpilot.operator.conditions import condition_map
 from batchpilot.operator.status import (
@@ -36,9 +37,11 @@ def decision(
     error: float | None = 0.0812,
     per_pod: dict[str, Knobs] | None = None,
     reasons: tuple[Reason, ...] = (),
+    classes: tuple[ClassReport, ...] = (),
 ) -> Decision:
     target = Knobs(max_concurrency=cap)
     return Decision(
+        classes=classes,
         time_s=T0.timestamp(),
         target=target,
         per_pod=per_pod if per_pod is not None else dict.fromkeys(PODS, target),
@@ -342,3 +345,117 @@ def test_policy_metrics_follow_conditions_and_vanish_with_the_policy():
     metrics.forget_policy("team-a", "chat")
     assert sample("batchpilot_policy_condition", condition="SLOMet", status="False") is None
     assert sample("batchpilot_policy_rollbacks_total") is None
+
+
+
+# -- SLO classes ------------------------------------------------------------------
+
+INTERACTIVE = ClassReport(
+    "interactive", 1, 800, 40, attainment=0.9934, ttft_q_ms=612.4, tpot_q_ms=31.27,
+    arrival_rps=12.34, shed_rps=0.0, queue_deadline_ms=800, max_concurrency=32,
+)
+BATCH = ClassReport(
+    "batch", 0, 2000, 50, attainment=0.9712, ttft_q_ms=2480.0, tpot_q_ms=44.9,
+    arrival_rps=3.07, shed_rps=0.41, queue_deadline_ms=20000,
+)
+# No traffic in the window: nothing judged.
+IDLE = ClassReport("default", 0, 2000, 50)
+
+
+def with_classes(*classes: ClassReport) -> CycleReport:
+    return report(decision(classes=classes))
+
+
+def test_class_status_publishes_each_class_and_the_worst() -> None:
+    status = build_status(with_classes(INTERACTIVE, BATCH, IDLE), {}, generation=1, now=T0)
+    assert status["classes"] == [
+        {"name": "interactive", "priority": 1, "objective": {"ttftMs": 800, "tpotMs": 40},
+         "observed": {"ttftMs": 610, "tpotMs": 31}, "sloMet": True, "attainment": 0.993,
+         "arrivalRps": 12, "shedRps": 0, "queueDeadlineMs": 800, "maxConcurrency": 32},
+        {"name": "batch", "priority": 0, "objective": {"ttftMs": 2000, "tpotMs": 50},
+         "observed": {"ttftMs": 2500, "tpotMs": 45}, "sloMet": False, "attainment": 0.971,
+         "arrivalRps": 3.1, "shedRps": 0.41, "queueDeadlineMs": 20000},
+        {"name": "default", "priority": 0, "objective": {"ttftMs": 2000, "tpotMs": 50}, "observed": {}},
+    ]
+    assert status["worstClass"] == "batch 97.1%"
+    assert "classes missing their own: batch" in conditions(status)["SLOMet"]["message"]
+
+
+def test_a_policy_without_classes_publishes_no_class_status() -> None:
+    status = build_status(report(), {}, generation=1, now=T0)
+    assert "classes" not in status and "worstClass" not in status
+    assert "classes" not in conditions(status)["SLOMet"]["message"]
+
+
+def test_class_numbers_wobbling_inside_their_dead_band_cause_no_write() -> None:
+    first = build_status(with_classes(INTERACTIVE, BATCH), {}, generation=1, now=T0)
+    wobbled = (
+        replace(INTERACTIVE, attainment=0.9921, ttft_q_ms=660.0, tpot_q_ms=29.0, arrival_rps=13.1),
+        replace(BATCH, attainment=0.9725, ttft_q_ms=2300.0, arrival_rps=2.9, shed_rps=0.38),
+    )
+    second = build_status(with_classes(*wobbled), first, generation=1, now=T0 + timedelta(seconds=30))
+    assert merge_patch(first, second) is None
+
+
+@pytest.mark.parametrize(
+    ("start", "change", "field", "published"),
+    [
+        pytest.param(INTERACTIVE, {"ttft_q_ms": 700.0}, ("observed", "ttftMs"), 700, id="ttft-up-14pct"),
+        pytest.param(INTERACTIVE, {"arrival_rps": 20.0}, ("arrivalRps",), 20, id="arrivals-up"),
+        pytest.param(INTERACTIVE, {"attainment": 0.985}, ("attainment",), 0.985, id="attainment-down"),
+        # Inside the 10% band, but across the objective: always shown, and never
+        # rounded back onto the other side of it (801, not 800).
+        pytest.param(replace(INTERACTIVE, ttft_q_ms=760.0), {"ttft_q_ms": 801.0}, ("observed", "ttftMs"),
+                     801, id="across-the-objective"),
+    ],
+)
+def test_class_numbers_past_their_band_or_across_the_objective_are_written(
+    start: ClassReport, change: dict[str, Any], field: tuple[str, ...], published: Any
+) -> None:
+    first = build_status(with_classes(start), {}, generation=1, now=T0)
+    second = build_status(with_classes(replace(start, **change)), first, generation=1,
+                          now=T0 + timedelta(seconds=30))
+    assert merge_patch(first, second) is not None
+    node: Any = second["classes"][0]
+    for key in field:
+        node = node[key]
+    assert node == published
+
+
+def test_crossing_the_objective_flips_slo_met_with_the_numbers() -> None:
+    first = build_status(with_classes(replace(INTERACTIVE, ttft_q_ms=790.0)), {}, generation=1, now=T0)
+    second = build_status(with_classes(replace(INTERACTIVE, ttft_q_ms=810.0)), first, generation=1,
+                          now=T0 + timedelta(seconds=30))
+    (before,), (after,) = first["classes"], second["classes"]
+    assert (before["sloMet"], before["observed"]["ttftMs"]) == (True, 790)
+    assert (after["sloMet"], after["observed"]["ttftMs"]) == (False, 810)
+
+
+def test_a_skipped_cycle_keeps_the_class_status() -> None:
+    good = build_status(with_classes(INTERACTIVE, BATCH), {}, generation=1, now=T0)
+    skipped = build_status(
+        report(decision=None, problem=(ConditionReason.METRICS_UNAVAILABLE, "down"), actuation=None),
+        good, generation=1, now=T0 + timedelta(seconds=30),
+    )
+    assert skipped["classes"] == good["classes"]
+    assert skipped["worstClass"] == good["worstClass"]
+
+
+def test_classes_removed_from_the_spec_leave_the_status() -> None:
+    first = build_status(with_classes(INTERACTIVE, BATCH), {}, generation=1, now=T0)
+    second = build_status(report(), first, generation=2, now=T0 + timedelta(seconds=30))
+    patch = merge_patch(first, second)
+    assert patch is not None and patch["classes"] is None and patch["worstClass"] is None
+
+
+def test_the_knobs_in_status_carry_the_classes_the_gate_runs() -> None:
+    knobs = Knobs(max_concurrency=64, classes=(
+        ServiceClass("interactive", priority=1, weight=2.0, queue_deadline_ms=800,
+                     match=ClassMatch(header="x-tenant", values=("chat",))),
+        ServiceClass("batch"),
+    ))
+    status = build_status(report(actuation=ActuationReport(knobs, up_to_date=2)), {}, generation=1, now=T0)
+    assert status["applied"]["knobs"]["classes"] == [
+        {"name": "interactive", "priority": 1, "weight": 2.0, "queueDeadlineMs": 800},
+        {"name": "batch", "priority": 0, "weight": 1.0},
+    ]

@@ -321,3 +321,77 @@ def test_specs_only_the_operator_can_refuse_get_a_named_error(
     with pytest.raises(PolicyError) as refused:
         parse_policy(stored["spec"], name="operator-refuses", namespace=namespace, config=CONFIG)
     assert refused.value.field.startswith(field), refused.value
+
+
+# -- SLO classes: the CRD's rules and their Python twins agree -------------------------
+
+# Small pools, so that duplicates, collisions and looser objectives are common.
+class_slos = st.fixed_dictionaries(
+    {"ttftMs": st.sampled_from([1, 500, 2000, 2001]), "tpotMs": st.sampled_from([1, 50, 51])},
+    optional={"percentile": st.sampled_from([50, 98.5, 99, 99.9])},
+)
+class_matches = st.fixed_dictionaries(
+    {},
+    optional={
+        "header": st.sampled_from(["x-tenant", "x-api-tier", "x-batchpilot-class", "X-Tenant"]),
+        "values": st.lists(st.sampled_from(["a", "b", "c"]), max_size=2),
+        "models": st.lists(st.sampled_from(["m1", "m2", "m3"]), max_size=2),
+    },
+)
+class_items = st.fixed_dictionaries(
+    {"name": st.sampled_from(["chat", "batch", "bulk", "default", "Chat", "a" * 33])},
+    optional={
+        "slo": class_slos,
+        "priority": st.sampled_from([-1001, -1, 0, 5, 1000]),
+        "weight": st.sampled_from([-1, 0, 0.001, 1, 2.5, 1000, 1000.5]),
+        "maxConcurrency": st.sampled_from([0, 1, 64, 65_537]),
+        "match": class_matches,
+    },
+)
+class_specs = st.builds(
+    lambda classes, percentile: policy_spec(
+        classes=classes, slo={"ttftMs": 2000, "tpotMs": 50, **percentile}
+    ),
+    st.lists(class_items, max_size=4),
+    st.sampled_from([{}, {"percentile": 99.5}]),
+)
+class_outcomes: dict[str, int] = {"both-refused": 0, "both-accepted": 0}
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(spec=class_specs)
+def test_the_api_server_and_the_operator_agree_on_classes(
+    inferencepolicy_crd: None, k8s_client: client.ApiClient, namespace: str, spec: dict[str, Any]
+) -> None:
+    """Every class rule has a Python twin and no twin is stricter than its rule:
+    a spec stored before a rule existed is refused by the operator just as the
+    API server now refuses it, and nothing the API server accepts is refused."""
+    body = policy_body("classes", spec)
+    try:
+        stored = client.CustomObjectsApi(k8s_client).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body, dry_run="All"
+        )
+    except ApiException as refused:
+        assert refused.status == 422, (refused.status, refused.body)
+        message = json.loads(refused.body)["message"]
+        assert "spec.classes" in message, message
+        with pytest.raises(PolicyError) as twin:
+            parse_policy(spec, name="classes", namespace=namespace, config=CONFIG)
+        assert twin.value.field.startswith("spec.classes"), (twin.value, message)
+        class_outcomes["both-refused"] += 1
+        return
+    parsed = parse_policy(stored["spec"], name="classes", namespace=namespace, config=CONFIG)
+    assert [c.name for c in parsed.policy.classes] == [c["name"] for c in spec["classes"]]
+    class_outcomes["both-accepted"] += 1
+
+
+def test_the_class_property_reached_both_outcomes() -> None:
+    if sum(class_outcomes.values()) == 0:
+        pytest.skip("the class property did not run in this session")
+    print(f"class spec outcomes: {class_outcomes}")
+    assert class_outcomes["both-refused"] > 0 and class_outcomes["both-accepted"] > 0, class_outcomes

@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from batchpilot.cli.demo import (
+    BUILTIN_CLASSES_SCENARIO_NAME,
+    builtin_scenario_path,
+    load_demo_scenario,
+)
 from batchpilot.cli.main import app
 from batchpilot.cli.recommend import Outcome, pick_best, recommend_for, scenario_from_trace
 from batchpilot.contract.knobs import Knobs
@@ -160,3 +165,17 @@ def test_command_prints_the_table_and_plots(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "best single static setting" in result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_class_scenario_gets_one_setting_with_a_deadline_per_class() -> None:
+    scenario = load_demo_scenario(builtin_scenario_path(BUILTIN_CLASSES_SCENARIO_NAME))
+    result = recommend_for(scenario)
+    assert result.phases == ()  # classes overlap in time: no phase is the whole traffic
+    best = result.overall
+    assert best.classes is not None and set(best.classes) == {"interactive", "batch"}
+    # Chosen as static-best chooses on classes: the top class first, then good requests.
+    assert best.class_rank == max(c.class_rank for c in result.overall_candidates)
+    assert best.classes["interactive"]["slo_attainment"] >= 0.99
+    assert {c.name for c in best.knobs.classes} == {"interactive", "batch"}
+    # Each request is judged against its own class's objectives.
+    assert best.good == sum(c["good"] for c in best.classes.values())

@@ -315,3 +315,77 @@ def test_bad_fields_are_named(mutate, field) -> None:
     mutate(broken)
     with pytest.raises(ReportError, match=f"^{field}:"):
         check_document(broken)
+
+
+def class_result(controller: str, interactive_good: int, batch_good: int, jain: float | None):
+    outcome = result(controller, interactive_good + batch_good)
+    outcome["classes"] = {
+        name: {
+            "arrived": 100,
+            "good": good,
+            "goodput_rps": good / 100,
+            "slo_attainment": good / 100,
+            "ttft_p99_ms": 812.0,
+            "tpot_p99_ms": 44.44,
+            "shed": 3,
+            "served_tokens": 123456,
+        }
+        for name, good in (("interactive", interactive_good), ("batch", batch_good))
+    }
+    outcome["jain_index"] = jain
+    return outcome
+
+
+def test_class_scenarios_get_a_per_class_table_and_say_what_was_not_run():
+    document = {
+        "scenarios": [
+            scenario(
+                "classes-flood",
+                class_result("static-default", 40, 90, None),
+                class_result("strict-priority", 99, 80, 0.95),
+                classes=[
+                    {
+                        "name": "interactive",
+                        "priority": 1,
+                        "weight": 1.0,
+                        "slo": {"ttft_ms": 800, "tpot_ms": 60},
+                        "max_concurrency": None,
+                    },
+                    {
+                        "name": "batch",
+                        "priority": 0,
+                        "weight": 1.0,
+                        "slo": {"ttft_ms": 20000, "tpot_ms": 100},
+                        "max_concurrency": 96,
+                    },
+                ],
+                skipped={"oracle-full": "no bound on class scenarios"},
+            ),
+            scenario("plain", result("static-default", 10)),
+        ]
+    }
+    check_document(document)
+    markdown = render_markdown(document)
+    text = section(markdown, "classes-flood")
+    assert "Per SLO class" in text
+    lines = [line for line in text.splitlines() if line.startswith("| strict-priority | inter")]
+    cells = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert cells[:8] == [
+        "strict-priority",
+        "interactive",
+        "1",
+        "800/60",
+        "100",
+        "99",
+        "0.99",
+        "99.00",
+    ]
+    assert cells[-1] == "0.950"
+    assert "not run: oracle-full: no bound on class scenarios" in text
+    assert "Per SLO class" not in section(markdown, "plain")
+
+
+def test_a_malformed_classes_field_is_refused():
+    document = {"scenarios": [scenario("x", {**result("a", 1), "classes": [1]})]}
+    with pytest.raises(ReportError, match=r"results\[0\]\.classes"):
+        check_document(document)
