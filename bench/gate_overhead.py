@@ -17,9 +17,14 @@ falls on both sides.
 Per-chunk latency is the engine's send time (written into each chunk) to the
 client's receive time, both on CLOCK_MONOTONIC, which all processes on a
 Linux host share. TTFT is request sent to first chunk received; the engine
-waits one token interval before its first token. Reported: the gate's added
-p50/p99 per chunk and added p99 TTFT (gate minus direct, per round, and the
-median over rounds), and the gate's CPU in cores.
+waits one token interval before its first token. Reported per load point
+(`--loads`, default 200 streams x 40 tokens/s and 1,000 x 20): the gate's
+added p50/p99 per chunk and added p99 TTFT (gate minus direct, per round),
+their median **and worst** round, the gate's CPU in cores and per 1,000
+chunks/s, and per phase the machine's load average and CPU steal, so that a
+noisy round shows as one. A target holds when the median meets it and the
+worst round stays within twice it (`WORST_ROUND_FACTOR`): a result that
+holds only on a quiet machine is not a result.
 
 `--pin` gives the gate a CPU of its own and puts the engine and the load
 generator on another, as a sidecar with its own CPU request runs in a pod;
@@ -50,7 +55,16 @@ from typing import Any
 
 import numpy as np
 
-TARGETS = {"added_chunk_p99_ms": 2.0, "added_ttft_p99_ms": 5.0, "gate_cpu_cores": 1.0}
+# Latency targets hold at every load point; the CPU one is 0.25 core at
+# 200 streams x 40 tokens/s (8,000 chunks/s), stated per 1,000 chunks/s.
+TARGETS = {
+    "added_chunk_p99_ms": 2.0,
+    "added_ttft_p99_ms": 5.0,
+    "gate_cpu_cores_per_1k_chunks_s": 0.25 / 8.0,
+}
+# The worst round may be at most this many times a target.
+WORST_ROUND_FACTOR = 2.0
+DEFAULT_LOADS = "200x40,1000x20"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -231,6 +245,10 @@ class PhaseResult:
     window_start: float = math.inf
     window_end: float = math.inf
     window_chunks: int = 0
+    # The machine during the window: CPU steal's share of all CPU time, and
+    # the 1-minute load average at its end.
+    steal_share: float = 0.0
+    loadavg_1m: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         chunks = np.asarray(self.chunk_latencies_s) * 1000.0
@@ -245,6 +263,9 @@ class PhaseResult:
             "ttft_p99_ms": float(np.percentile(ttfts, 99)),
             "wall_s": round(self.wall_s, 2),
             "client_cpu_cores": round(self.client_cpu_s / self.wall_s, 3),
+            "chunks_per_s": round(self.window_chunks / self.wall_s, 1),
+            "steal_share": round(self.steal_share, 4),
+            "loadavg_1m": round(self.loadavg_1m, 2),
         }
         if self.gate_cpu_s is not None:
             summary["gate_cpu_cores"] = round(self.gate_cpu_s / self.wall_s, 3)
@@ -309,6 +330,7 @@ async def _phase(
     await asyncio.sleep(args.warmup_s)
     gate_cpu_start = _process_cpu_s(gate_pid) if gate_pid else None
     client_cpu_start = _own_cpu_s()
+    steal_start, total_start = _cpu_times()
     started = result.window_start = time.monotonic()
     result.window_end = stop_at
     while time.monotonic() < stop_at:
@@ -318,11 +340,22 @@ async def _phase(
     if gate_pid and gate_cpu_start is not None:
         result.gate_cpu_s = _process_cpu_s(gate_pid) - gate_cpu_start
     result.client_cpu_s = _own_cpu_s() - client_cpu_start
+    steal_end, total_end = _cpu_times()
+    result.steal_share = (steal_end - steal_start) / max(1, total_end - total_start)
+    result.loadavg_1m = os.getloadavg()[0]
     # Streams in progress at the stop time finish and count: they were sent in the window.
     await asyncio.gather(*clients)
     for connection in connections:
         connection.close()
     return result
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs (/proc/stat): steal is time a
+    hypervisor gave this VM's CPUs to someone else."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    steal = fields[7] if len(fields) > 7 else 0
+    return steal, sum(fields[:8])
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -393,27 +426,56 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         os.sched_setaffinity(gate.pid, {gate_cpu})
         os.sched_setaffinity(engine.pid, {harness_cpu})
         os.sched_setaffinity(0, {harness_cpu})
+    loads = args.load_points
+    results = []
     try:
         with Progress(disable=not sys.stderr.isatty()) as progress:
-            task = progress.add_task("gate overhead", total=args.rounds * 2 * args.duration_s)
-            for round_index in range(args.rounds):
-                order = ["direct", "gate"] if round_index % 2 == 0 else ["gate", "direct"]
-                phases: dict[str, Any] = {}
-                for side in order:
-                    progress.update(
-                        task, description=f"round {round_index + 1}: {side} (~{phase_s:.0f} s)"
-                    )
-                    url = f"http://127.0.0.1:{gate_port if side == 'gate' else engine_port}"
-                    pid = gate.pid if side == "gate" else None
-                    result = await _phase(url, args, pid, lambda: progress.advance(task))
-                    phases[side] = result.summary()
-                rounds.append({**phases, "added": _added(phases["direct"], phases["gate"])})
+            task = progress.add_task(
+                "gate overhead", total=len(loads) * args.rounds * 2 * args.duration_s
+            )
+            for streams, tokens_per_s in loads:
+                point = argparse.Namespace(
+                    **{**vars(args), "streams": streams, "tokens_per_s": tokens_per_s}
+                )
+                rounds: list[dict[str, Any]] = []
+                for round_index in range(args.rounds):
+                    order = ["direct", "gate"] if round_index % 2 == 0 else ["gate", "direct"]
+                    phases: dict[str, Any] = {}
+                    for side in order:
+                        progress.update(
+                            task,
+                            description=f"{streams}x{tokens_per_s:g} round {round_index + 1}: "
+                            f"{side} (~{phase_s:.0f} s)",
+                        )
+                        url = f"http://127.0.0.1:{gate_port if side == 'gate' else engine_port}"
+                        pid = gate.pid if side == "gate" else None
+                        result = await _phase(url, point, pid, lambda: progress.advance(task))
+                        phases[side] = result.summary()
+                    rounds.append({**phases, "added": _added(phases["direct"], phases["gate"])})
+                results.append(_load_report(streams, tokens_per_s, rounds))
     finally:
         gate.terminate()
         engine.terminate()
         gate.wait(30)
         engine.wait(30)
-    return _report(args, rounds)
+    return _report(args, results)
+
+
+def parse_loads(text: str) -> list[tuple[int, float]]:
+    """`200x40,1000x20` -> [(200, 40.0), (1000, 20.0)]: streams x tokens per second."""
+    loads = []
+    for part in text.split(","):
+        streams, sep, rate = part.strip().partition("x")
+        try:
+            load = (int(streams), float(rate))
+        except ValueError:
+            load = (0, 0.0)
+        if not sep or load[0] < 1 or not load[1] > 0:
+            raise SystemExit(
+                f"--loads: {part.strip()!r} is not STREAMSxTOKENS_PER_S such as 200x40"
+            )
+        loads.append(load)
+    return loads
 
 
 def _added(direct: dict[str, Any], gate: dict[str, Any]) -> dict[str, float]:
@@ -423,17 +485,33 @@ def _added(direct: dict[str, Any], gate: dict[str, Any]) -> dict[str, float]:
         "added_ttft_p99_ms": gate["ttft_p99_ms"] - direct["ttft_p99_ms"],
         "gate_cpu_cores": gate["gate_cpu_cores"],
         "gate_cpu_us_per_chunk": gate["gate_cpu_us_per_chunk"],
+        "gate_cpu_cores_per_1k_chunks_s": gate["gate_cpu_cores"]
+        / max(1e-9, gate["chunks_per_s"] / 1000.0),
     }
 
 
-def _report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def _load_report(streams: int, tokens_per_s: float, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     added = {key: [r["added"][key] for r in rounds] for key in rounds[0]["added"]}
     median = {key: float(np.median(values)) for key, values in added.items()}
+    worst = {key: float(max(values)) for key, values in added.items()}
+    return {
+        "streams": streams,
+        "tokens_per_s": tokens_per_s,
+        "rounds": rounds,
+        "median": {key: round(value, 3) for key, value in median.items()},
+        "worst": {key: round(value, 3) for key, value in worst.items()},
+        "met": {
+            key: median[key] <= limit and worst[key] <= WORST_ROUND_FACTOR * limit
+            for key, limit in TARGETS.items()
+        },
+    }
+
+
+def _report(args: argparse.Namespace, loads: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "benchmark": "gate_overhead",
         "config": {
-            "streams": args.streams,
-            "tokens_per_s": args.tokens_per_s,
+            "loads": args.loads,
             "tokens_per_request": args.tokens,
             "duration_s": args.duration_s,
             "warmup_s": args.warmup_s,
@@ -442,17 +520,11 @@ def _report(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> dict[str,
         },
         "machine": {
             "cpus": os.cpu_count(),
-            # Load from everything on the machine; above the core count, the
-            # latency differences measure CPU contention more than the gate.
-            "loadavg_1m_at_end": os.getloadavg()[0],
             "python": sys.version.split()[0],
         },
-        "rounds": rounds,
-        "result": {key: round(value, 3) for key, value in median.items()},
-        # Spread of each difference over rounds: how far to trust the medians.
-        "noise_range": {key: [round(min(v), 3), round(max(v), 3)] for key, v in added.items()},
+        "loads": loads,
         "targets": TARGETS,
-        "met": {key: median[key] <= limit for key, limit in TARGETS.items()},
+        "worst_round_factor": WORST_ROUND_FACTOR,
     }
 
 
@@ -460,40 +532,41 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
-        title=f"gate overhead: {report['config']['streams']} streams x {report['config']['tokens_per_s']} tok/s"
-    )
-    for column in (
-        "round",
-        "side",
-        "requests",
-        "chunk p50 ms",
-        "chunk p99 ms",
-        "ttft p99 ms",
-        "gate cpu",
-        "client cpu",
-    ):
-        table.add_column(column, justify="right")
-    for index, round_result in enumerate(report["rounds"], start=1):
-        for side in ("direct", "gate"):
-            phase = round_result[side]
-            table.add_row(
-                str(index),
-                side,
-                str(phase["requests"]),
-                f"{phase['chunk_latency_p50_ms']:.2f}",
-                f"{phase['chunk_latency_p99_ms']:.2f}",
-                f"{phase['ttft_p99_ms']:.2f}",
-                str(phase.get("gate_cpu_cores", "")),
-                str(phase["client_cpu_cores"]),
-            )
     console = Console()
-    console.print(table)
-    for key, value in report["result"].items():
-        target = ""
-        if key in TARGETS:
-            target = f" (target <= {TARGETS[key]}: {'met' if report['met'][key] else 'MISSED'})"
-        console.print(f"{key}: {value:.3f}{target}; range over rounds {report['noise_range'][key]}")
+    for load in report["loads"]:
+        table = Table(
+            title=f"gate overhead: {load['streams']} streams x {load['tokens_per_s']:g} tok/s"
+        )
+        for column in ("round", "side", "requests", "chunk p50 ms", "chunk p99 ms", "ttft p99 ms",
+                       "gate cpu", "client cpu", "steal", "load 1m"):  # fmt: skip
+            table.add_column(column, justify="right")
+        for index, round_result in enumerate(load["rounds"], start=1):
+            for side in ("direct", "gate"):
+                phase = round_result[side]
+                table.add_row(
+                    str(index),
+                    side,
+                    str(phase["requests"]),
+                    f"{phase['chunk_latency_p50_ms']:.2f}",
+                    f"{phase['chunk_latency_p99_ms']:.2f}",
+                    f"{phase['ttft_p99_ms']:.2f}",
+                    str(phase.get("gate_cpu_cores", "")),
+                    str(phase["client_cpu_cores"]),
+                    f"{phase['steal_share']:.1%}",
+                    f"{phase['loadavg_1m']:.2f}",
+                )
+        console.print(table)
+        for key, value in load["median"].items():
+            target = ""
+            if key in TARGETS:
+                verdict = "met" if load["met"][key] else "MISSED"
+                target = (
+                    f" (target: median <= {TARGETS[key]:g}, worst <= "
+                    f"{WORST_ROUND_FACTOR * TARGETS[key]:g}: {verdict})"
+                )
+            console.print(
+                f"{key}: median {value:.3f}, worst round {load['worst'][key]:.3f}{target}"
+            )
 
 
 def main() -> None:
@@ -501,13 +574,17 @@ def main() -> None:
     parser.add_argument(
         "--role", choices=["bench", "engine"], default="bench", help=argparse.SUPPRESS
     )
-    parser.add_argument("--streams", type=int, default=200, help="concurrent streaming clients")
-    parser.add_argument("--tokens-per-s", type=float, default=40.0, help="engine pace per stream")
+    parser.add_argument(
+        "--loads",
+        default=DEFAULT_LOADS,
+        help="load points, STREAMSxTOKENS_PER_S, comma-separated: concurrent streaming clients "
+        "x the engine's pace per stream",
+    )
     parser.add_argument("--tokens", type=int, default=80, help="tokens per request")
     parser.add_argument("--duration-s", type=float, default=20.0, help="measured seconds per phase")
     parser.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds per phase")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="direct/gate pairs, order alternating"
+        "--rounds", type=int, default=5, help="direct/gate pairs per load point, order alternating"
     )
     parser.add_argument(
         "--pin",
@@ -516,6 +593,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, required=False, help="write the JSON report here")
     args = parser.parse_args()
+    # Before anything starts: a bad value must not leave an engine and a gate behind.
+    args.load_points = parse_loads(args.loads)
     if args.role == "engine":
         asyncio.run(_run_engine())
         return
