@@ -511,7 +511,11 @@ def _simulate(
         tpot_p99_ms=_p99_ms(table.tpot_s[multi], np),
         shed=int(table.shed.sum()),
         classes=(
-            class_outcomes(table, good, scenario, workload.duration_s) if scenario.classes else None
+            class_outcomes(
+                table, good, [c.name for c in scenario.traffic_classes], workload.duration_s
+            )
+            if scenario.classes
+            else None
         ),
         class_rank=class_score(sim, scenario) if scenario.classes else None,
     )

@@ -56,7 +56,7 @@ from batchpilot.sim.controllers import (
     is_hindsight,
 )
 from batchpilot.sim.engine import Replica, SimRequest
-from batchpilot.sim.scenario import Scenario, ScenarioClass
+from batchpilot.sim.scenario import Scenario, ScenarioClass, ScenarioSlo
 from batchpilot.sim.workload import Workload, build_workload
 
 Progress = Callable[[float], None]
@@ -322,7 +322,9 @@ def summarize(sim: Simulation, controller: str, wall_s: float) -> dict[str, Any]
         "makespan_s": round(sim.now, 3),
     }
     if scenario.classes:
-        result["classes"] = class_outcomes(table, good, scenario, sim.duration_s)
+        result["classes"] = class_outcomes(
+            table, good, [c.name for c in scenario.traffic_classes], sim.duration_s
+        )
         result["jain_index"] = jain_index(table, scenario)
     result["timeline"] = timeline(sim, table, good)
     return result
@@ -330,29 +332,36 @@ def summarize(sim: Simulation, controller: str, wall_s: float) -> dict[str, Any]
 
 def scenario_good_mask(table: RequestTable, scenario: Scenario) -> np.ndarray:
     """Per request: good against its own class's SLO."""
+    return class_good_mask(table, scenario.slo, {c.name: c.slo for c in scenario.classes})
+
+
+def class_good_mask(
+    table: RequestTable, slo: ScenarioSlo, class_slos: Mapping[str, ScenarioSlo]
+) -> np.ndarray:
+    """Per request: good against its class's objectives in `class_slos`, else against `slo`
+    (the default class's)."""
+    good = table.good(slo.ttft_ms, slo.tpot_ms)
     if table.service_class is None:
-        return table.good(scenario.slo.ttft_ms, scenario.slo.tpot_ms)
-    good = np.zeros(len(table.finished), dtype=bool)
-    for service_class in scenario.traffic_classes:
-        mine = table.service_class == service_class.name
-        slo = service_class.slo
-        good |= mine & table.good(slo.ttft_ms, slo.tpot_ms)
+        return good
+    for name, own in class_slos.items():
+        good = np.where(table.service_class == name, table.good(own.ttft_ms, own.tpot_ms), good)
     return good
 
 
 def class_outcomes(
-    table: RequestTable, good: np.ndarray, scenario: Scenario, duration_s: float
+    table: RequestTable, good: np.ndarray, names: Sequence[str], duration_s: float
 ) -> dict[str, dict[str, Any]]:
-    """The per-class fields of a class scenario's result, in the scenario's class order."""
+    """The per-class fields of a class scenario's result, for classes `names` in that order
+    (the benchmark's and the load generator's alike)."""
     assert table.service_class is not None and table.prompt_tokens is not None
     served = (table.prompt_tokens + table.output_tokens) * table.finished
     outcomes = {}
-    for service_class in scenario.traffic_classes:
-        mine = table.service_class == service_class.name
+    for name in names:
+        mine = table.service_class == name
         arrived = int(mine.sum())
         good_count = int(good[mine].sum())
         finished = mine & table.finished
-        outcomes[service_class.name] = {
+        outcomes[name] = {
             "arrived": arrived,
             "good": good_count,
             "goodput_rps": good_count / duration_s,

@@ -46,7 +46,7 @@ import numpy as np
 from batchpilot.contract.knobs import CLASS_HEADER, DEFAULT_CLASS
 
 # The benchmark's own outcome table and result fields, so the numbers compare.
-from batchpilot.sim.bench import RequestTable, percentile_ms
+from batchpilot.sim.bench import RequestTable, class_good_mask, class_outcomes
 from batchpilot.sim.scenario import ScenarioSlo
 from batchpilot.sim.workload import Workload
 
@@ -257,6 +257,7 @@ def summarize(
     class's, and the summary gains `classes`, the same fields per class.
     """
     nan = math.nan
+    names = np.array([r.service_class for r in records], dtype=object)
     table = RequestTable(
         arrival_s=np.array([r.arrival_s for r in records]),
         ttft_s=np.array([nan if r.ttft_s is None else r.ttft_s for r in records]),
@@ -264,11 +265,10 @@ def summarize(
         output_tokens=np.array([r.completion_tokens for r in records]),
         finished=np.array([r.status == OK for r in records], dtype=bool),
         shed=np.array([r.status == SHED for r in records], dtype=bool),
+        service_class=names,
+        prompt_tokens=np.array([r.prompt_tokens for r in records]),
     )
-    names = np.array([r.service_class for r in records], dtype=object)
-    good = table.good(slo.ttft_ms, slo.tpot_ms)
-    for name, own in (class_slos or {}).items():
-        good = np.where(names == name, table.good(own.ttft_ms, own.tpot_ms), good)
+    good = class_good_mask(table, slo, class_slos or {})
     ok = table.finished
     by_url: dict[str, dict[str, int]] = {}
     for record in records:
@@ -282,26 +282,9 @@ def summarize(
         "by_url": by_url,
     }
     if class_slos is not None:
-        summary["classes"] = {
-            name: _class_outcome(table, good, names == name, duration_s)
-            for name in (*class_slos, DEFAULT_CLASS)
-            if (names == name).any()
-        }
+        with_traffic = [n for n in (*class_slos, DEFAULT_CLASS) if (names == n).any()]
+        summary["classes"] = class_outcomes(table, good, with_traffic, duration_s)
     return summary
-
-
-def _class_outcome(
-    table: RequestTable, good: np.ndarray, mine: np.ndarray, duration_s: float
-) -> dict[str, Any]:
-    finished = mine & table.finished
-    return {
-        "arrived": int(mine.sum()),
-        "good": int(good[mine].sum()),
-        "goodput_rps": float(good[mine].sum() / duration_s),
-        "slo_attainment": float(good[mine].sum() / mine.sum()),
-        "ttft_p99_ms": percentile_ms(table.ttft_s[finished], 99),
-        "shed": int(table.shed[mine].sum()),
-    }
 
 
 def record_rows(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
