@@ -8,7 +8,9 @@ alone, and the route contract below stays beside the code that keeps it.
   `estimate`), queued and admitted by the `Gate`, then forwarded. The
   engine's answer is relayed as it arrives, chunk by chunk, whatever its
   status: SSE streams are never buffered, and engine errors reach the client
-  unchanged (and are counted).
+  unchanged (and are counted). These go out on the gate's own engine
+  connections (upstream.py), whose read callback writes each chunk to the
+  client (`ClientSink`): the per-token path, kept free of task switches.
 - Every other route and method (`/v1/embeddings`, `/v1/models`, `/health`,
   `/tokenize`, the engine's `/metrics`, ...): passed through unthrottled and
   uncounted, the request body streamed to the engine as it arrives, and the
@@ -53,13 +55,14 @@ from types import SimpleNamespace
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from batchpilot.contract.gate_metrics import FailedReason, RetriedOutcome, RetryReason
 from batchpilot.contract.knobs import DEFAULT_CLASS
 from batchpilot.gate.estimate import RequestError, classify, estimate_payload, parse_body
-from batchpilot.gate.metrics import ClassMetrics, Histogram
+from batchpilot.gate.metrics import ClassMetrics, GateMetrics, Histogram
 from batchpilot.gate.runtime import Gate
+from batchpilot.gate.upstream import EngineConnection, EnginePool, Flow
 
 log = logging.getLogger("batchpilot.gate")
 
@@ -104,7 +107,7 @@ def error_response(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _forwardable(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _forwardable(headers: MultiMapping[str]) -> CIMultiDict[str]:
     # A sender may declare more hop-by-hop fields by naming them in Connection.
     named = {
         token.strip().lower()
@@ -257,14 +260,17 @@ class Proxy:
         gate: Gate,
         session: aiohttp.ClientSession,
         fresh_session: aiohttp.ClientSession,
+        engine: EnginePool,
         upstream_url: str,
         default_max_tokens: int,
     ) -> None:
         """`session`: the pooled one, traced by `connection_trace()`;
-        `fresh_session`: opens a new connection for every request (for retries)."""
+        `fresh_session`: opens a new connection for every request (for retries);
+        `engine`: the admitted requests' connections (upstream.py)."""
         self._gate = gate
         self._session = session
         self._fresh_session = fresh_session
+        self._engine = engine
         self._upstream_url = upstream_url
         self._default_max_tokens = default_max_tokens
 
@@ -296,12 +302,11 @@ class Proxy:
             return self._shed_response(arrival_s, service_class)
         metrics.prompt_tokens.observe(size.prompt_tokens)
         try:
-            return await self._forward(
+            return await self._relay_admitted(
                 request,
                 body,
                 arrival_s if size.stream else None,
-                count=True,
-                served=metrics.classes[ticket.service_class],
+                metrics.classes[ticket.service_class],
             )
         finally:
             self._gate.release(ticket)
@@ -338,6 +343,104 @@ class Proxy:
             code="queue_deadline_exceeded",
             headers={"Retry-After": str(retry_after_s)},
         )
+
+    async def _relay_admitted(
+        self,
+        request: web.Request,
+        body: bytes,
+        ttft_from_s: float | None,
+        served: ClassMetrics,
+    ) -> web.StreamResponse:
+        """Relay an admitted request to the engine and its answer back, as `_forward`
+        does for the rest, with the answer's body written from the engine
+        connection's read callback (upstream.py says why).
+
+        `ttft_from_s`: observe time-to-first-token from this arrival time, and
+        time per output token (streaming requests only). `served`: the metrics
+        of the request's SLO class, which observe them too.
+        """
+        metrics = self._gate.metrics
+        wire = self._engine.request(
+            request.method, request.rel_url.path_qs, _forwardable(request.headers).items(), body
+        )
+        connection: EngineConnection | None = None
+        try:
+            try:
+                connection = await self._engine.connect()
+                connection.send(wire)
+                answer = await connection.head()
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+                assert connection is not None  # connect() raises neither
+                retry = retry_reason(err, connection.reused and not connection.answered)
+                if retry is None:
+                    raise
+                metrics.upstream_retries[retry] += 1
+                # A new connection, not pooled afterwards: the pool may hold
+                # more that the engine has closed. A failure here is final.
+                connection = await self._engine.connect(reuse=False)
+                connection.send(wire)
+                answer = await connection.head()
+        except asyncio.CancelledError:
+            # The client went away before the engine answered.
+            if connection is not None:
+                connection.abort()
+            metrics.failed[FailedReason.CLIENT_DISCONNECT] += 1
+            raise
+        except (aiohttp.ClientConnectionError, OSError, TimeoutError) as err:
+            if connection is not None:
+                connection.abort()
+            metrics.failed[FailedReason.UPSTREAM_UNREACHABLE] += 1
+            return _unreachable(self._upstream_url, err)
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        try:
+            response.headers.extend(_forwardable(answer.headers))
+            if answer.content_length is not None:
+                response.content_length = answer.content_length
+            _count_engine_error(metrics, answer.status)
+            ttft_from_s = ttft_from_s if answer.status < 300 else None
+            tokens = TokenEvents() if ttft_from_s is not None else None
+            await response.prepare(request)
+            if request.transport is None:
+                self._client_gone(connection, count=True)
+                return response
+            sink = ClientSink(
+                request.transport,
+                response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked",
+                tokens,
+                ttft_from_s,
+                (metrics.time_to_first_token, served.time_to_first_token),
+            )
+            connection.start_relay(sink)
+            while (flow := await connection.wait()) is Flow.PAUSE:
+                await request.writer.drain()
+                connection.resume()
+            if flow is Flow.GONE:
+                self._client_gone(connection, count=True)
+                return response
+            if tokens is not None:
+                tokens.observe(
+                    metrics.time_per_output_token,
+                    metrics.output_tokens,
+                    served.time_per_output_token,
+                )
+            await response.write_eof()
+            connection.finish()
+            return response
+        except aiohttp.ClientPayloadError:
+            metrics.failed[FailedReason.UPSTREAM_STREAM_BROKEN] += 1
+            # Cut the client's connection too: a clean end would pass a
+            # truncated answer off as complete.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except ConnectionResetError:
+            # The client went away while we wrote to it.
+            self._client_gone(connection, count=True)
+            return response
+        except asyncio.CancelledError:
+            # The client went away while we waited on the engine.
+            self._client_gone(connection, count=True)
+            raise
 
     async def _forward(
         self,
@@ -390,24 +493,14 @@ class Proxy:
         except (aiohttp.ClientConnectionError, TimeoutError) as err:
             if count:
                 metrics.failed[FailedReason.UPSTREAM_UNREACHABLE] += 1
-            return error_response(
-                502,
-                f"the engine at {self._upstream_url} is unreachable: {err}",
-                "upstream_error",
-                code="upstream_unreachable",
-            )
+            return _unreachable(self._upstream_url, err)
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(_forwardable(upstream.headers))
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
-            if count and upstream.status >= 400:
-                failure = (
-                    FailedReason.UPSTREAM_5XX
-                    if upstream.status >= 500
-                    else FailedReason.UPSTREAM_4XX
-                )
-                metrics.failed[failure] += 1
+            if count:
+                _count_engine_error(metrics, upstream.status)
             ttft_from_s = ttft_from_s if upstream.status < 300 else None
             tokens = TokenEvents() if ttft_from_s is not None else None
             await response.prepare(request)
@@ -471,9 +564,77 @@ class Proxy:
             headers[hdrs.CONTENT_LENGTH] = str(request.content_length)
         return await self._fresh_session.request(request.method, url, data=body, headers=headers)
 
-    def _client_gone(self, upstream: aiohttp.ClientResponse, count: bool) -> None:
+    def _client_gone(
+        self, upstream: aiohttp.ClientResponse | EngineConnection, count: bool
+    ) -> None:
         if count:
             self._gate.metrics.failed[FailedReason.CLIENT_DISCONNECT] += 1
-        # Closing (not releasing) drops the engine connection mid-answer,
-        # which is how OpenAI-compatible engines learn to abort a request.
-        upstream.close()
+        # Dropping (not releasing) the engine connection mid-answer is how
+        # OpenAI-compatible engines learn to abort a request.
+        if isinstance(upstream, EngineConnection):
+            upstream.abort()
+        else:
+            upstream.close()
+
+
+def _unreachable(upstream_url: str, err: BaseException) -> web.Response:
+    return error_response(
+        502,
+        f"the engine at {upstream_url} is unreachable: {err}",
+        "upstream_error",
+        code="upstream_unreachable",
+    )
+
+
+def _count_engine_error(metrics: GateMetrics, status: int) -> None:
+    if status >= 500:
+        metrics.failed[FailedReason.UPSTREAM_5XX] += 1
+    elif status >= 400:
+        metrics.failed[FailedReason.UPSTREAM_4XX] += 1
+
+
+# The client's socket buffer past which the engine connection is not read
+# until it drains: where aiohttp's own writer drains too.
+_CLIENT_HIGH_WATER = 1 << 16
+
+
+class ClientSink:
+    """Writes an admitted answer's body to the client's socket, framed as its
+    head announced, and counts its token events.
+
+    Called from the engine connection's read callback, once per read: the
+    per-chunk path of the gate. Its work per chunk is `TokenEvents.feed`, one
+    clock read and one write; time-to-first-token is observed once.
+    """
+
+    __slots__ = ("_chunked", "_first_token_histograms", "_tokens", "_transport", "_ttft_from_s")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        chunked: bool,
+        tokens: TokenEvents | None,
+        ttft_from_s: float | None,
+        first_token_histograms: tuple[Histogram, ...],
+    ) -> None:
+        self._transport = transport
+        self._chunked = chunked
+        self._tokens = tokens
+        self._ttft_from_s = ttft_from_s
+        self._first_token_histograms = first_token_histograms
+
+    def body(self, data: bytes) -> Flow:
+        transport = self._transport
+        if transport.is_closing():
+            return Flow.GONE
+        tokens = self._tokens
+        if tokens is not None:
+            now_s = asyncio.get_running_loop().time()
+            if self._ttft_from_s is not None:
+                ttft_s = now_s - self._ttft_from_s
+                for histogram in self._first_token_histograms:
+                    histogram.observe(ttft_s)
+                self._ttft_from_s = None
+            tokens.feed(data, now_s)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        return Flow.PAUSE if transport.get_write_buffer_size() > _CLIENT_HIGH_WATER else Flow.MORE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -23,6 +24,7 @@ from batchpilot.gate.native import make_adapter
 from batchpilot.gate.proxy import Proxy, connection_trace
 from batchpilot.gate.runtime import Gate
 from batchpilot.gate.settings import GateSettings, parse_host_port
+from batchpilot.gate.upstream import EnginePool
 
 log = logging.getLogger("batchpilot.gate")
 
@@ -38,6 +40,7 @@ class GateServer:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
+        self._engine: EnginePool | None = None
         self._gate: Gate | None = None
         self._proxy_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -66,11 +69,15 @@ class GateServer:
         self._fresh_session = _upstream_session(aiohttp.TCPConnector(limit=0, force_close=True))
         native = make_adapter(settings.native, self._session, settings.upstream_url)
         self._gate = Gate(settings.knobs, native)
+        # Admitted requests' own connections; the sessions above serve the
+        # passed-through routes, the health probe and the native adapters.
+        self._engine = EnginePool(settings.upstream_url)
 
         proxy = Proxy(
             self._gate,
             self._session,
             self._fresh_session,
+            self._engine,
             settings.upstream_url,
             settings.default_max_tokens,
         )
@@ -135,6 +142,9 @@ class GateServer:
             if session is not None:
                 await session.close()
         self._session = self._fresh_session = None
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         log.info("gate stopped")
 
     async def run(self) -> None:
@@ -145,6 +155,11 @@ class GateServer:
             loop.add_signal_handler(signum, stop_requested.set)
         try:
             await self.start()
+            # Everything alive now (modules, the app, the metric registry:
+            # ~50,000 objects) lives as long as the process. Frozen, the
+            # collector no longer walks it on every full collection, which
+            # had paused the relay for ~20 ms at 1,000 streams.
+            gc.freeze()
             await stop_requested.wait()
         finally:
             await self.stop()
