@@ -51,8 +51,19 @@ def gate(
         str | None,
         typer.Option(help="Engine-native live tuning: off, sglang or vllm.", show_default="off"),
     ] = None,
+    shutdown_delay_s: Annotated[
+        float | None,
+        typer.Option(
+            help="On SIGTERM, keep accepting (not ready) this long while the pod leaves "
+            "the Service's endpoints.",
+            show_default="5",
+        ),
+    ] = None,
     grace_period_s: Annotated[
-        float | None, typer.Option(help="Drain time on SIGTERM.", show_default="25")
+        float | None,
+        typer.Option(
+            help="Then drain admitted and queued requests for up to this long.", show_default="20"
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Python logging level.")] = "INFO",
 ) -> None:
@@ -73,6 +84,7 @@ def gate(
         "token_file": token_file,
         "annotations_file": annotations_file,
         "native": native,
+        "shutdown_delay_s": shutdown_delay_s,
         "grace_period_s": grace_period_s,
     }
     try:

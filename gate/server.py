@@ -3,7 +3,8 @@
 Lifecycle: `start()` binds both ports and starts the background loops;
 `stop()` drains: readiness turns false, the proxy stops accepting, and
 admitted and queued requests get up to `grace_period_s` to finish before
-they are cancelled. `run()` does both around SIGTERM/SIGINT.
+they are cancelled. `run()` does both around SIGTERM/SIGINT; on SIGTERM it
+first spends `shutdown_delay_s` not ready but still serving (see `run`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import signal
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from batchpilot.contract.gate_api import ConfigSource
 from batchpilot.gate.admin import Admin
@@ -83,6 +84,7 @@ class GateServer:
         )
         proxy_app = web.Application(client_max_size=settings.max_body_bytes)
         proxy_app.add_routes(proxy.routes())
+        proxy_app.on_response_prepare.append(self._close_connections_when_draining)
         # handler_cancellation: a client that disconnects cancels its handler,
         # which is what frees its queue place or slot (see proxy.py).
         self._proxy_runner = web.AppRunner(
@@ -119,6 +121,18 @@ class GateServer:
             return False, f"engine at {self.settings.upstream_url} is not answering /health"
         return True, "ready"
 
+    async def _close_connections_when_draining(
+        self, request: web.Request, response: web.StreamResponse
+    ) -> None:
+        # A kept-alive client connection outlives the pod's endpoint: its
+        # next request would come here again, and race the listener's close.
+        # Closed after each answer, the client's next connect goes through
+        # the Service to a pod that stays. (aiohttp has written its own
+        # Connection header before this hook runs, hence both lines.)
+        if self._draining:
+            response.force_close()
+            response.headers[hdrs.CONNECTION] = "close"
+
     async def stop(self) -> None:
         """Drain and shut down; idempotent."""
         self._draining = True
@@ -148,11 +162,20 @@ class GateServer:
         log.info("gate stopped")
 
     async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then drain."""
-        stop_requested = asyncio.Event()
+        """Serve until SIGTERM or SIGINT, then drain.
+
+        SIGTERM is how the kubelet stops a pod, and the pod leaves the
+        Service's endpoints only after that, as the EndpointSlice change
+        reaches kube-proxy on every node. So on SIGTERM the gate first turns
+        not ready and keeps serving for `shutdown_delay_s`, answering with
+        `Connection: close`, and only then stops accepting. SIGINT (Ctrl-C)
+        or a second signal skips what is left of that delay: no load
+        balancer routes to a gate run by hand.
+        """
+        signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop_requested.set)
+            loop.add_signal_handler(signum, signals.put_nowait, signum)
         try:
             await self.start()
             # Everything alive now (modules, the app, the metric registry:
@@ -160,9 +183,23 @@ class GateServer:
             # collector no longer walks it on every full collection, which
             # had paused the relay for ~20 ms at 1,000 streams.
             gc.freeze()
-            await stop_requested.wait()
+            if await signals.get() == signal.SIGTERM:
+                await self._leave_endpoints(signals)
         finally:
             await self.stop()
+
+    async def _leave_endpoints(self, signals: asyncio.Queue[signal.Signals]) -> None:
+        delay = self.settings.shutdown_delay_s
+        if delay <= 0:
+            return
+        self._draining = True
+        log.info(
+            "SIGTERM: not ready; still accepting for %.1f s while the pod leaves "
+            "the Service's endpoints",
+            delay,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signals.get(), delay)
 
     async def _probe_upstream(self) -> None:
         assert self._session is not None

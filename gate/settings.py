@@ -62,9 +62,15 @@ class GateSettings:
     # the p90 output of both public Azure traces (code 55, conversation 424 is
     # the exception), so the budget errs towards reserving too much KV.
     default_max_tokens: int = 256
-    # SIGTERM: stop accepting, let admitted and queued requests finish for up
-    # to this long. 25 s stays under Kubernetes' default 30 s grace period.
-    grace_period_s: float = 25.0
+    # SIGTERM: readiness turns false at once, but the gate keeps accepting for
+    # this long, because the pod leaves the Service's endpoints (the
+    # EndpointSlice, then kube-proxy on every node) a moment after the kubelet
+    # signals it; a gate that stopped listening at once refuses connections
+    # still routed to it. 0 stops accepting at once.
+    shutdown_delay_s: float = 5.0
+    # Then: stop accepting, let admitted and queued requests finish for up to
+    # this long. 5 + 20 s stays under Kubernetes' default 30 s grace period.
+    grace_period_s: float = 20.0
     # Upstream /health probe period; readiness follows the last answer.
     health_interval_s: float = 2.0
     # Annotation file poll period (the kubelet refreshes it within ~1 min).
@@ -127,7 +133,7 @@ def _coerce(name: str, raw: Any) -> Any:
         return Path(raw) if raw else None
     if name in ("default_max_tokens", "max_body_bytes"):
         return _as_number(name, raw, int)
-    if name in ("grace_period_s", "health_interval_s", "annotation_poll_s"):
+    if name in ("shutdown_delay_s", "grace_period_s", "health_interval_s", "annotation_poll_s"):
         return _as_number(name, raw, float)
     return str(raw) if raw is not None else None
 
@@ -164,3 +170,8 @@ def _validate(settings: GateSettings) -> None:
         value = getattr(settings, name)
         if not value > 0:
             raise GateSettingsError(name, f"must be positive, got {value}")
+    if not settings.shutdown_delay_s >= 0:
+        raise GateSettingsError(
+            "shutdown_delay_s",
+            f"must be 0 (stop accepting at once) or more, got {settings.shutdown_delay_s}",
+        )

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -1167,60 +1168,123 @@ def test_annotation_file_applies_good_knobs_and_ignores_bad_ones(tmp_path: Path)
     run(scenario)
 
 
-def test_sigterm_drains_in_flight_streams_and_stops_accepting(tmp_path: Path) -> None:
+@asynccontextmanager
+async def gate_process(upstream_port: int, *options: str) -> AsyncIterator[GateProcess]:
     """The gate as its own process, the way the pod runs it."""
+    env = {
+        **os.environ,
+        "BATCHPILOT_GATE_TOKEN": TOKEN,
+        "BATCHPILOT_GATE_KNOBS": '{"max_concurrency": 2}',
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchpilot.cli.main",
+            "gate",
+            "--upstream",
+            f"http://127.0.0.1:{upstream_port}",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            *options,
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        listening = None
+        while listening is None:
+            line = await asyncio.to_thread(process.stderr.readline)
+            assert line, "gate exited before listening"
+            listening = re.search(r"listening on port (\d+), admin on port (\d+)", line)
+        yield GateProcess(process, int(listening[1]), int(listening[2]))
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@dataclass
+class GateProcess:
+    process: subprocess.Popen[str]
+    proxy_port: int
+    admin_port: int
+
+    @property
+    def completions(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}/v1/completions"
+
+    async def exit_code(self) -> int:
+        return await asyncio.to_thread(self.process.wait, 15)
+
+
+def test_sigterm_serves_through_the_delay_then_drains_and_stops_accepting() -> None:
+    """SIGTERM: not ready at once; requests that still arrive in the shutdown
+    delay are served (with Connection: close); then no new connection is
+    accepted, and everything admitted or queued finishes."""
 
     async def scenario() -> None:
         engine = FakeEngine(token_delay_s=0.1)
         engine_runner, engine.port = await _serve(engine.app())
-        env = {
-            **os.environ,
-            "BATCHPILOT_GATE_TOKEN": TOKEN,
-            "BATCHPILOT_GATE_KNOBS": '{"max_concurrency": 2}',
-        }
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchpilot.cli.main",
-                "gate",
-                "--upstream",
-                f"http://127.0.0.1:{engine.port}",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--grace-period-s",
-                "10",
-            ],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        options = ("--shutdown-delay-s", "1.5", "--grace-period-s", "10")
         try:
-            assert process.stderr is not None
-            line = await asyncio.to_thread(process.stderr.readline)
-            while "listening on port" not in line:
-                assert line, "gate exited before listening"
-                line = await asyncio.to_thread(process.stderr.readline)
-            words = line.split()
-            proxy_port = int(words[words.index("listening") + 3].rstrip(","))
-            url = f"http://127.0.0.1:{proxy_port}/v1/completions"
-            body = {"prompt": "hi", "max_tokens": 10, "stream": True}
-            async with aiohttp.ClientSession() as client:
-                streams = [asyncio.create_task(_read_all(client, url, body)) for _ in range(3)]
+            async with (
+                gate_process(engine.port, *options) as gate,
+                aiohttp.ClientSession() as client,
+            ):
+                body = {"prompt": "hi", "max_tokens": 10, "stream": True}
+                streams = [
+                    asyncio.create_task(_read_all(client, gate.completions, body)) for _ in range(3)
+                ]
                 await wait_until(lambda: engine.running == 2)
-                process.send_signal(signal.SIGTERM)
+                gate.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
                 await asyncio.sleep(0.3)
+                readyz = f"http://127.0.0.1:{gate.admin_port}/readyz"
+                async with client.get(readyz) as response:
+                    assert response.status == 503
+                    assert "draining" in await response.text()
+                # Still routed here by a kube-proxy that has not yet heard:
+                # served, queued behind the two streams, on a connection that
+                # then closes.
+                async with client.post(
+                    gate.completions, json={"prompt": "late", "max_tokens": 2}
+                ) as response:
+                    assert response.status == 200
+                    assert response.headers["Connection"] == "close"
+                    assert (await response.json())["choices"]
+                await asyncio.sleep(max(0.0, signalled + 1.5 + 0.3 - time.monotonic()))
                 with pytest.raises(aiohttp.ClientConnectionError):
-                    await _read_all(client, url, body)
+                    await _read_all(client, gate.completions, body)
                 # Two were streaming and one was queued: all three finish.
                 for text in await asyncio.gather(*streams):
                     assert sse_indices(text) == list(range(10))
-            assert await asyncio.to_thread(process.wait, 15) == 0
+                assert await gate.exit_code() == 0
         finally:
-            if process.poll() is None:
-                process.kill()
+            await engine_runner.cleanup()
+
+    run(scenario)
+
+
+def test_sigint_stops_accepting_at_once() -> None:
+    """Ctrl-C on a gate run by hand skips the shutdown delay (5 s by default)."""
+
+    async def scenario() -> None:
+        engine = FakeEngine()
+        engine_runner, engine.port = await _serve(engine.app())
+        try:
+            async with gate_process(engine.port) as gate, aiohttp.ClientSession() as client:
+                body = {"prompt": "hi", "max_tokens": 2}
+                await _read_all(client, gate.completions, body)
+                gate.process.send_signal(signal.SIGINT)
+                await asyncio.sleep(0.5)
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    await _read_all(client, gate.completions, body)
+                assert await gate.exit_code() == 0
+        finally:
             await engine_runner.cleanup()
 
     run(scenario)

@@ -149,6 +149,7 @@ def test_settings_precedence_cli_over_env_over_file_over_default(tmp_path: Path)
         ({"admin": "0.0.0.0:99999"}, {}, "admin"),
         ({"native": "trt"}, {}, "native"),
         ({}, {"BATCHPILOT_GATE_GRACE_PERIOD_S": "soon"}, "grace_period_s"),
+        ({}, {"BATCHPILOT_GATE_SHUTDOWN_DELAY_S": "-1"}, "shutdown_delay_s"),
         ({}, {"BATCHPILOT_GATE_DEFAULT_MAX_TOKENS": "0"}, "default_max_tokens"),
         ({}, {"BATCHPILOT_GATE_HEALTH_INTERVAL_S": "-1"}, "health_interval_s"),
         ({}, {"BATCHPILOT_GATE_KNOBS": "{max_concurrency: 3}"}, "knobs"),
