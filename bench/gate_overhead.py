@@ -399,6 +399,9 @@ def _start_gate(engine_port: int, log_path: Path) -> tuple[subprocess.Popen[byte
                 # request, but nothing queues, so this measures the gate's own cost.
                 "--knobs",
                 '{"max_concurrency": 1024}',
+                # Loopback, no Service to leave: stop at once.
+                "--shutdown-delay-s",
+                "0",
             ],
             stderr=log,
         )

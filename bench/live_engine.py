@@ -143,7 +143,9 @@ class Fleet:
                     f"gate-{name}",
                     [*BATCHPILOT_GATE, "--upstream", engine.url,
                      "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                     "--token-file", str(token_file), "--log-level", "WARNING"],
+                     "--token-file", str(token_file), "--log-level", "WARNING",
+                     # Loopback, no Service to leave: stop at once.
+                     "--shutdown-delay-s", "0"],
                     workdir / f"gate-{name}.log",
                 )  # fmt: skip
                 self._stack.callback(gate.stop)

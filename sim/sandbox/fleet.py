@@ -178,9 +178,12 @@ def start_fleet(
                     "sim", "serve", "--scenario", str(scenario), "--listen", f"{ip}:{sim_port}",
                     "--time-scale", str(time_scale)])  # fmt: skip
             gate_port = free_loopback_port((ip,))
+            # No shutdown delay: no kube-proxy routes to these gates, and a
+            # stopped pod's gate must go as soon as its requests have.
             gate = _launch(fleet, f"gate-{name}", [
                 "--upstream", f"http://{ip}:{sim_port}", "--listen", f"{ip}:{gate_port}",
-                "--admin", f"{ip}:{fleet.admin_port}", "--token-file", str(token_file)],
+                "--admin", f"{ip}:{fleet.admin_port}", "--token-file", str(token_file),
+                "--shutdown-delay-s", "0"],
                 command=BATCHPILOT_GATE)  # fmt: skip
             fleet.pods.append(
                 GatedPod(name, ip, sim_port, gate_port, fleet.admin_port, engine, gate)
