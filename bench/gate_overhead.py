@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 import uvloop
 
+from batchpilot.sim.sandbox.tools import BATCHPILOT_GATE
+
 # Latency targets hold at every load point; the CPU one is 0.25 core at
 # 200 streams x 40 tokens/s (8,000 chunks/s), stated per 1,000 chunks/s.
 TARGETS = {
@@ -386,9 +388,7 @@ def _start_gate(engine_port: int, log_path: Path) -> tuple[subprocess.Popen[byte
     with log_path.open("wb") as log:
         gate = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "batchpilot.cli.gate",  # `batchpilot gate` as its image runs it
+                *BATCHPILOT_GATE,
                 "--upstream",
                 f"http://127.0.0.1:{engine_port}",
                 "--listen",

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from test_gate_http import Stack, _failed, gate_stack, run
+from test_gate_http import _failed, run, socket_engine_stack
 
 COMPLETION = {"model": "fake-model", "prompt": "hello", "max_tokens": 4, "stream": True}
 
@@ -55,18 +54,6 @@ class RawEngine:
             writer.close()
 
 
-@asynccontextmanager
-async def raw_engine_stack(engine: RawEngine, path: str = "") -> AsyncIterator[Stack]:
-    server = await asyncio.start_server(engine.serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with gate_stack(upstream=f"http://127.0.0.1:{port}{path}") as stack:
-            yield stack
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
 def test_a_slow_client_holds_the_engine_back_and_still_gets_every_byte() -> None:
     """The gate stops reading the engine while the client's socket is full, and loses nothing."""
     piece = b"data: " + b"x" * (64 * 1024 - 8) + b"\n\n"
@@ -87,7 +74,7 @@ def test_a_slow_client_holds_the_engine_back_and_still_gets_every_byte() -> None
         await writer.drain()
 
     async def scenario() -> None:
-        async with raw_engine_stack(RawEngine(answer)) as stack:
+        async with socket_engine_stack(RawEngine(answer).serve) as stack:
             async with stack.client.post(f"{stack.url}/v1/completions", json=COMPLETION) as reply:
                 assert reply.status == 200
                 await asyncio.sleep(1.0)
@@ -115,7 +102,7 @@ def test_an_answer_framed_by_the_connection_end_is_relayed_whole() -> None:
 
     async def scenario() -> None:
         engine = RawEngine(answer)
-        async with raw_engine_stack(engine) as stack:
+        async with socket_engine_stack(engine.serve) as stack:
             for _ in range(2):
                 status, text = await stack.complete(stream=False)
                 assert (status, text.encode()) == (200, body)
@@ -134,7 +121,7 @@ def test_a_malformed_answer_head_is_a_502_naming_the_engine() -> None:
         await writer.drain()
 
     async def scenario() -> None:
-        async with raw_engine_stack(RawEngine(answer)) as stack:
+        async with socket_engine_stack(RawEngine(answer).serve) as stack:
             status, text = await stack.complete()
             assert status == 502
             error = json.loads(text)["error"]
@@ -154,7 +141,7 @@ def test_an_interim_answer_is_skipped_for_the_final_one() -> None:
 
     async def scenario() -> None:
         async with (
-            raw_engine_stack(RawEngine(answer)) as stack,
+            socket_engine_stack(RawEngine(answer).serve) as stack,
             stack.client.post(f"{stack.url}/v1/completions", json=COMPLETION) as reply,
         ):
             assert (reply.status, await reply.text()) == (200, "{}")
@@ -170,7 +157,7 @@ def test_the_engine_gets_the_upstream_path_prefix_and_no_hop_by_hop_headers() ->
 
     async def scenario() -> None:
         engine = RawEngine(answer)
-        async with raw_engine_stack(engine, path="/engine") as stack:
+        async with socket_engine_stack(engine.serve, path="/engine") as stack:
             headers = {"Connection": "keep-alive, x-hop", "x-hop": "1", "x-keep": "2"}
             async with stack.client.post(
                 f"{stack.url}/v1/completions?trace=1", json=COMPLETION, headers=headers
@@ -205,7 +192,7 @@ def test_pooled_connections_carry_one_request_after_another() -> None:
         await writer.drain()
 
     async def scenario() -> None:
-        async with raw_engine_stack(RawEngine(answer)) as stack:
+        async with socket_engine_stack(RawEngine(answer).serve) as stack:
             for _ in range(3):
                 status, text = await stack.complete()
                 assert status == 200 and text.endswith("data: [DONE]\n\n")
@@ -235,7 +222,7 @@ def test_client_disconnect_mid_answer_drops_the_engine_connection() -> None:
             raise
 
     async def scenario() -> None:
-        async with raw_engine_stack(RawEngine(answer)) as stack:
+        async with socket_engine_stack(RawEngine(answer).serve) as stack:
             async with (
                 aiohttp.ClientSession() as client,
                 client.post(f"{stack.url}/v1/completions", json=COMPLETION) as reply,

@@ -736,11 +736,16 @@ def _chunked_stream(tokens: int) -> bytes:
 
 
 @asynccontextmanager
-async def idle_closing_stack(engine: IdleClosingEngine) -> AsyncIterator[Stack]:
-    server = await asyncio.start_server(engine.serve, "127.0.0.1", 0)
+async def socket_engine_stack(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    path: str = "",
+) -> AsyncIterator[Stack]:
+    """The gate in front of an engine written on raw sockets (`serve`, one
+    call per connection), reached at `path` on it."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with gate_stack(upstream=f"http://127.0.0.1:{port}") as stack:
+        async with gate_stack(upstream=f"http://127.0.0.1:{port}{path}") as stack:
             yield stack
     finally:
         server.close()
@@ -771,7 +776,7 @@ def test_request_on_a_pooled_connection_the_engine_closed_is_resent_on_a_new_one
 ) -> None:
     async def scenario() -> None:
         engine = IdleClosingEngine(on_reuse=on_reuse)
-        async with idle_closing_stack(engine) as stack:
+        async with socket_engine_stack(engine.serve) as stack:
             for _ in range(4):
                 status, text = await stack.complete()
                 assert status == 200
@@ -794,7 +799,7 @@ def test_request_on_a_pooled_connection_the_engine_closed_is_resent_on_a_new_one
 def test_no_resend_once_any_answer_byte_came_back(on_reuse: str) -> None:
     async def scenario() -> None:
         engine = IdleClosingEngine(on_reuse=on_reuse)
-        async with idle_closing_stack(engine) as stack:
+        async with socket_engine_stack(engine.serve) as stack:
             assert (await stack.complete())[0] == 200
             if on_reuse == "partial_head":
                 status, text = await stack.complete()
@@ -817,7 +822,7 @@ def test_no_resend_once_any_answer_byte_came_back(on_reuse: str) -> None:
 def test_failure_on_a_new_connection_is_not_resent() -> None:
     async def scenario() -> None:
         engine = IdleClosingEngine(on_new="close")
-        async with idle_closing_stack(engine) as stack:
+        async with socket_engine_stack(engine.serve) as stack:
             status, text = await stack.complete()
             assert status == 502
             error = json.loads(text)["error"]
@@ -834,7 +839,7 @@ def test_failure_on_a_new_connection_is_not_resent() -> None:
 def test_a_resend_that_fails_too_is_final() -> None:
     async def scenario() -> None:
         engine = IdleClosingEngine()
-        async with idle_closing_stack(engine) as stack:
+        async with socket_engine_stack(engine.serve) as stack:
             assert (await stack.complete())[0] == 200
             engine.on_new = "close"
             status, text = await stack.complete()
@@ -1229,7 +1234,8 @@ def test_sigterm_serves_through_the_delay_then_drains_and_stops_accepting() -> N
     async def scenario() -> None:
         engine = FakeEngine(token_delay_s=0.1)
         engine_runner, engine.port = await _serve(engine.app())
-        options = ("--shutdown-delay-s", "1.5", "--grace-period-s", "10")
+        delay_s = 1.5
+        options = ("--shutdown-delay-s", str(delay_s), "--grace-period-s", "10")
         try:
             async with (
                 gate_process(engine.port, *options) as gate,
@@ -1256,7 +1262,7 @@ def test_sigterm_serves_through_the_delay_then_drains_and_stops_accepting() -> N
                     assert response.status == 200
                     assert response.headers["Connection"] == "close"
                     assert (await response.json())["choices"]
-                await asyncio.sleep(max(0.0, signalled + 1.5 + 0.3 - time.monotonic()))
+                await asyncio.sleep(max(0.0, signalled + delay_s + 0.3 - time.monotonic()))
                 with pytest.raises(aiohttp.ClientConnectionError):
                     await _read_all(client, gate.completions, body)
                 # Two were streaming and one was queued: all three finish.
