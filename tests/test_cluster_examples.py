@@ -54,7 +54,7 @@ from stack.workloads import (
 
 from batchpilot.contract.gate_api import KNOBS_ANNOTATION
 from batchpilot.contract.knobs import Knobs
-from batchpilot.sim.sandbox.kube import unique_name
+from batchpilot.sim.sandbox.kube import unique_name, wait_until_established
 from batchpilot.sim.sandbox.tools import kubectl_path
 
 pytestmark = pytest.mark.slow
@@ -449,10 +449,7 @@ def deployed(
     """Every example (and the regression pod) applied at once in namespaces of
     their own; returned once the shipped examples are Ready or timed out."""
     kubectl(cluster, "apply", "-f", str(REPO / "crds"))
-    kubectl(
-        cluster, "wait", "--for=condition=Established", "--timeout=30s",
-        "crd/inferencepolicies.batchpilot.dev",
-    )  # fmt: skip
+    wait_until_established(api, "inferencepolicies.batchpilot.dev")
     examples = [*EXAMPLE_LIST, BROKEN]
     namespaces = [unique_name(f"examples-{example.key}") for example in examples]
     applied: dict[str, Deployed] = {}

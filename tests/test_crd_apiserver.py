@@ -23,6 +23,7 @@ from batchpilot.operator.status import (
     build_status,
     merge_patch,
 )
+from batchpilot.sim.sandbox.kube import wait_until_established
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD_DIR = ROOT / "crds"
@@ -39,16 +40,12 @@ def run_kubectl(kubectl: Path, kubeconfig: Path, *args: str, stdin: str | None =
 
 
 @pytest.fixture(scope="module")
-def crd_installed(kube_api: Any, kubectl: Path) -> Path:
+def crd_installed(kube_api: Any, kubectl: Path, k8s_client: Any) -> Path:
     """`kubectl apply -f crds/` and wait until the API server serves the kind."""
     applied = run_kubectl(kubectl, kube_api.kubeconfig, "apply", "-f", str(CRD_DIR))
     assert applied.returncode == 0, applied.stderr
     assert "inferencepolicies.batchpilot.dev" in applied.stdout
-    established = run_kubectl(
-        kubectl, kube_api.kubeconfig, "wait", "--for=condition=Established", "--timeout=30s",
-        "crd/inferencepolicies.batchpilot.dev",
-    )
-    assert established.returncode == 0, established.stderr
+    wait_until_established(k8s_client, "inferencepolicies.batchpilot.dev")
     return kube_api.kubeconfig
 
 

@@ -32,6 +32,7 @@ from stack import (
     service_account_token,
     start_kube_apiserver,
     unique_name,
+    wait_until_established,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,9 +112,7 @@ def installed(
     rbac_and_crd = [doc for doc in docs if doc["kind"] in RBAC_KINDS | {"CustomResourceDefinition"}]
     result = kubectl_apply(kubectl, kube_api, rbac_and_crd)
     assert result.returncode == 0, result.stderr
-    subprocess.run([str(kubectl), "--kubeconfig", str(kube_api.kubeconfig), "wait",
-                    "--for=condition=Established", "crd/inferencepolicies.batchpilot.dev",
-                    "--timeout=30s"], check=True, capture_output=True, timeout=60)
+    wait_until_established(k8s_client, "inferencepolicies.batchpilot.dev")
     _seed_objects(k8s_client, watched, other)
 
     (account,) = [doc["metadata"]["name"] for doc in docs if doc["kind"] == "ServiceAccount"]

@@ -93,15 +93,24 @@ def create_crd(
     *,
     timeout_s: float = CRD_ESTABLISHED_TIMEOUT_S,
 ) -> client.V1CustomResourceDefinition:
-    """Create a CustomResourceDefinition and wait until it is Established.
+    """Create a CustomResourceDefinition and wait until it is Established."""
+    # The client sends a dict body as it is: no need to build the model objects.
+    client.ApiextensionsV1Api(api).create_custom_resource_definition(dict(manifest))  # type: ignore[arg-type]
+    return wait_until_established(api, manifest["metadata"]["name"], timeout_s=timeout_s)
+
+
+def wait_until_established(
+    api: client.ApiClient, name: str, *, timeout_s: float = CRD_ESTABLISHED_TIMEOUT_S
+) -> client.V1CustomResourceDefinition:
+    """Wait until the CRD `name` is Established, however it was created.
 
     Established means the apiserver serves the new resource, so objects of it
-    can be created right after this returns.
+    can be created right after this returns. `kubectl wait
+    --for=condition=Established` cannot stand in for this: right after an
+    apply the CRD may have no conditions yet, and kubectl then fails at once
+    (".status.conditions accessor error: <nil>") instead of waiting.
     """
     extensions = client.ApiextensionsV1Api(api)
-    name = manifest["metadata"]["name"]
-    # The client sends a dict body as it is: no need to build the model objects.
-    extensions.create_custom_resource_definition(dict(manifest))  # type: ignore[arg-type]
     deadline = time.monotonic() + timeout_s
     while True:
         crd = extensions.read_custom_resource_definition(name)

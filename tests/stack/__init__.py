@@ -28,6 +28,7 @@ from batchpilot.sim.sandbox.kube import (
     create_serving_pod,
     service_account_token,
     unique_name,
+    wait_until_established,
 )
 from batchpilot.sim.sandbox.prometheus import PrometheusServer, ScrapeTarget, start_prometheus
 from batchpilot.sim.sandbox.tools import (
@@ -65,4 +66,5 @@ __all__ = [
     "start_kube_apiserver",
     "start_prometheus",
     "unique_name",
+    "wait_until_established",
 ]

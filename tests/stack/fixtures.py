@@ -26,6 +26,7 @@ from batchpilot.sim.sandbox.kube import (
     create_namespace,
     create_serving_pod,
     unique_name,
+    wait_until_established,
 )
 from batchpilot.sim.sandbox.llama_server import LlamaServer, start_llama_server
 from batchpilot.sim.sandbox.prometheus import PrometheusServer, ScrapeTarget, start_prometheus
@@ -208,19 +209,13 @@ def helm() -> Path:
 
 
 @pytest.fixture(scope="session")
-def inferencepolicy_crd(kube_api: KubeAPIServer, kubectl: Path) -> None:
+def inferencepolicy_crd(
+    kube_api: KubeAPIServer, k8s_client: client.ApiClient, kubectl: Path
+) -> None:
     """The project's CRDs applied with `kubectl apply -f crds/`, established."""
-    for args in (
-        ["apply", "-f", str(REPO / "crds")],
-        [
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/inferencepolicies.batchpilot.dev",
-        ],
-    ):
-        done = subprocess.run(
-            [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", *args],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [str(kubectl), f"--kubeconfig={kube_api.kubeconfig}", "apply", "-f", str(REPO / "crds")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    wait_until_established(k8s_client, "inferencepolicies.batchpilot.dev")
