@@ -23,10 +23,8 @@ from batchpilot.operator.status import (
     build_status,
     merge_patch,
 )
-from batchpilot.sim.sandbox.kube import wait_until_established
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD_DIR = ROOT / "crds"
 EXAMPLES = sorted((ROOT / "examples").glob("policy-*.yaml"))
 
 pytestmark = pytest.mark.stack
@@ -40,12 +38,8 @@ def run_kubectl(kubectl: Path, kubeconfig: Path, *args: str, stdin: str | None =
 
 
 @pytest.fixture(scope="module")
-def crd_installed(kube_api: Any, kubectl: Path, k8s_client: Any) -> Path:
-    """`kubectl apply -f crds/` and wait until the API server serves the kind."""
-    applied = run_kubectl(kubectl, kube_api.kubeconfig, "apply", "-f", str(CRD_DIR))
-    assert applied.returncode == 0, applied.stderr
-    assert "inferencepolicies.batchpilot.dev" in applied.stdout
-    wait_until_established(k8s_client, "inferencepolicies.batchpilot.dev")
+def crd_installed(kube_api: Any, inferencepolicy_crd: None) -> Path:
+    """The kubeconfig of the API server, once `kubectl apply -f crds/` is served."""
     return kube_api.kubeconfig
 
 

@@ -38,6 +38,7 @@ from stack import (
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "batchpilot"
 ALL_ON_VALUES = CHART / "ci" / "all-on-values.yaml"
+CRD_NAME = "inferencepolicies.batchpilot.dev"
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 GATE_TOKEN_SECRET = "gate-token"
@@ -112,7 +113,7 @@ def installed(
     rbac_and_crd = [doc for doc in docs if doc["kind"] in RBAC_KINDS | {"CustomResourceDefinition"}]
     result = kubectl_apply(kubectl, kube_api, rbac_and_crd)
     assert result.returncode == 0, result.stderr
-    wait_until_established(k8s_client, "inferencepolicies.batchpilot.dev")
+    wait_until_established(k8s_client, CRD_NAME)
     _seed_objects(k8s_client, watched, other)
 
     (account,) = [doc["metadata"]["name"] for doc in docs if doc["kind"] == "ServiceAccount"]
@@ -254,7 +255,6 @@ def test_real_calls_succeed_or_get_403(installed: Installed) -> None:
 
 INSTALL_DOC = REPO / "docs" / "install.md"
 OWNERSHIP_SECTION = "### CRDs installed with kubectl, and several releases"
-CRD_NAME = "inferencepolicies.batchpilot.dev"
 # The docs' placeholders, and what the tests type instead (an image reference
 # is never pulled: the test API server runs no pods).
 PLACEHOLDERS = {"<your-registry>": "registry.example"}

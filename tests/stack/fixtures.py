@@ -218,4 +218,5 @@ def inferencepolicy_crd(
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert "inferencepolicies.batchpilot.dev" in done.stdout, done.stdout
     wait_until_established(k8s_client, "inferencepolicies.batchpilot.dev")
